@@ -1,0 +1,86 @@
+"""Argument validation shared by the public ops: every error names the offending argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for an input dtype: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    *,
+    ndim: int | None = None,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor of rank ``ndim`` with a supported floating dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating dtype ({allowed}), got {x.dtype}")
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], what: str) -> None:
+    """Check ``x.shape == shape``; ``what`` explains where the expected shape comes from."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Check that every tensor in ``others`` lives on ``reference``'s device."""
+    for name, x in others.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name} is on {x.device} but {reference_name} is on {reference.device}")
+
+
+def check_finite_tensor(name: str, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first non-finite element of ``x``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        position = ", ".join(str(i) for i in index)
+        raise ValueError(f"{name}[{position}] is not finite ({x[index].item()})")
+
+
+def check_range(name: str, x: torch.Tensor, low: float, high: float) -> None:
+    """Raise ``ValueError`` naming the first element of ``x`` outside ``[low, high]``."""
+    bad = ~((x >= low) & (x <= high))
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        position = ", ".join(str(i) for i in index)
+        raise ValueError(f"{name}[{position}] = {x[index].item()} is outside [{low}, {high}]")
+
+
+def check_scalar(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+) -> float:
+    """Check that ``value`` is a finite real number in the given bounds and return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        bound = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {bound} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value

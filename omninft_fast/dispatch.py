@@ -1,0 +1,129 @@
+"""The one place that decides which implementation of a kernel-backed op runs.
+
+Backends:
+- ``reference``: plain PyTorch (``omninft_fast/ops``), any device; the ground truth.
+- ``triton``: kernels in ``omninft_fast.kernels``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``cpp``: the ``omninft_fast._C`` extension built from ``csrc/``; CPU tensors.
+- ``auto``: CUDA tensors take ``triton``, CPU tensors take ``cpp`` where built, else ``reference``.
+
+The choice per call is, in order: the op's ``backend=`` argument, the environment variable
+``OMNINFT_BACKEND``, then ``auto``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+ENV_VAR = "OMNINFT_BACKEND"
+
+# op name -> backend -> "module:function" of its implementation (imported on first use).
+IMPLEMENTATIONS: dict[str, dict[str, str]] = {
+    "cross_attention": {
+        "reference": "omninft_fast.ops.attention:cross_attention_reference",
+    },
+    "nft_loss": {
+        "reference": "omninft_fast.ops.nft_loss:nft_loss_reference",
+    },
+}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that the op does not have or that cannot run here."""
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: ``backend`` if given, else ``$OMNINFT_BACKEND``, else ``auto``."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        source = ENV_VAR
+    if backend not in BACKENDS:
+        raise BackendError(f"{source}={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def cpp_extension_error() -> str | None:
+    """Why ``omninft_fast._C`` cannot be used, or ``None`` when it loads."""
+    try:
+        importlib.import_module("omninft_fast._C")
+    except ImportError as err:
+        return f"the C++ extension omninft_fast._C is not built ({err}); reinstall with a C++ compiler present"
+    return None
+
+
+def _why_not(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, or ``None`` if it can."""
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreting():
+            return "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device.type} tensors"
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ extension runs on CPU tensors, got {device.type} tensors"
+        return cpp_extension_error()
+    return None
+
+
+@functools.cache
+def _warn_fallback_once(op: str, reason: str) -> None:
+    warnings.warn(f"omninft_fast.{op}: using the PyTorch reference because {reason}", stacklevel=3)
+
+
+def _auto(op: str, device: torch.device) -> str:
+    available = IMPLEMENTATIONS[op]
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if preferred in available:
+        reason = _why_not(preferred, device)
+        if reason is None:
+            return preferred
+        _warn_fallback_once(op, reason)
+    return "reference"
+
+
+def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """Resolve ``op`` for tensors on ``device``: returns ``(backend name, implementation)``."""
+    if op not in IMPLEMENTATIONS:
+        raise BackendError(f"unknown op {op!r}; kernel-backed ops are {', '.join(IMPLEMENTATIONS)}")
+    name = requested_backend(backend)
+    if name == "auto":
+        name = _auto(op, device)
+    if name not in IMPLEMENTATIONS[op]:
+        have = ", ".join(IMPLEMENTATIONS[op])
+        raise BackendError(f"op {op!r} has no {name!r} backend (it has: {have})")
+    reason = _why_not(name, device)
+    if reason is not None:
+        raise BackendError(f"op {op!r} cannot use the {name!r} backend here: {reason}")
+    return name, _load(IMPLEMENTATIONS[op][name])
+
+
+@functools.cache
+def _load(target: str) -> Callable:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def available_backends(op: str, device: torch.device) -> list[str]:
+    """The backends of ``op`` that can run on ``device`` in this process."""
+    return [name for name in IMPLEMENTATIONS[op] if _why_not(name, device) is None]

@@ -1,0 +1,99 @@
+"""Advantages: Eq 6 (group-normalised advantage and optimality probability) and Eq 7 (modality routing)."""
+
+from __future__ import annotations
+
+import torch
+
+from omninft_fast._checks import check_finite_tensor, check_scalar, check_shape, check_tensor, compute_dtype
+
+STD_MODES = ("group", "global")
+ROUTING_MODES = ("modality", "shared", "gdpo")
+
+
+def _centered(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``x - mean(x)`` over ``dim`` (all elements when ``None``), exactly 0 where the values are all equal."""
+    if dim is None:
+        mean, lo, hi = x.mean(), x.min(), x.max()
+    else:
+        mean = x.mean(dim=dim, keepdim=True)
+        lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    return torch.where(lo == hi, torch.zeros_like(x), x - mean)
+
+
+def group_advantages(rewards: torch.Tensor, *, std: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Eq 6's advantage ``A = (R - mean_group(R)) / (Z + eps)`` for each of ``G`` samples of ``P`` prompts.
+
+    ``Z`` is the population standard deviation of each group (``std="group"``) or of all rewards
+    (``std="global"``, DiffusionNFT's choice). A group whose rewards are all equal gets exactly 0.
+
+    Args:
+        rewards: ``(P, G)`` raw rewards, any real dtype.
+        std: ``"group"`` or ``"global"``.
+        eps: added to ``Z``, ``>= 0``.
+
+    Returns:
+        ``(P, G)`` advantages in float32 (float64 for float64 rewards).
+    """
+    check_tensor("rewards", rewards, ndim=2, floating=False)
+    if rewards.dtype.is_complex or rewards.dtype == torch.bool:
+        raise TypeError(f"rewards must be real-valued, got {rewards.dtype}")
+    if rewards.numel() == 0:
+        raise ValueError(f"rewards must be non-empty, got shape {tuple(rewards.shape)}")
+    if std not in STD_MODES:
+        raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
+    eps = check_scalar("eps", eps, low=0.0)
+    x = rewards.detach().to(compute_dtype(rewards.dtype) if rewards.is_floating_point() else torch.float32)
+    check_finite_tensor("rewards", x)
+    centered = _centered(x, dim=1)
+    z = x.std(dim=1, keepdim=True, correction=0) if std == "group" else x.std(correction=0)
+    return centered / (z + eps)
+
+
+def optimality_probability(adv: torch.Tensor, *, clip: float = 1.0) -> torch.Tensor:
+    """Eq 6: ``r = 1/2 + 1/2 * clamp(adv / clip, -1, 1)``, in ``[0, 1]``.
+
+    ``clip = 1`` is the paper's form; DiffusionNFT clips advantages at 5 (``clip=5``).
+
+    Args:
+        adv: advantages of any shape.
+        clip: advantage magnitude that maps to ``r = 0`` or ``1``, ``> 0``.
+    """
+    check_tensor("adv", adv)
+    clip = check_scalar("clip", clip, low=0.0, low_inclusive=False)
+    return 0.5 + 0.5 * torch.clamp(adv.detach() / clip, -1.0, 1.0)
+
+
+def route_advantages(
+    adv_video: torch.Tensor,
+    adv_audio: torch.Tensor,
+    adv_av: torch.Tensor,
+    *,
+    mode: str = "modality",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 7: combine per-reward advantages into one advantage per branch.
+
+    - ``modality`` (OmniNFT): video branch ``Av + Aav``, audio branch ``Aa + Aav``.
+    - ``shared`` (vanilla baseline): both branches ``Av + Aa + Aav``.
+    - ``gdpo``: ``Av + Aa + Aav`` whitened over all samples (``(s - mean) / (std + eps)``) to both branches.
+
+    Args:
+        adv_video, adv_audio, adv_av: advantages of the same shape, e.g. ``(P, G)`` from ``group_advantages``.
+
+    Returns:
+        ``(adv_for_video_branch, adv_for_audio_branch)``, each of the input shape.
+    """
+    check_tensor("adv_video", adv_video)
+    check_tensor("adv_audio", adv_audio)
+    check_tensor("adv_av", adv_av)
+    check_shape("adv_audio", adv_audio, adv_video.shape, "the shape of adv_video")
+    check_shape("adv_av", adv_av, adv_video.shape, "the shape of adv_video")
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if mode == "modality":
+        return adv_video + adv_av, adv_audio + adv_av
+    total = adv_video + adv_audio + adv_av
+    if mode == "gdpo":
+        eps = check_scalar("eps", eps, low=0.0)
+        total = _centered(total, dim=None) / (total.std(correction=0) + eps)
+    return total, total.clone()

@@ -1,0 +1,170 @@
+"""The DiffusionNFT objective (Eq 3-5) with OmniNFT's region-weighted token mean (Eq 12)."""
+
+from __future__ import annotations
+
+import torch
+
+from omninft_fast import dispatch
+from omninft_fast._checks import (
+    check_finite_tensor,
+    check_range,
+    check_same_device,
+    check_scalar,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+)
+from omninft_fast.profiling import nvtx_range
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    *,
+    beta: float,
+    token_weight: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
+    inverse_beta_scale: bool = False,
+    kl_weight: float = 0.0,
+    v_ref: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """NFT loss of one modality stream; the gradient flows to ``v_theta`` only.
+
+    With ``v+ = (1 - beta) v_old + beta v_theta`` and ``v- = (1 + beta) v_old - beta v_theta`` (Eq 4-5)::
+
+        l[b, i] = r[b] * mean_c (v+ - target)^2 + (1 - r[b]) * mean_c (v- - target)^2        (Eq 3)
+        L[b]    = sum_i w[b, i] * l[b, i] / sum_i w[b, i]                                     (Eq 12)
+        loss    = s * mean_b(sample_weight[b] * L[b]) + kl_weight * mean (v_theta - v_ref)^2
+
+    where ``w = token_weight`` (1 when None) and ``s = 1 / beta`` if ``inverse_beta_scale`` (DiffusionNFT's
+    convention) else 1.
+
+    Args:
+        v_theta: ``(B, N, C)`` velocity of the trained policy.
+        v_old: ``(B, N, C)`` velocity of the old policy (no gradient).
+        target: ``(B, N, C)`` flow-matching target ``x1 - x0``.
+        r: ``(B,)`` optimality probabilities in ``[0, 1]`` (Eq 6).
+        beta: mixing strength, ``> 0``.
+        token_weight: ``(B, N)`` non-negative per-token weights, each sample's sum ``> 0`` (Eq 11-12).
+        sample_weight: ``(B,)`` non-negative per-sample weights (e.g. ``adaptive_x0_weight``).
+        inverse_beta_scale: divide the policy term by ``beta``.
+        kl_weight: weight of the regulariser towards ``v_ref``, ``>= 0``.
+        v_ref: ``(B, N, C)`` reference velocity; required when ``kl_weight > 0``.
+        backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
+
+    Returns:
+        Scalar loss in float32 (float64 when ``v_theta`` is float64).
+    """
+    check_tensor("v_theta", v_theta, ndim=3)
+    check_tensor("v_old", v_old, ndim=3)
+    check_tensor("target", target, ndim=3)
+    check_tensor("r", r, ndim=1)
+    check_same_device("v_theta", v_theta, v_old=v_old, target=target, r=r)
+    if min(v_theta.shape) < 1:
+        raise ValueError(f"v_theta must have non-empty dimensions, got shape {tuple(v_theta.shape)}")
+    batch, tokens, _ = v_theta.shape
+    check_shape("v_old", v_old, v_theta.shape, "the shape of v_theta")
+    check_shape("target", target, v_theta.shape, "the shape of v_theta")
+    check_shape("r", r, (batch,), "one per sample of v_theta")
+    check_range("r", r, 0.0, 1.0)
+    beta = check_scalar("beta", beta, low=0.0, low_inclusive=False)
+    kl_weight = check_scalar("kl_weight", kl_weight, low=0.0)
+    if token_weight is not None:
+        check_tensor("token_weight", token_weight, ndim=2)
+        check_same_device("v_theta", v_theta, token_weight=token_weight)
+        check_shape("token_weight", token_weight, (batch, tokens), "(B, N) of v_theta")
+        check_finite_tensor("token_weight", token_weight)
+        check_range("token_weight", token_weight, 0.0, float("inf"))
+        sums = token_weight.sum(dim=1)
+        if bool((sums <= 0).any()):
+            b = int((sums <= 0).nonzero()[0])
+            raise ValueError(f"token_weight[{b}] sums to {sums[b].item()}; each sample's weights must sum to > 0")
+    if sample_weight is not None:
+        check_tensor("sample_weight", sample_weight, ndim=1)
+        check_same_device("v_theta", v_theta, sample_weight=sample_weight)
+        check_shape("sample_weight", sample_weight, (batch,), "one per sample of v_theta")
+        check_finite_tensor("sample_weight", sample_weight)
+        check_range("sample_weight", sample_weight, 0.0, float("inf"))
+    if v_ref is not None:
+        check_tensor("v_ref", v_ref, ndim=3)
+        check_same_device("v_theta", v_theta, v_ref=v_ref)
+        check_shape("v_ref", v_ref, v_theta.shape, "the shape of v_theta")
+    elif kl_weight > 0:
+        raise ValueError("v_ref must be given when kl_weight > 0")
+    if not isinstance(inverse_beta_scale, bool):
+        raise TypeError(f"inverse_beta_scale must be a bool, got {type(inverse_beta_scale).__name__}")
+    name, impl = dispatch.select("nft_loss", v_theta.device, backend)
+    scale = 1.0 / beta if inverse_beta_scale else 1.0
+    with nvtx_range(f"omninft.nft_loss.{name}"):
+        v_ref = v_ref if kl_weight > 0 else None
+        return impl(v_theta, v_old, target, r, beta, token_weight, sample_weight, scale, kl_weight, v_ref)
+
+
+def nft_loss_reference(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    token_weight: torch.Tensor | None,
+    sample_weight: torch.Tensor | None,
+    policy_scale: float,
+    kl_weight: float,
+    v_ref: torch.Tensor | None,
+) -> torch.Tensor:
+    """PyTorch reference of ``nft_loss`` (inputs already validated), accumulating in float32 or float64."""
+    acc = compute_dtype(v_theta.dtype)
+    theta = v_theta.to(acc)
+    old = v_old.detach().to(acc)
+    tgt = target.detach().to(acc)
+    v_pos = (1.0 - beta) * old + beta * theta
+    v_neg = (1.0 + beta) * old - beta * theta
+    r_b = r.detach().to(acc)[:, None]
+    per_token = r_b * (v_pos - tgt).square().mean(dim=2) + (1.0 - r_b) * (v_neg - tgt).square().mean(dim=2)
+    if token_weight is None:
+        per_sample = per_token.mean(dim=1)
+    else:
+        w = token_weight.detach().to(acc)
+        per_sample = (w * per_token).sum(dim=1) / w.sum(dim=1)
+    if sample_weight is not None:
+        per_sample = sample_weight.detach().to(acc) * per_sample
+    loss = policy_scale * per_sample.mean()
+    if v_ref is not None:
+        loss = loss + kl_weight * (theta - v_ref.detach().to(acc)).square().mean()
+    return loss
+
+
+@torch.no_grad()
+def adaptive_x0_weight(
+    x_t: torch.Tensor, x0: torch.Tensor, v_pos: torch.Tensor, t: torch.Tensor, *, min_error: float = 1e-5
+) -> torch.Tensor:
+    """DiffusionNFT's adaptive per-sample weight, for ``nft_loss(sample_weight=...)``.
+
+    With ``x0_pred = x_t - t * v+`` the weight is ``t^2 / max(mean |x0_pred - x0|, min_error)``: it turns the
+    velocity-space error ``|v+ - v|^2`` into DiffusionNFT's x0-space error ``|x0_pred - x0|^2`` divided by its
+    own (detached) mean magnitude.
+
+    Args:
+        x_t, x0, v_pos: ``(B, N, C)`` noisy latent, clean latent and positive velocity ``v+``.
+        t: ``(B,)`` flow time of ``x_t``.
+
+    Returns:
+        ``(B,)`` weights in float32 (float64 for float64 inputs).
+    """
+    check_tensor("x_t", x_t, ndim=3)
+    check_tensor("x0", x0, ndim=3)
+    check_tensor("v_pos", v_pos, ndim=3)
+    check_tensor("t", t, ndim=1)
+    check_same_device("x_t", x_t, x0=x0, v_pos=v_pos, t=t)
+    check_shape("x0", x0, x_t.shape, "the shape of x_t")
+    check_shape("v_pos", v_pos, x_t.shape, "the shape of x_t")
+    check_shape("t", t, x_t.shape[:1], "one per sample of x_t")
+    min_error = check_scalar("min_error", min_error, low=0.0, low_inclusive=False)
+    acc = compute_dtype(x_t.dtype)
+    t_b = t.to(acc)
+    x0_pred = x_t.to(acc) - t_b[:, None, None] * v_pos.to(acc)
+    error = (x0_pred - x0.to(acc)).abs().mean(dim=(1, 2)).clamp_min(min_error)
+    return t_b.square() / error
