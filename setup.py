@@ -12,7 +12,7 @@ import os
 import shutil
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
@@ -43,7 +43,7 @@ setup(
     version="0.1.0",
     description="Kernel-level training engine for OmniNFT (audio-video diffusion RL) on LTX-2",
     python_requires=">=3.10",
-    packages=["omninft_fast", "omninft_fast.ops", "omninft_fast.kernels"],
+    packages=[*find_packages(include=["omninft_fast", "omninft_fast.*"]), "omninft_fast.kernels"],
     package_dir={"omninft_fast.kernels": "kernels"},
     install_requires=["torch>=2.5", "nvtx", "pyyaml"],
     extras_require=EXTRAS,

@@ -28,9 +28,12 @@ ENV_VAR = "OMNINFT_BACKEND"
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "cross_attention": {
         "reference": "omninft_fast.ops.attention:cross_attention_reference",
+        "triton": "omninft_fast.kernels.cross_attention:cross_attention_triton",
     },
     "nft_loss": {
         "reference": "omninft_fast.ops.nft_loss:nft_loss_reference",
+        "triton": "omninft_fast.kernels.nft_loss:nft_loss_triton",
+        "cpp": "omninft_fast.ops.nft_loss_cpp:nft_loss_cpp",
     },
 }
 

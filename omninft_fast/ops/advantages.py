@@ -20,6 +20,11 @@ def _centered(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     return torch.where(lo == hi, torch.zeros_like(x), x - mean)
 
 
+def _safe_divide(centered: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``centered / z``, exactly 0 where ``z == 0`` (then ``centered`` is 0 too: a flat group or batch)."""
+    return torch.where(z > 0, centered / torch.where(z > 0, z, 1.0), 0.0)
+
+
 def group_advantages(rewards: torch.Tensor, *, std: str = "group", eps: float = 1e-6) -> torch.Tensor:
     """Eq 6's advantage ``A = (R - mean_group(R)) / (Z + eps)`` for each of ``G`` samples of ``P`` prompts.
 
@@ -46,7 +51,7 @@ def group_advantages(rewards: torch.Tensor, *, std: str = "group", eps: float = 
     check_finite_tensor("rewards", x)
     centered = _centered(x, dim=1)
     z = x.std(dim=1, keepdim=True, correction=0) if std == "group" else x.std(correction=0)
-    return centered / (z + eps)
+    return _safe_divide(centered, z + eps)
 
 
 def optimality_probability(adv: torch.Tensor, *, clip: float = 1.0) -> torch.Tensor:
@@ -95,5 +100,5 @@ def route_advantages(
     total = adv_video + adv_audio + adv_av
     if mode == "gdpo":
         eps = check_scalar("eps", eps, low=0.0)
-        total = _centered(total, dim=None) / (total.std(correction=0) + eps)
+        total = _safe_divide(_centered(total, dim=None), total.std(correction=0) + eps)
     return total, total.clone()

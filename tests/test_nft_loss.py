@@ -1,0 +1,147 @@
+"""Eq 3-5 and 12: the DiffusionNFT objective with region-weighted token means (PyTorch reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omninft_fast import adaptive_x0_weight, nft_loss
+from omninft_fast.testing import explicit_nft_loss
+
+REF = {"backend": "reference"}
+
+
+def _inputs(gen: torch.Generator, b: int, n: int, c: int, dtype: torch.dtype = torch.float64) -> tuple:
+    v_theta, v_old, target = (torch.randn(b, n, c, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    return v_theta, v_old, target
+
+
+def test_by_hand_one_token() -> None:
+    # v_theta = 2, v_old = 1, target = 0, beta = 0.5: v+ = 1.5, v- = 0.5, errors 2.25 and 0.25.
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    for r, want in ((1.0, 2.25), (0.0, 0.25), (0.25, 0.25 * 2.25 + 0.75 * 0.25)):
+        loss = nft_loss(2 * one, one, 0 * one, torch.tensor([r], dtype=torch.float64), beta=0.5, **REF)
+        assert float(loss) == pytest.approx(want, rel=1e-15)
+
+
+def test_by_hand_token_weights_are_normalised() -> None:
+    # Two tokens with errors (r = 1, beta = 1, v+ = v_theta): 1 and 9; weights 1 and 3 -> (1 + 27) / 4 = 7.
+    v_theta = torch.tensor([[[1.0], [3.0]]], dtype=torch.float64)
+    zeros = torch.zeros_like(v_theta)
+    loss = nft_loss(
+        v_theta, zeros, zeros, torch.ones(1, dtype=torch.float64), beta=1.0, token_weight=torch.tensor([[1.0, 3.0]])
+    )
+    assert float(loss) == pytest.approx(7.0, rel=1e-15)
+    # Scaling every weight of a sample does not change its loss (Eq 12 divides by the sum).
+    again = nft_loss(
+        v_theta, zeros, zeros, torch.ones(1, dtype=torch.float64), beta=1.0, token_weight=torch.tensor([[5.0, 15.0]])
+    )
+    assert float(again) == pytest.approx(7.0, rel=1e-15)
+
+
+def test_gradient_by_hand() -> None:
+    # d/dv_theta of r (v+ - t)^2 + (1-r)(v- - t)^2 = 2 beta [r (v+ - t) - (1 - r)(v- - t)].
+    v_theta = torch.tensor([[[2.0]]], dtype=torch.float64, requires_grad=True)
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    loss = nft_loss(v_theta, one, 0 * one, torch.tensor([0.25], dtype=torch.float64), beta=0.5, **REF)
+    (grad,) = torch.autograd.grad(loss, v_theta)
+    assert float(grad) == pytest.approx(2 * 0.5 * (0.25 * 1.5 - 0.75 * 0.5), rel=1e-15)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+@pytest.mark.parametrize("r_kind", ["zero", "one", "mixed"])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("options", ["none", "inverse_beta", "kl"])
+def test_matches_per_sample_loop(beta: float, r_kind: str, weights: bool, options: str, gen: torch.Generator) -> None:
+    b, n, c = 3, 17, 5
+    v_theta, v_old, target = _inputs(gen, b, n, c)
+    r = {"zero": torch.zeros(b), "one": torch.ones(b), "mixed": torch.rand(b, generator=gen)}[r_kind].double()
+    token_weight = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1 if weights else None
+    sample_weight = torch.rand(b, generator=gen, dtype=torch.float64) + 0.5 if weights else None
+    v_ref = torch.randn(b, n, c, generator=gen, dtype=torch.float64)
+    kl_weight = 0.3 if options == "kl" else 0.0
+    inverse = options == "inverse_beta"
+    theta = v_theta.clone().requires_grad_()
+    got = nft_loss(
+        theta, v_old, target, r, beta=beta, token_weight=token_weight, sample_weight=sample_weight,
+        inverse_beta_scale=inverse, kl_weight=kl_weight, v_ref=v_ref, **REF,
+    )  # fmt: skip
+    leaf = v_theta.clone().requires_grad_()
+    want = explicit_nft_loss(
+        leaf, v_old, target, r, beta, token_weight, sample_weight, 1 / beta if inverse else 1.0, kl_weight, v_ref
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, theta)[0], torch.autograd.grad(want, leaf)[0])
+
+
+def test_gradcheck_and_no_gradient_to_other_inputs(gen: torch.Generator) -> None:
+    v_theta, v_old, target = (x.requires_grad_() for x in _inputs(gen, 2, 4, 3))
+    r = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    w = torch.rand(2, 4, generator=gen, dtype=torch.float64) + 0.1
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        return nft_loss(theta, v_old, target, r, beta=0.3, token_weight=w, **REF)
+
+    assert torch.autograd.gradcheck(loss, (v_theta,))
+    loss(v_theta).backward()
+    assert v_old.grad is None and target.grad is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 4), n=st.integers(1, 40), c=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_ragged_shapes_low_precision(b: int, n: int, c: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    v_theta, v_old, target = _inputs(gen, b, n, c)
+    r = torch.rand(b, generator=gen, dtype=torch.float64)
+    want = explicit_nft_loss(v_theta, v_old, target, r, 0.7)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        args = [x.to(dtype) for x in (v_theta, v_old, target)]
+        got = nft_loss(*args, r.to(dtype), beta=0.7, **REF)
+        assert got.dtype == torch.float32
+        want_rounded = explicit_nft_loss(*args, r.to(dtype), 0.7)  # same rounded inputs, exact arithmetic
+        torch.testing.assert_close(got.double(), want_rounded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
+
+
+def test_adaptive_x0_weight(gen: torch.Generator) -> None:
+    x_t, x0, v_pos = _inputs(gen, 3, 6, 4)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    w = adaptive_x0_weight(x_t, x0, v_pos, t)
+    for b in range(3):
+        error = (x_t[b] - t[b] * v_pos[b] - x0[b]).abs().mean()
+        assert float(w[b]) == pytest.approx(float(t[b] ** 2 / error), rel=1e-12)
+    exact = adaptive_x0_weight(x0 + 0.5 * v_pos, x0, v_pos, torch.full((3,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(exact, torch.full((3,), 0.25 / 1e-5, dtype=torch.float64))
+
+
+def _valid(gen: torch.Generator) -> dict:
+    v_theta, v_old, target = _inputs(gen, 2, 3, 4, torch.float32)
+    return {"v_theta": v_theta, "v_old": v_old, "target": target, "r": torch.full((2,), 0.5), "beta": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"v_old": torch.ones(2, 3, 5)}, ValueError, r"v_old must have shape \(2, 3, 4\)"),
+        ({"target": torch.ones(2, 3)}, ValueError, "target must have 3 dimensions"),
+        ({"r": torch.full((3,), 0.5)}, ValueError, "r must have shape"),
+        ({"r": torch.tensor([0.5, 1.5])}, ValueError, r"r\[1\] = 1.5 is outside \[0.0, 1.0\]"),
+        ({"r": torch.tensor([0.5, float("nan")])}, ValueError, r"r\[1\] = nan is outside"),
+        ({"beta": 0.0}, ValueError, "beta must be > 0"),
+        ({"token_weight": torch.ones(2, 4)}, ValueError, "token_weight must have shape"),
+        ({"token_weight": torch.tensor([[1.0, 1, 1], [0, 0, 0]])}, ValueError, r"token_weight\[1\] sums to 0"),
+        ({"token_weight": torch.tensor([[1.0, -1, 1], [1, 1, 1]])}, ValueError, r"token_weight\[0, 1\] = -1.0"),
+        ({"sample_weight": torch.tensor([1.0, float("inf")])}, ValueError, r"sample_weight\[1\] is not finite"),
+        ({"kl_weight": 0.1}, ValueError, "v_ref must be given when kl_weight > 0"),
+        ({"v_theta": torch.ones(2, 3, 4, dtype=torch.int64)}, TypeError, "v_theta must have a floating dtype"),
+        ({"v_old": torch.ones(2, 3, 4, device="meta")}, ValueError, "v_old is on meta but v_theta is on cpu"),
+        ({"inverse_beta_scale": 1}, TypeError, "inverse_beta_scale must be a bool"),
+        ({"backend": "cuda"}, RuntimeError, "backend='cuda' is not one of"),
+    ],
+)
+def test_bad_input(change: dict, error: type, match: str, gen: torch.Generator) -> None:
+    kwargs = _valid(gen) | change
+    with pytest.raises(error, match=match):
+        nft_loss(kwargs.pop("v_theta"), kwargs.pop("v_old"), kwargs.pop("target"), kwargs.pop("r"), **kwargs)
