@@ -31,7 +31,7 @@ def _extensions() -> tuple[list, dict]:
 
     flags = ["-O3", "-fopenmp", "-std=c++17"]
     if sysconfig.get_platform().endswith("x86_64"):
-        flags.append("-mavx2")
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     extension = CppExtension("omninft_fast._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

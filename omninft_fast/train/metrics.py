@@ -1,0 +1,126 @@
+"""Metrics sinks (JSONL, TensorBoard, wandb) and end-of-run artifacts (reward-curve PNG, GIF + WAV samples)."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLogger:
+    """Appends one JSON line per iteration to ``metrics.jsonl``; mirrors scalars to TensorBoard and wandb.
+
+    Args:
+        output_dir: run directory.
+        tensorboard: write TensorBoard events under ``output_dir/tensorboard`` when TensorBoard is installed.
+        wandb: log to wandb when installed.
+        config: run configuration (for wandb).
+        resume_iteration: on resume, drop JSONL lines of iterations after this one (a killed run's partial tail).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        config: dict[str, Any] | None = None,
+        resume_iteration: int | None = None,
+    ) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_iteration is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["iteration"] <= resume_iteration]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: TensorBoard is not installed; metrics go to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self._wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                print("note: wandb is not installed; skipping it")
+            else:
+                self._wandb = wandb_module.init(project="omninft-fast", config=config, dir=str(output_dir))
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        record = {"iteration": iteration, **metrics}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, iteration)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=iteration)
+
+    def history(self) -> list[dict[str, float]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+_PALETTE = ((220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152))
+
+
+def plot_curves(path: str | Path, curves: dict[str, list[float]], *, title: str = "reward mean per iteration") -> None:
+    """Line chart of several curves (each min-max scaled to the panel) as a PNG, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 640, 400, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 10), title + " (each curve scaled to its own min..max)", fill="black")
+    draw.rectangle((margin, margin, width - margin, height - margin), outline="black")
+    for i, (name, values) in enumerate(curves.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        if len(values) >= 2:
+            lo, hi = min(values), max(values)
+            span = hi - lo if hi > lo else 1.0
+            points = [
+                (
+                    margin + (width - 2 * margin) * k / (len(values) - 1),
+                    height - margin - (height - 2 * margin) * (v - lo) / span,
+                )
+                for k, v in enumerate(values)
+            ]
+            draw.line(points, fill=colour, width=2)
+            label = f"{name}: {values[0]:.3f} -> {values[-1]:.3f} (min {lo:.3f}, max {hi:.3f})"
+        else:
+            label = f"{name}: {values[0]:.3f}" if values else name
+        draw.text((margin + 8, margin + 6 + 14 * i), label, fill=colour)
+    image.save(path)
+
+
+def write_gif(path: str | Path, frames: torch.Tensor, fps: float, *, scale: int = 8) -> None:
+    """``(T, 3, H, W)`` frames in [0, 1] to an animated GIF, upscaled ``scale`` times (nearest)."""
+    from PIL import Image
+
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    images = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST) for p in pixels]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
+def write_wav(path: str | Path, audio: torch.Tensor, sample_rate: int) -> None:
+    """``(S,)`` waveform in [-1, 1] to a 16-bit mono WAV."""
+    samples = (audio.clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy()
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(samples.tobytes())

@@ -1,0 +1,173 @@
+"""The model side of the trainer: velocity of both streams given both noisy latents, ``t`` and the condition.
+
+The trainer only talks to ``AVVelocityModel``: ``forward`` for velocities, ``patch`` for the attention surgery and
+region-score capture handle (``omninft_fast.ltx2.patch`` for ltx-core models). ``LTXAVModel`` adapts ltx-core's
+``LTXModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Text condition of a batch: one context sequence per stream.
+
+    Args:
+        video: ``(B, Lv, Dv)`` context for the video stream.
+        audio: ``(B, La, Da)`` context for the audio stream.
+    """
+
+    video: torch.Tensor
+    audio: torch.Tensor
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Condition:
+        return Condition(self.video[index], self.audio[index])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+        return Condition(self.video.to(device, dtype), self.audio.to(device, dtype))
+
+
+class AVVelocityModel(nn.Module):
+    """Interface of a dual-stream flow model (Eq 2's ``v_theta``).
+
+    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond) -> (v_video, v_audio)`` with the velocity
+    convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``). ``patch`` returns the handle that applies Eq 8 to
+    the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling (``capture_region_scores``).
+    """
+
+    num_layers: int
+
+    def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no attention surgery handle")
+
+
+class LTXAVModel(AVVelocityModel):
+    """ltx-core's audio-video ``LTXModel`` behind ``AVVelocityModel``.
+
+    Args:
+        model: an ``LTXModel`` of type ``AudioVideo``.
+        video_positions: ``(1, 3, Nv, 2)`` video token bounds (ltx-core's ``VideoLatentTools``).
+        audio_positions: ``(1, 1, Na, 2)`` audio token bounds (ltx-core's ``AudioLatentTools``).
+    """
+
+    def __init__(self, model: nn.Module, video_positions: torch.Tensor, audio_positions: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("video_positions", video_positions, persistent=False)
+        self.register_buffer("audio_positions", audio_positions, persistent=False)
+        self.num_layers = len(model.transformer_blocks)
+        self._handle: Any = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        frames: int,
+        height: int,
+        width: int,
+        video_channels: int,
+        audio_tokens: int,
+        audio_channels: int,
+        fps: float,
+        audio_token_seconds: float,
+        num_layers: int,
+        video_heads: int,
+        video_head_dim: int,
+        audio_heads: int,
+        audio_head_dim: int,
+        seed: int = 0,
+    ) -> LTXAVModel:
+        """A randomly initialised ltx-core LTX-2 (``AudioVideo``, split RoPE, PyTorch attention).
+
+        The video latent is ``(frames, height, width)`` tokens of ``video_channels``; audio tokens last
+        ``audio_token_seconds`` each, so both streams share one time axis in seconds for A2V/V2A RoPE.
+        """
+        from ltx_core.components.patchifiers import (
+            AudioLatentShape,
+            AudioPatchifier,
+            VideoLatentPatchifier,
+            VideoLatentShape,
+        )
+        from ltx_core.model.transformer.attention import AttentionFunction
+        from ltx_core.model.transformer.model import LTXModel, LTXModelType
+        from ltx_core.model.transformer.rope import LTXRopeType
+        from ltx_core.tools import AudioLatentTools, VideoLatentTools
+
+        video_dim, audio_dim = video_heads * video_head_dim, audio_heads * audio_head_dim
+        model = LTXModel(
+            model_type=LTXModelType.AudioVideo,
+            num_layers=num_layers,
+            num_attention_heads=video_heads,
+            attention_head_dim=video_head_dim,
+            cross_attention_dim=video_dim,
+            in_channels=video_channels,
+            out_channels=video_channels,
+            audio_num_attention_heads=audio_heads,
+            audio_attention_head_dim=audio_head_dim,
+            audio_cross_attention_dim=audio_dim,
+            audio_in_channels=audio_channels,
+            audio_out_channels=audio_channels,
+            rope_type=LTXRopeType.SPLIT,
+            attention_type=AttentionFunction.PYTORCH,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() >= 2 or "scale_shift_table" in name:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+                else:
+                    param.zero_()
+        # Pixel frames per latent frame is ltx-core's temporal factor 8, so fps * 8 keeps positions in seconds.
+        video_state = VideoLatentTools(
+            VideoLatentPatchifier(1), VideoLatentShape(1, video_channels, frames, height, width), fps=fps * 8
+        ).create_initial_state("cpu", torch.float32)
+        hop = round(audio_token_seconds * 16000 / 4)
+        audio_state = AudioLatentTools(
+            AudioPatchifier(1, sample_rate=16000, hop_length=hop), AudioLatentShape(1, 1, audio_tokens, audio_channels)
+        ).create_initial_state("cpu", torch.float32)
+        return cls(model, video_state.positions, audio_state.positions)
+
+    def forward(
+        self, x_video: torch.Tensor, x_audio: torch.Tensor, t: torch.Tensor, cond: Condition
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, Nv, Cv)``, ``(B, Na, Ca)``, ``(B,)`` -> velocities of the same shapes.
+
+        One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
+        """
+        from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+        from ltx_core.model.transformer.modality import Modality
+
+        batch = x_video.shape[0]
+        t = t.to(x_video.dtype)
+        video = Modality(
+            latent=x_video,
+            sigma=t,
+            timesteps=t[:, None],
+            positions=self.video_positions.expand(batch, -1, -1, -1),
+            context=cond.video.to(x_video.dtype),
+        )
+        audio = Modality(
+            latent=x_audio,
+            sigma=t,
+            timesteps=t[:, None],
+            positions=self.audio_positions.expand(batch, -1, -1, -1),
+            context=cond.audio.to(x_audio.dtype),
+        )
+        v_video, v_audio = self.model(video=video, audio=audio, perturbations=BatchedPerturbationConfig.empty(batch))
+        return v_video, v_audio
+
+    def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
+        """Attach ``omninft_fast.ltx2``'s surgery/capture handle once; later calls return the same handle."""
+        if self._handle is None:
+            from omninft_fast import ltx2
+
+            self._handle = ltx2.patch(self.model, detach=detach, region_layers=region_layers)
+        else:
+            self._handle.set_detach(detach)
+        return self._handle

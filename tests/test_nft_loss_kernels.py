@@ -1,0 +1,276 @@
+"""The fused NFT loss backends (Triton, C++ extension) against the float64 oracle ``explicit_nft_loss``."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from omninft_fast import dispatch, nft_loss
+from omninft_fast.testing import explicit_nft_loss
+
+
+def _triton_reason() -> str | None:
+    return dispatch._why_not("triton", torch.device("cpu"))
+
+
+def _cpp_reason() -> str | None:
+    return dispatch._why_not("cpp", torch.device("cpu"))
+
+
+needs_triton = pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_reason()))
+needs_cpp = pytest.mark.skipif(_cpp_reason() is not None, reason=str(_cpp_reason()))
+
+BACKENDS = [pytest.param("triton", marks=needs_triton), pytest.param("cpp", marks=needs_cpp)]
+DTYPES = {
+    "triton": (torch.float32, torch.float16),
+    "cpp": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+}
+SHAPES = [(2, 37, 45), (3, 19, 128), (1, 5, 3), (4, 11, 200)]
+OPTIONS = {
+    "plain": {},
+    "token_weight": {"token_weight": True},
+    "sample_weight": {"sample_weight": True},
+    "inverse_beta": {"inverse_beta_scale": True},
+    "kl": {"kl_weight": 0.3},
+    "all": {"token_weight": True, "sample_weight": True, "inverse_beta_scale": True, "kl_weight": 0.7},
+}
+# (loss rtol, gradient tolerance relative to its largest entry) per dtype: float32 accumulation everywhere except
+# float64 in the C++ extension; half-precision gradients are rounded once on store.
+TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-6), torch.float16: (2e-5, 1e-3)}
+TOLERANCES[torch.bfloat16] = (2e-5, 8e-3)
+
+
+def _inputs(shape: tuple[int, int, int], dtype: torch.dtype, r_mode: str, seed: int, **options: object) -> dict:
+    """Random ragged inputs already rounded to ``dtype``; weights in float32, ``r`` per ``r_mode``."""
+    g = torch.Generator().manual_seed(seed)
+    batch, tokens, _ = shape
+
+    def velocity() -> torch.Tensor:
+        return torch.randn(shape, generator=g).to(dtype)
+
+    if r_mode == "zero":
+        r = torch.zeros(batch)
+    elif r_mode == "one":
+        r = torch.ones(batch)
+    else:
+        r = torch.rand(batch, generator=g)
+        r[0] = 0.5
+    kwargs = {"v_theta": velocity(), "v_old": velocity(), "target": velocity(), "r": r}
+    if options.get("token_weight"):
+        w = torch.rand(batch, tokens, generator=g) + 0.1
+        w[:, 0] = 0.0
+        kwargs["token_weight"] = w
+    if options.get("sample_weight"):
+        kwargs["sample_weight"] = torch.rand(batch, generator=g) * 2
+    if options.get("inverse_beta_scale"):
+        kwargs["inverse_beta_scale"] = True
+    if options.get("kl_weight"):
+        kwargs["kl_weight"] = options["kl_weight"]
+        kwargs["v_ref"] = velocity()
+    return kwargs
+
+
+def _oracle(beta: float, **kw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    theta = kw["v_theta"].double().requires_grad_()
+    loss = explicit_nft_loss(
+        theta,
+        kw["v_old"],
+        kw["target"],
+        kw["r"],
+        beta,
+        kw.get("token_weight"),
+        kw.get("sample_weight"),
+        1.0 / beta if kw.get("inverse_beta_scale") else 1.0,
+        kw.get("kl_weight", 0.0),
+        kw.get("v_ref"),
+    )
+    (grad,) = torch.autograd.grad(loss, theta)
+    return loss.detach(), grad
+
+
+def _run(backend: str, beta: float, **kw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    theta = kw.pop("v_theta").clone().requires_grad_()
+    loss = nft_loss(theta, beta=beta, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), theta.grad
+
+
+def _assert_close(dtype: torch.dtype, loss, grad, ref_loss, ref_grad) -> None:
+    loss_rtol, grad_tol = TOLERANCES[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_rtol, atol=0.0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=grad_tol * float(ref_grad.abs().max()))
+
+
+CASES = [
+    (backend, dtype, option, r_mode, beta)
+    for backend in ("triton", "cpp")
+    for dtype, option, r_mode, beta in itertools.product(
+        DTYPES[backend], OPTIONS, ("zero", "one", "between"), (0.1, 1.0)
+    )
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "option", "r_mode", "beta"),
+    [pytest.param(*case, marks=needs_triton if case[0] == "triton" else needs_cpp) for case in CASES],
+)
+def test_matches_float64_oracle(backend: str, dtype: torch.dtype, option: str, r_mode: str, beta: float) -> None:
+    index = CASES.index((backend, dtype, option, r_mode, beta))
+    kw = _inputs(SHAPES[index % len(SHAPES)], dtype, r_mode, seed=index, **OPTIONS[option])
+    loss, grad = _run(backend, beta, **kw)
+    _assert_close(dtype, loss, grad, *_oracle(beta, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_strided_inputs(backend: str) -> None:
+    kw = _inputs((2, 23, 70), torch.float32, "between", seed=7, token_weight=True, kl_weight=0.2)
+    kw["v_old"] = kw["v_old"].half()
+    kw["target"] = kw["target"].transpose(1, 2).contiguous().transpose(1, 2)
+    kw["r"] = kw["r"].double()
+    loss, grad = _run(backend, 0.4, **kw)
+    _assert_close(torch.float32, loss, grad, *_oracle(0.4, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_rescales_saved_gradient(backend: str) -> None:
+    kw = _inputs((2, 9, 33), torch.float32, "between", seed=3, sample_weight=True)
+    ref_loss, ref_grad = _oracle(0.5, **kw)
+    theta = kw.pop("v_theta").clone().requires_grad_()
+    (nft_loss(theta, beta=0.5, backend=backend, **kw) * -2.5).backward()
+    torch.testing.assert_close(theta.grad.double(), -2.5 * ref_grad, rtol=0.0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(nft_loss(theta, beta=0.5, backend=backend, **kw).double(), ref_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bit_identical_on_repeat(backend: str, dtype: torch.dtype) -> None:
+    kw = _inputs((3, 301, 96), dtype, "between", seed=11, token_weight=True, sample_weight=True, kl_weight=0.1)
+    first = _run(backend, 0.1, **kw)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, threads, 2}:
+            torch.set_num_threads(n)
+            again = _run(backend, 0.1, **kw)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward_into(backend: str, grad: torch.Tensor, kw: dict, beta: float) -> torch.Tensor:
+    """Call a backend's first stage on caller-provided (poisoned) output buffers; returns the loss."""
+    args = (kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"))
+    scale = 1.0 / beta if kw.get("inverse_beta_scale") else 1.0
+    if backend == "cpp":
+        from omninft_fast import _C
+
+        return _C.nft_loss_forward_out(grad, *args, kw.get("v_ref"), beta, scale, kw.get("kl_weight", 0.0))
+    from omninft_fast.kernels import nft_loss as triton_nft
+
+    partials = torch.full((triton_nft.num_programs(kw["v_theta"]),), float("nan"))
+    loss = torch.full((), float("nan"))
+    triton_nft.nft_loss_triton_forward_into(
+        grad, partials, loss, *args, kw.get("v_ref"), beta, scale, kw.get("kl_weight", 0.0)
+    )
+    assert torch.isfinite(partials).all()
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_poisoned_outputs_are_fully_written(backend: str, option: str) -> None:
+    kw = _inputs((3, 29, 50), torch.float32, "between", seed=5, **OPTIONS[option])
+    grad = torch.full_like(kw["v_theta"], float("nan"))
+    loss = _forward_into(backend, grad, kw, 0.1)
+    assert torch.isfinite(grad).all() and torch.isfinite(loss)
+    _assert_close(torch.float32, loss, grad, *_oracle(0.1, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_opcheck(backend: str, option: str) -> None:
+    if backend == "cpp":
+        from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp_forward as op
+    else:
+        from omninft_fast.kernels.nft_loss import nft_loss_triton_forward as op
+    kw = _inputs((2, 7, 12), torch.float32, "between", seed=2, **OPTIONS[option])
+    args = (kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"))
+    torch.library.opcheck(op, (*args, kw.get("v_ref"), 0.3, 2.0, kw.get("kl_weight", 0.0)))
+
+
+BAD_INPUTS = [
+    ("v_old", lambda kw: kw.update(v_old=kw["v_old"][:, :-1])),
+    ("target", lambda kw: kw.update(target=kw["target"][..., :-1])),
+    ("r", lambda kw: kw.update(r=torch.tensor([0.5, 1.5]))),
+    ("r", lambda kw: kw.update(r=torch.tensor([0.5]))),
+    ("token_weight", lambda kw: kw.update(token_weight=torch.ones(2, 6).index_fill_(0, torch.tensor([1]), 0.0))),
+    ("token_weight", lambda kw: kw.update(token_weight=-torch.ones(2, 6))),
+    ("sample_weight", lambda kw: kw.update(sample_weight=torch.tensor([1.0, -1.0]))),
+    ("v_ref", lambda kw: kw.update(kl_weight=0.1)),
+    ("v_ref", lambda kw: kw.update(kl_weight=0.1, v_ref=torch.ones(2, 6, 5))),
+    ("v_old", lambda kw: kw.update(v_old=kw["v_old"].to("meta"))),
+    ("sample_weight", lambda kw: kw.update(sample_weight=torch.ones(2, device="meta"))),
+    ("beta", lambda kw: kw.update(beta=0.0)),
+    ("kl_weight", lambda kw: kw.update(kl_weight=-1.0)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("name", "corrupt"), BAD_INPUTS)
+def test_bad_input_names_the_argument(backend: str, name: str, corrupt) -> None:
+    kw = _inputs((2, 6, 4), torch.float32, "between", seed=1)
+    kw["beta"] = 0.5
+    corrupt(kw)
+    with pytest.raises((ValueError, TypeError), match=name):
+        nft_loss(backend=backend, **kw)
+
+
+@needs_cpp
+def test_extension_checks_name_the_argument() -> None:
+    from omninft_fast import _C
+
+    kw = _inputs((2, 6, 4), torch.float32, "between", seed=1)
+    args = [kw["v_theta"], kw["v_old"], kw["target"], kw["r"], None, None, None, 0.5, 1.0, 0.0]
+    bad = {1: kw["v_old"][:, :3], 2: kw["target"].int(), 3: torch.ones(3), 4: torch.zeros(2, 6), 5: torch.ones(3)}
+    names = {1: "v_old", 2: "target", 3: "r", 4: "token_weight", 5: "sample_weight"}
+    for index, value in bad.items():
+        with pytest.raises(RuntimeError, match=names[index]):
+            _C.nft_loss_forward(*args[:index], value, *args[index + 1 :])
+    grad = torch.empty_like(kw["v_theta"]).half()
+    with pytest.raises(RuntimeError, match="grad"):
+        _C.nft_loss_forward_out(grad, *args)
+
+
+def test_kernels_compile_for_sm90_without_spills() -> None:
+    """Both stages on sm_90a: no spills; with 16-aligned channels (128 in LTX-2) at most 128 registers per thread."""
+    from omninft_fast.kernels.compile_check import KernelSpec, compile_specs_for_sm90
+
+    kernel = "omninft_fast.kernels.nft_loss:_nft_loss_fwd_kernel"
+    velocities = ("theta_ptr", "old_ptr", "target_ptr", "ref_ptr", "grad_ptr")
+    small = ("r_ptr", "token_weight_ptr", "sample_coef_ptr", "partial_ptr")
+    specs = []
+    for dtype, weighted, aligned in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True), (False, True)):
+        signature = {name: dtype for name in velocities} | {name: "*fp32" for name in small}
+        signature |= {"n_rows": "i32", "tokens": "i32", "channels": "i32", "beta": "fp32", "kl_coef": "fp32"}
+        constexprs = {"HAS_TOKEN_WEIGHT": weighted, "HAS_REF": weighted, "BLOCK_ROWS": 32, "BLOCK_C": 128}
+        label = f"{dtype} weighted={weighted} aligned={aligned}"
+        specs.append(
+            KernelSpec(
+                kernel,
+                signature,
+                constexprs,
+                num_warps=8,
+                label=label,
+                aligned=[*velocities, *small, "channels"] if aligned else [*velocities, *small],
+            )
+        )
+    reduce_signature = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "n_partials": "i32"}
+    specs.append(KernelSpec("omninft_fast.kernels.nft_loss:_sum_partials_kernel", reduce_signature, {"BLOCK": 1024}, 4))
+    for spec, result in zip(specs, compile_specs_for_sm90(specs), strict=True):
+        assert result.spill_stores == 0 and result.spill_loads == 0, result
+        if "aligned=False" not in spec.label:
+            assert result.registers <= 128, result
