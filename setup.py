@@ -29,7 +29,7 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-std=c++20"]
     if sysconfig.get_platform().endswith("x86_64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     extension = CppExtension("omninft_fast._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])

@@ -26,14 +26,14 @@ import weakref
 from pathlib import Path
 
 import torch
-from omninft_fast.kernels.compile_check import compile_specs_for_sm90
-from omninft_fast.kernels.cross_attention import attention_forward, sm90_kernel_specs
-from omninft_fast.kernels.cross_attention_bwd import attention_backward
-from omninft_fast.kernels.key_mass import attention_key_mass
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import omninft_fast
+from omninft_fast.kernels.compile_check import compile_specs_for_sm90
+from omninft_fast.kernels.cross_attention import attention_forward, sm90_kernel_specs
+from omninft_fast.kernels.cross_attention_bwd import attention_backward
+from omninft_fast.kernels.key_mass import attention_key_mass
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD_DIM = 32, 64
@@ -73,7 +73,7 @@ def naive_key_mass(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> to
 
 
 def compile_table() -> list[dict]:
-    specs = sm90_kernel_specs(head_dims=(64, 128), dtypes=(torch.bfloat16,))
+    specs = sm90_kernel_specs(head_dims=(32, 64, 128), dtypes=(torch.bfloat16, torch.float32))
     return [
         {
             "kernel": r.name,
@@ -116,7 +116,7 @@ def key_mass_memory(device: torch.device, batches: tuple[int, ...]) -> list[dict
                     "key_mass_peak_extra_bytes": tracker.peak,
                     "key_mass_heads_run": op_heads,
                     "naive_map_peak_extra_bytes": naive.peak,
-                    "ratio": tracker.peak / naive.peak,
+                    "ratio": float(f"{tracker.peak / naive.peak:.3g}"),
                 }
             )
     return rows
@@ -215,6 +215,11 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command() -> str:
+    prefix = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    return f"{prefix}python {' '.join(sys.argv)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
@@ -228,7 +233,7 @@ def main() -> None:
     machine = (
         torch.cuda.get_device_name(device) if cuda else f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
     )
-    report: dict = {"machine": machine, "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    report: dict = {"machine": machine, "torch": torch.__version__, "command": _command()}
     started = time.time()
     report["compile_check_sm90a"] = [] if args.skip_compile else compile_table()
     report["key_mass_memory"] = key_mass_memory(device, batches)
@@ -239,7 +244,7 @@ def main() -> None:
     stem = RESULTS / f"cross_attention_{'gpu' if cuda else 'cpu'}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Cross-attention kernels ({machine})\n", f"Command: `{report['command']}`, torch {torch.__version__}.\n"]
-    md += ["## sm_90a compile check (bfloat16)\n", _markdown_table(report["compile_check_sm90a"])]
+    md += ["## sm_90a compile check\n", _markdown_table(report["compile_check_sm90a"])]
     md += ["## Peak extra memory: key mass vs materialised map (V2A, H=32, D=64)\n"]
     if not cuda:
         md.append(

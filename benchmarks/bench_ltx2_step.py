@@ -15,7 +15,7 @@ Each implementation runs in its own process, so its peak memory is its own: on C
 steps (``ru_maxrss`` minus the RSS before the first step), on CUDA ``max_memory_allocated`` above the memory held
 before the step. Both report the loss and gradient norms of the same step, which must agree.
 
-Usage: ``python benchmarks/bench_ltx2_step.py [--layers 2] [--batch 1] [--repeats 2] [--rounds 2] [--threads N]
+Usage: ``python benchmarks/bench_ltx2_step.py [--layers 2] [--batch 1] [--repeats 2] [--rounds 3] [--threads N]
 [--device cpu|cuda]``; writes ``benchmarks/results/ltx2_step_{cpu,cuda}.{json,md}``.
 """
 
@@ -248,16 +248,18 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per process, after one warm-up step")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per implementation, run alternately")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per implementation, order alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per process")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
 
     context = multiprocessing.get_context("spawn")
     runs: dict[str, list[dict]] = {"straightforward": [], "engine": []}
-    for _ in range(args.rounds):
-        for name, rows in runs.items():
-            rows.append(_run_child(context, name, args))
+    load_before = os.getloadavg()[0]
+    for round_index in range(args.rounds):
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
+        for name in order:
+            runs[name].append(_run_child(context, name, args))
     base, engine = (_summary(rows) for rows in runs.values())
     agree = _agree(base["loss"], engine["loss"]) and all(
         _agree(base["grad_norms"][k], v) for k, v in engine["grad_norms"].items()
@@ -273,6 +275,7 @@ def main() -> None:
         "machine": machine,
         "command": command,
         "torch": torch.__version__,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "config": {
             "layers": args.layers,
             "batch": args.batch,
@@ -296,7 +299,8 @@ def main() -> None:
         f"# One OmniNFT step, tiny-width LTX-2 at 6144 video / 126 audio tokens ({machine})",
         "",
         f"`{command}`; torch {torch.__version__}; video {VIDEO_HEADS}x{VIDEO_HEAD_DIM}, audio "
-        f"{AUDIO_HEADS}x{AUDIO_HEAD_DIM}, {args.layers} blocks, batch {args.batch}.",
+        f"{AUDIO_HEADS}x{AUDIO_HEAD_DIM}, {args.layers} blocks, batch {args.batch}; 1-minute load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared).",
         "",
         f"| implementation | best step (s) | median step (s) | all steps (s) | {memory} (MiB) | loss |",
         "|---|---|---|---|---|---|",

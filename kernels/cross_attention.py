@@ -69,12 +69,12 @@ def block_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """One launch configuration per head dim and dtype (no autotuning: results must not depend on timing).
 
     Returns ``BLOCK_M`` (queries), ``BLOCK_N`` (keys), ``num_warps`` and ``num_stages``. Head dims above 64 take
-    8 warps; float32 inputs (three TF32 products per dot, twice the bytes per tile) take 8 warps and 32-query,
-    single-stage tiles with 32 keys (16 above head dim 64) to stay within registers and shared memory (see
-    ``tests/test_compile_check.py`` and ``benchmarks/results/cross_attention_cpu.md``).
+    8 warps. float32 inputs (three TF32 products per dot, twice the bytes per tile) take 32 x 32 single-stage tiles
+    and 8 warps above head dim 32; half types compile without spills, float32 still spills a little at head dims
+    32 and 128 (see ``benchmarks/results/cross_attention_cpu.md``).
     """
     if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_N": 16 if head_dim > 64 else 32, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8 if head_dim > 32 else 4, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 2}
 
 
@@ -417,7 +417,11 @@ def cross_attention_triton(
     Returns:
         ``out (B, Nq, H, D)`` in q's dtype and the key mass or ``None``.
 
-    Which axis gets split is decided per kernel by ``choose_split`` from the shape and the SM count.
+    Split heuristic (``choose_split``, per kernel, from the shape and the SM count, 132 off the GPU): a kernel whose
+    grid has fewer programs than SMs cuts the axis it walks into ``ceil(2 * SMs / programs)`` chunks of at least
+    ``MIN_BLOCKS_PER_SPLIT`` blocks. In practice the forward and dQ split the key axis for V2A (few audio queries,
+    many video keys) and dK/dV split the query axis for A2V (many video queries, few audio keys); A2V forward/dQ
+    and V2A dK/dV already fill the GPU and run unsplit. Partials are float32 and reduced in a fixed order.
     """
     check_inputs(q, k, v)
     out, lse = torch.ops.omninft_fast.cross_attention_fwd(q, k, v, float(softmax_scale), float(kv_grad_scale))

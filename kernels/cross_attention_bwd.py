@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from omninft_fast.kernels.cross_attention import (
     LOG2E,
     block_config,

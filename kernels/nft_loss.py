@@ -101,7 +101,8 @@ def nft_loss_triton_forward_into(
 ) -> None:
     """Launch both stages, writing ``grad`` ``(B, N, C)``, ``partials`` ``(num_programs(...),)`` and ``loss`` ``()``.
 
-    ``v_theta``, ``v_old``, ``target``, ``v_ref`` and ``grad`` must be contiguous; ``grad`` has ``v_theta``'s dtype.
+    ``v_theta``, ``v_old``, ``target``, ``v_ref``, ``r`` and ``grad`` must be contiguous; ``grad`` has ``v_theta``'s
+    dtype.
     """
     batch, tokens, channels = v_theta.shape
     has_ref = v_ref is not None and kl_weight > 0
@@ -174,7 +175,7 @@ def _forward(
         v_theta,
         v_old.contiguous(),
         target.contiguous(),
-        r,
+        r.contiguous(),
         token_weight,
         sample_weight,
         None if v_ref is None else v_ref.contiguous(),
@@ -235,7 +236,8 @@ class NFTLossTritonFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        if not bool(grad_output == 1):
+        # Compiled graphs always rescale: a data-dependent branch would break the graph.
+        if torch.compiler.is_compiling() or not bool(grad_output == 1):
             grad = grad * grad_output.to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None
 

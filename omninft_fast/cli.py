@@ -20,6 +20,51 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import time
+
+    from omninft_fast.train.config import ConfigError, load_config
+    from omninft_fast.train.trainer import Trainer, TrainingDiverged, format_table
+
+    start = time.perf_counter()
+    try:
+        config = load_config(args.config, args.overrides)
+        trainer = Trainer(config, resume=args.resume)
+        before, after = trainer.run()
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"training stopped: {error}; the last good checkpoint is kept in {config.output_dir}", file=sys.stderr)
+        return 1
+    modalities = {name: reward.modality for name, reward in trainer.reward_of.items()}
+    print(
+        f"\nEvaluation on {after.count} samples (every task prompt x {config.eval.samples_per_prompt} seeds, "
+        f"eval seed {config.eval.seed}), run seed {config.seed}:"
+    )
+    print(format_table(before, after, modalities))
+    print(f"wall time {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from omninft_fast.task.pretrain import pretrain
+    from omninft_fast.train.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    output = args.output or config.model.checkpoint
+    if not output:
+        print("pretrain needs --output or model.checkpoint", file=sys.stderr)
+        return 2
+    losses = pretrain(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed)
+    print(f"pretrained {args.steps} steps, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}; wrote {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omninft-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default="cpu", help="device for the inputs (default: cpu)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_selfcheck)
+    train = commands.add_parser("train", help="run OmniNFT (Algorithm 1) from a YAML config")
+    train.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.safetensors")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nft.beta=0.5 advantage.routing=shared")
+    train.set_defaults(func=_train)
+    pre = commands.add_parser("pretrain", help="flow-matching pre-training of the tiny base policy on the task")
+    pre.add_argument("--config", default=None, help="YAML config (task and model sections are used)")
+    pre.add_argument("--steps", type=int, default=1500)
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--lr", type=float, default=2e-3)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--output", default=None, help="weights file (default: model.checkpoint)")
+    pre.add_argument("overrides", nargs="*", help="key=value config overrides")
+    pre.set_defaults(func=_pretrain)
     return parser
 
 

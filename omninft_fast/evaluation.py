@@ -62,11 +62,11 @@ METRICS = (
     Metric("TA", "videoalign", "ta"),
     Metric("AQ", "audiobox", "pq"),
     Metric("HPSv3", "hpsv3", "hpsv3"),
-    Metric("TV-IB", "imagebind", "tv"),
-    Metric("TA-IB", "imagebind", "ta"),
+    Metric("TV-IB", "imagebind", "ib_tv"),
+    Metric("TA-IB", "imagebind", "ib_ta"),
     Metric("CLIP", "clip_score", "clip_score"),
     Metric("CLAP", "clap", "clap"),
-    Metric("AV-IB", "imagebind", "av"),
+    Metric("AV-IB", "imagebind", "ib_av"),
     Metric("AVHScore", "imagebind", "avh"),
     Metric("JavisScore", "imagebind", "javis"),
     Metric("DeSync", "synchformer", "desync", higher=False),
@@ -306,9 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation for parsed ``build_parser`` arguments; returns the process exit status."""
     checkpoints = _pairs(args.checkpoint, "--checkpoint")
     options = {name: json.loads(text) for name, text in _pairs(args.options, "--options").items()}
     if args.batch_size < 1:
@@ -325,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown, end="")
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``omninft-fast eval`` on ``argv`` (default: the command line); returns the process exit status."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

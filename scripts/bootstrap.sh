@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install omninft-fast with its pinned CPU stack into the current Python. Safe to run again.
-# torch comes first and triton goes in with --no-deps, so that nothing can pull in another torch.
+# torch comes first; triton and the optional libraries go in with --no-deps, so nothing can pull another torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -8,4 +8,7 @@ pip_install() { "$python" -m pip install --quiet --disable-pip-version-check "$@
 pip_install torch==2.13.0
 pip_install --no-deps triton==3.7.1
 pip_install -r requirements/cpu.txt
+# LTX-2 libraries and reward models: pure Python on top of torch, pinned, never allowed to resolve dependencies
+# (ltx-core declares torchaudio, which would replace torch).
+pip_install --no-deps -r requirements/ltx2.txt -r requirements/rewards.txt
 pip_install --no-build-isolation --no-deps -e .

@@ -6,3 +6,4 @@ bash scripts/bootstrap.sh
 python=${PYTHON:-python3}
 "$python" -m ruff check . && "$python" -m ruff format --check .
 TRITON_INTERPRET=1 "$python" -m pytest -q tests "$@"
+bash scripts/test_cpp.sh

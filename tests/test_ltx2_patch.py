@@ -411,6 +411,8 @@ def test_capture_errors(tiny, model):
             capture.step = 2
     with pytest.raises(RuntimeError, match="set capture.step before each model forward"):
         capture.scores()
+    with pytest.raises(RuntimeError, match="capture is closed"):
+        capture.step = 0
     handle.unpatch()
     with (
         pytest.raises(ValueError, match="no region layers"),

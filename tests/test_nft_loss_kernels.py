@@ -24,7 +24,7 @@ needs_cpp = pytest.mark.skipif(_cpp_reason() is not None, reason=str(_cpp_reason
 
 BACKENDS = [pytest.param("triton", marks=needs_triton), pytest.param("cpp", marks=needs_cpp)]
 DTYPES = {
-    "triton": (torch.float32, torch.float16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cpp": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
 }
 SHAPES = [(2, 37, 45), (3, 19, 128), (1, 5, 3), (4, 11, 200)]
@@ -130,7 +130,8 @@ def test_mixed_dtypes_and_strided_inputs(backend: str) -> None:
     kw = _inputs((2, 23, 70), torch.float32, "between", seed=7, token_weight=True, kl_weight=0.2)
     kw["v_old"] = kw["v_old"].half()
     kw["target"] = kw["target"].transpose(1, 2).contiguous().transpose(1, 2)
-    kw["r"] = kw["r"].double()
+    kw["r"] = torch.stack([kw["r"], kw["r"]], dim=1).double()[:, 0]
+    assert not kw["r"].is_contiguous()
     loss, grad = _run(backend, 0.4, **kw)
     _assert_close(torch.float32, loss, grad, *_oracle(0.4, **kw))
 
@@ -243,6 +244,41 @@ def test_extension_checks_name_the_argument() -> None:
     grad = torch.empty_like(kw["v_theta"]).half()
     with pytest.raises(RuntimeError, match="grad"):
         _C.nft_loss_forward_out(grad, *args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaptive_x0_weight_gives_diffusionnft_x0_space_loss(backend: str) -> None:
+    """With x_t = (1 - t) x0 + t x1 and r = 1, the weighted velocity loss is DiffusionNFT's x0-space loss."""
+    from omninft_fast import adaptive_x0_weight
+
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 17, 40)
+    x0, x1, theta, old = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
+    t = torch.rand(3, generator=g, dtype=torch.float64)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+    beta = 0.1
+    v_pos = (1 - beta) * old + beta * theta
+    x0_pred = x_t - t[:, None, None] * v_pos
+    factor = (x0_pred - x0).abs().mean(dim=(1, 2)).clamp_min(1e-5)
+    expected = ((x0_pred - x0).square().mean(dim=(1, 2)) / factor).mean() / beta
+    weight = adaptive_x0_weight(x_t, x0, v_pos, t)
+    kw = {"beta": beta, "sample_weight": weight, "inverse_beta_scale": True, "backend": backend}
+    loss = nft_loss(theta.float(), old.float(), (x1 - x0).float(), torch.ones(3), **kw)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=0.0)
+
+
+@needs_cpp
+def test_cpp_backend_compiles_into_one_graph() -> None:
+    from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp
+
+    kw = _inputs((2, 8, 24), torch.float32, "between", seed=9, token_weight=True)
+    ref_loss, ref_grad = _oracle(0.5, **kw)
+    theta = kw["v_theta"].clone().requires_grad_()
+    args = (kw["v_old"], kw["target"], kw["r"], 0.5, kw["token_weight"], None, 1.0, 0.0, None)
+    loss = torch.compile(lambda x: 2.0 * nft_loss_cpp(x, *args), fullgraph=True, backend="aot_eager")(theta)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), 2 * ref_loss, rtol=2e-5, atol=0.0)
+    torch.testing.assert_close(theta.grad.double(), 2 * ref_grad, rtol=0.0, atol=1e-6)
 
 
 def test_kernels_compile_for_sm90_without_spills() -> None:

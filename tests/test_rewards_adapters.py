@@ -18,6 +18,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="transformers is not installed (requirements/rewards.txt)")
+pytest.importorskip("audiobox_aesthetics", reason="audiobox-aesthetics is not installed (requirements/rewards.txt)")
 
 from omninft_fast.rewards import (
     RewardBatch,
@@ -54,11 +55,21 @@ ADAPTERS = {
         tiny.write_audiobox, "model.safetensors", "audio", ("ce", "cu", "pc", "pq"), {"window_s": 0.25}, False
     ),
     "videoalign": Adapter(
-        tiny.write_videoalign, "checkpoint-7/model.safetensors", "video", ("vq", "mq", "ta", "overall"), {}, True
+        tiny.write_videoalign,
+        "checkpoint-7/model.safetensors",
+        "video",
+        ("vq", "mq", "ta", "overall"),
+        {"scores": ["vq", "mq", "ta", "overall"]},
+        True,
     ),
     "hpsv3": Adapter(tiny.write_hpsv3, "HPSv3.safetensors", "video", ("hpsv3",), {"num_frames": 2}, True),
     "imagebind": Adapter(
-        tiny.write_imagebind, "imagebind_huge.pth", "av", ("tv", "ta", "av", "avh", "javis"), {"max_frames": 4}, True
+        tiny.write_imagebind,
+        "imagebind_huge.pth",
+        "av",
+        ("ib_tv", "ib_ta", "ib_av", "avh", "javis"),
+        {"max_frames": 4},
+        True,
     ),
 }
 
@@ -213,8 +224,9 @@ def test_audiobox_windows_weight_the_padded_tail(checkpoints: dict[str, Path]) -
 
 
 def test_videoalign_normalisation_and_overall(checkpoints: dict[str, Path]) -> None:
-    normed = build_reward("videoalign", checkpoint_dir=str(checkpoints["videoalign"]))
-    raw = build_reward("videoalign", checkpoint_dir=str(checkpoints["videoalign"]), normalize=False)
+    every = ["vq", "mq", "ta", "overall"]
+    normed = build_reward("videoalign", checkpoint_dir=str(checkpoints["videoalign"]), scores=every)
+    raw = build_reward("videoalign", checkpoint_dir=str(checkpoints["videoalign"]), scores=every, normalize=False)
     batch = fake_batch(0)
     a, b = normed(batch), raw(batch)
     torch.testing.assert_close(a["vq"], (b["vq"] - 0.5) / 2.0)
@@ -300,5 +312,29 @@ def test_imagebind_javis_score_with_one_window_is_the_avh_score(checkpoints: dic
     )
     scores = reward(batch)
     torch.testing.assert_close(scores["javis"], scores["avh"], rtol=1e-5, atol=1e-6)
-    only = build_reward("imagebind", checkpoint_dir=str(checkpoints["imagebind"]), scores=["av"], audio_clips=1)
-    torch.testing.assert_close(only(batch)["av"], scores["av"])
+    only = build_reward("imagebind", checkpoint_dir=str(checkpoints["imagebind"]), scores=["ib_av"], audio_clips=1)
+    torch.testing.assert_close(only(batch)["ib_av"], scores["ib_av"])
+
+
+def test_videoalign_default_scores_and_distinct_keys(rewards: dict[str, Any], checkpoints: dict[str, Path]) -> None:
+    default = build_reward("videoalign", checkpoint_dir=str(checkpoints["videoalign"]))
+    assert list(default(fake_batch(0))) == ["vq", "mq", "ta"]
+    # every adapter's score names differ, so a trainer may combine any of them
+    keys = [key for adapter in ADAPTERS.values() for key in adapter.keys]
+    assert len(keys) == len(set(keys))
+
+
+def test_clip_pixels_follow_the_clip_image_processor(rewards: dict[str, Any], checkpoints: dict[str, Path]) -> None:
+    import numpy as np
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil.from_pretrained(str(checkpoints["clip_score"]), local_files_only=True)
+    g = torch.Generator().manual_seed(7)
+    frame = (torch.rand(1, 1, 3, 40, 48, generator=g) * 255).round() / 255
+    ours = rewards["clip_score"].pixels(frame, 1.0)[0, 0]
+    image = (frame[0, 0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    theirs = processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    # torch's bicubic kernel (a = -0.75) differs from Pillow's (a = -0.5): close on average, not bit-equal
+    assert (ours - theirs).abs().mean() < 0.02
+    assert (ours - theirs).abs().max() < 0.4

@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="transformers is not installed (requirements/rewards.txt)")
+pytest.importorskip("audiobox_aesthetics", reason="audiobox-aesthetics is not installed (requirements/rewards.txt)")
 
 from omninft_fast import evaluation
 from omninft_fast.rewards import tiny

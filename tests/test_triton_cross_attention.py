@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
     reason="Triton kernels need TRITON_INTERPRET=1 (CPU interpreter) or a CUDA device",
 )
 
+import omninft_fast  # noqa: E402
 from omninft_fast.kernels.cross_attention import (  # noqa: E402
     attention_forward,
     choose_split,
@@ -23,8 +24,6 @@ from omninft_fast.kernels.cross_attention import (  # noqa: E402
 )
 from omninft_fast.kernels.cross_attention_bwd import attention_backward  # noqa: E402
 from omninft_fast.kernels.key_mass import attention_key_mass  # noqa: E402
-
-import omninft_fast  # noqa: E402
 from omninft_fast.testing import explicit_cross_attention  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"

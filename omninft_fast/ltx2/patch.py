@@ -152,6 +152,8 @@ class RegionCapture:
 
     @step.setter
     def step(self, step: int) -> None:
+        if self._handle._capture is not self:
+            raise RuntimeError("this capture is closed: set step inside the capture_region_scores block")
         wanted = [layer for layer in self._handle.region_layers if self._accumulator.wants(layer, step)]
         self._step = step
         self._armed = set(wanted)
@@ -193,6 +195,7 @@ class PatchHandle:
     """The patched state of one model: per-layer A2V detach ratios and the optional region capture.
 
     Attributes:
+        model: the patched model.
         num_layers: transformer blocks of the model.
         region_layers: blocks whose V2A key mass enters Eq 10.
         library: ``"ltx-core"`` or ``"diffusers"``.

@@ -145,7 +145,8 @@ def adaptive_x0_weight(
 
     With ``x0_pred = x_t - t * v+`` the weight is ``t^2 / max(mean |x0_pred - x0|, min_error)``: it turns the
     velocity-space error ``|v+ - v|^2`` into DiffusionNFT's x0-space error ``|x0_pred - x0|^2`` divided by its
-    own (detached) mean magnitude.
+    own (detached) mean magnitude. DiffusionNFT normalises its negative term by the error of ``v-`` instead; one
+    per-sample weight cannot express that, so this factor (from ``v+``) weights both terms.
 
     Args:
         x_t, x0, v_pos: ``(B, N, C)`` noisy latent, clean latent and positive velocity ``v+``.

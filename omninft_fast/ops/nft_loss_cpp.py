@@ -59,7 +59,8 @@ class NFTLossCppFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        if grad_output.item() != 1.0:
+        # Compiled graphs always rescale: a data-dependent branch would break the graph.
+        if torch.compiler.is_compiling() or grad_output.item() != 1.0:
             grad = grad * grad_output.to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None
 

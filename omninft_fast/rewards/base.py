@@ -130,7 +130,11 @@ class RewardModel(ABC):
             raise ValueError(f"{type(self).__name__}.modality must be one of {MODALITIES}, got {self.modality!r}")
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (weight > 0 and math.isfinite(weight)):
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (weight > 0 and math.isfinite(weight))
+        ):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
         if dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype!r}")
@@ -155,8 +159,9 @@ class RewardModel(ABC):
             scores = self.score(batch.slice(start, stop, self.device))
             for key, value in scores.items():
                 if not isinstance(value, torch.Tensor) or value.shape != (stop - start,):
-                    raise ValueError(f"reward {self.name!r} score {key!r} must have shape ({stop - start},), "
-                                     f"got {_describe(value)}")
+                    raise ValueError(
+                        f"reward {self.name!r} score {key!r} must have shape ({stop - start},), got {_describe(value)}"
+                    )
                 parts.setdefault(key, []).append(value.detach().float().cpu())
         return {key: torch.cat(values) for key, values in parts.items()}
 

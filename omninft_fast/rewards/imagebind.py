@@ -1,6 +1,6 @@
 """ImageBind audio-video reward and JavisBench metrics: TV-IB, TA-IB, AV-IB, AVHScore and JavisScore.
 
-There is no usable ImageBind package (the PyPI ``imagebind`` is an empty stub; the upstream code needs
+There is no usable ImageBind package (the published ``imagebind`` package is an empty stub; the upstream code needs
 torchvision, torchaudio, pytorchvideo and timm). This module is an independent implementation of the published
 architecture for the three modalities the metrics use (vision, text, audio): pre-norm ViT trunks with
 sequence-first ``nn.MultiheadAttention`` (learned key/value biases in the audio trunk), a 2x14x14 ``Conv3d``
@@ -15,8 +15,8 @@ the same vocabulary), and optionally ``imagebind_config.json`` overriding the ar
 
 Scores (JavisBench definitions; higher is better):
 
-- ``tv`` / ``ta``: cosine between the video (audio) embedding and its prompt's text embedding;
-- ``av``: cosine between the video and audio embeddings;
+- ``ib_tv`` / ``ib_ta``: cosine between the video (audio) embedding and its prompt's text embedding;
+- ``ib_av``: cosine between the video and audio embeddings;
 - ``avh`` (AVHScore): mean over frames of the cosine between each frame (as an image) and the whole audio;
 - ``javis`` (JavisScore): in 0.5 s windows, the mean of the lowest 40% frame-to-window-audio cosines,
   averaged over windows.
@@ -66,7 +66,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 AUDIO_RATE = 16_000
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
 CLIP_S = 2.0
-SCORES = ("tv", "ta", "av", "avh", "javis")
+SCORES = ("ib_tv", "ib_ta", "ib_av", "avh", "javis")
 UNUSED_MODALITIES = ("depth", "thermal", "imu")
 
 
@@ -265,7 +265,7 @@ def load_imagebind(path: Path, reward: str) -> tuple[ImageBind, Any]:
 
 @register_reward("imagebind")
 class ImageBindReward(RewardModel):
-    """``{"tv", "ta", "av", "avh", "javis"}`` (the chosen ``scores``), each ``(B,)`` in [-1, 1].
+    """``{"ib_tv", "ib_ta", "ib_av", "avh", "javis"}`` (the chosen ``scores``), each ``(B,)`` in [-1, 1].
 
     Args:
         scores: which scores to compute (``avh`` and ``javis`` embed every frame and cost the most).
@@ -337,7 +337,7 @@ class ImageBindReward(RewardModel):
     def _frame_scores(self, video: torch.Tensor, fps: float, audio: torch.Tensor, whole: torch.Tensor) -> dict:
         """AVHScore and JavisScore of each sample."""
         frames = video.shape[1]
-        index = torch.linspace(0, frames - 1, min(frames, self.max_frames)).round().long()
+        index = torch.linspace(0, frames - 1, min(frames, self.max_frames)).round().long().to(video.device)
         times = index.double() / fps
         images = self._pixels(video[:, index].flatten(0, 1))
         embeds = self.model.embed_vision(images[:, :, None].expand(-1, -1, 2, -1, -1))
@@ -366,12 +366,12 @@ class ImageBindReward(RewardModel):
         video_embed = self._video(batch.video, batch.fps).float()
         audio_embed = self._audio(audio).float()
         out: dict[str, torch.Tensor] = {}
-        if "tv" in self.scores:
-            out["tv"] = F.cosine_similarity(self._text(batch.prompts_for("video")).float(), video_embed, dim=-1)
-        if "ta" in self.scores:
-            out["ta"] = F.cosine_similarity(self._text(batch.prompts_for("audio")).float(), audio_embed, dim=-1)
-        if "av" in self.scores:
-            out["av"] = F.cosine_similarity(video_embed, audio_embed, dim=-1)
+        if "ib_tv" in self.scores:
+            out["ib_tv"] = F.cosine_similarity(self._text(batch.prompts_for("video")).float(), video_embed, dim=-1)
+        if "ib_ta" in self.scores:
+            out["ib_ta"] = F.cosine_similarity(self._text(batch.prompts_for("audio")).float(), audio_embed, dim=-1)
+        if "ib_av" in self.scores:
+            out["ib_av"] = F.cosine_similarity(video_embed, audio_embed, dim=-1)
         if "avh" in self.scores or "javis" in self.scores:
             extra = self._frame_scores(batch.video, batch.fps, audio, audio_embed)
             out.update({key: value for key, value in extra.items() if key in self.scores})

@@ -18,6 +18,7 @@ Checkpoint directory (the released ``KwaiVGI/VideoReward`` layout plus its base 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from omninft_fast.rewards.qwen2vl import encode, load_backbone, patchify, read_t
 
 TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
 DIMENSIONS = ("VQ", "MQ", "TA")
+SCORES = ("vq", "mq", "ta", "overall")
 
 
 def video_frame_indices(num_frames: int, fps: float, target_fps: float, count: int | None) -> torch.Tensor:
@@ -37,28 +39,38 @@ def video_frame_indices(num_frames: int, fps: float, target_fps: float, count: i
     return torch.linspace(0, num_frames - 1, n).round().long()
 
 
-def weights_file(path):
-    """``checkpoint-<highest step>/model.safetensors`` under ``path``, else ``path/model.safetensors``."""
+def weights_file(path: Path) -> Path:
+    """Weights in ``checkpoint-<highest step>/`` under ``path`` (else in ``path``): ``model.safetensors`` or a
+    sharded ``model.safetensors.index.json``."""
     steps = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    if steps:
-        return max(steps, key=lambda p: int(p.name.split("-")[1])) / "model.safetensors"
-    if (path / "model.safetensors").exists():
-        return path / "model.safetensors"
-    raise CheckpointError(f"reward 'videoalign': checkpoint {path} lacks ['checkpoint-<step>/model.safetensors']")
+    folder = max(steps, key=lambda p: int(p.name.split("-")[1])) if steps else path
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).exists():
+            return folder / name
+    raise CheckpointError(
+        f"reward 'videoalign': checkpoint {path} lacks ['checkpoint-<step>/model.safetensors' or 'model.safetensors']"
+    )
 
 
 @register_reward("videoalign")
 class VideoAlignReward(RewardModel):
-    """``{"vq", "mq", "ta", "overall"}`` per sample (``overall = vq + mq + ta``).
+    """``{"vq", "mq", "ta"}`` per sample, and ``overall = vq + mq + ta`` when asked for.
 
     Args:
+        scores: which of ``vq``, ``mq``, ``ta``, ``overall`` to return (each returned score is its own reward in
+            training, so ``overall`` is off by default).
         normalize: apply the release's ``(r - mean) / std`` normalisation (as its inference does by default).
     """
 
     modality = "video"
 
-    def __init__(self, *, normalize: bool = True, **kwargs: object) -> None:
+    def __init__(
+        self, *, scores: tuple[str, ...] | list[str] = SCORES[:3], normalize: bool = True, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)
+        if not scores or any(s not in SCORES for s in scores):
+            raise ValueError(f"scores must be a non-empty subset of {SCORES}, got {list(scores)}")
+        self.scores = tuple(scores)
         path = checkpoint_path(self.checkpoint_dir, self.name)
         require_files(path, self.name, ["model_config.json"])
         release = read_json(path / "model_config.json")
@@ -88,4 +100,5 @@ class VideoAlignReward(RewardModel):
         raw = heads[..., 0] if heads.shape[-1] == 1 else heads.diagonal(dim1=1, dim2=2)
         rewards = (raw - self.mean.to(raw.device)) / self.std.to(raw.device)
         vq, mq, ta = rewards.unbind(dim=1)
-        return {"vq": vq, "mq": mq, "ta": ta, "overall": vq + mq + ta}
+        out = {"vq": vq, "mq": mq, "ta": ta, "overall": vq + mq + ta}
+        return {key: out[key] for key in self.scores}

@@ -16,7 +16,8 @@ Latents use ltx-core's token layout: video ``(B, F*H*W, Cv)`` (frame-major), aud
   token centres.
 
 The pre-training data are noisy the way web captions are: each attribute matches the prompt only with probability
-``label_accuracy`` (a wrong colour, a wrong pitch, or audio beats shifted against the flashes otherwise), so the
+``label_accuracy`` (a wrong colour, a wrong pitch, or audio beats shifted by an odd number of frames against
+the flashes otherwise), so the
 pre-trained policy is a mixture that the rewards can sharpen.
 """
 
@@ -167,7 +168,7 @@ class SyntheticAVTask:
         batch = len(prompts)
         video = torch.full((batch, s.frames, s.height, s.width, s.video_channels), -1.0)
         texture_shape = (batch, s.frames, s.height, s.width, s.video_channels - 3)
-        video[..., 3:] = 0.5 * torch.randn(texture_shape, generator=generator)
+        video[..., 3:] = 0.25 * torch.randn(texture_shape, generator=generator)
         audio = torch.full((batch, s.audio_tokens, s.audio_channels), -1.0)
         ch, cw = s.height // 2, s.width // 2
 
@@ -182,9 +183,9 @@ class SyntheticAVTask:
             prompt = parse_prompt(text)
             colour = prompt.colour if keep() else other(prompt.colour, COLOURS)
             pitch = prompt.pitch if keep() else other(prompt.pitch, PITCHES)
-            shift = 0 if keep() else int(torch.randint(1, 4, (), generator=generator))
+            shift = 0 if keep() else 1 + 2 * int(torch.randint(2, (), generator=generator))
             flash = self._flash(prompt.rhythm)
-            video[b, :, ch, cw, COLOURS.index(colour)] = -0.2 + 1.2 * flash
+            video[b, :, ch, cw, COLOURS.index(colour)] = -0.5 + 2.0 * flash
             beep = self._flash(prompt.rhythm, shift).repeat_interleave(2)
             beep[1::2] *= 0.6
             audio[b, :, AUDIO_FREQS.index(PITCH_HZ[pitch])] = -1.0 + 2.0 * beep
@@ -220,4 +221,3 @@ class SyntheticAVTask:
     def decode(self, video_latent: torch.Tensor, audio_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both decoders: frames ``(B, F, 3, H', W')`` in [0, 1] and waveforms ``(B, S)`` in [-1, 1]."""
         return self.decode_video(video_latent), self.decode_audio(audio_latent)
-

@@ -80,7 +80,9 @@ def load_checkpoint(
         own = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
         missing, unexpected = module.load_state_dict(own, strict=False)
         if missing or unexpected:
-            raise KeyError(f"checkpoint {str(path)!r} does not match {prefix!r}: missing {missing}, unexpected {unexpected}")
+            raise KeyError(
+                f"checkpoint {str(path)!r} does not match {prefix!r}: missing {missing}, unexpected {unexpected}"
+            )
     optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])

@@ -64,10 +64,14 @@ class SamplingConfig:
 
 @dataclass
 class AdvantageConfig:
-    """Eq 6-7: per-reward group advantages, routing to branches, optimality probability."""
+    """Eq 6-7: per-reward group advantages (``Z + eps`` normalisation), routing to branches, optimality probability.
+
+    A larger ``eps`` keeps a saturated reward (all samples nearly equal) from turning its noise into advantages.
+    """
 
     routing: str = "modality"
     std: str = "global"
+    eps: float = 1e-6
     clip: float = 1.0
 
 
@@ -230,6 +234,7 @@ class TrainConfig:
             ("nft.kl_weight", self.nft.kl_weight),
             ("reweight.lam", self.reweight.lam),
             ("optim.weight_decay", self.optim.weight_decay),
+            ("advantage.eps", self.advantage.eps),
             ("surgery.boundary", self.surgery.boundary),
             ("reweight.boundary", self.reweight.boundary),
         ):

@@ -35,7 +35,9 @@ class MetricsLogger:
         if resume_iteration is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["iteration"] <= resume_iteration]
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line)["iteration"] <= resume_iteration
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._tb = None
         if tensorboard:

@@ -119,7 +119,9 @@ class LTXAVModel(AVVelocityModel):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if param.dim() >= 2 or "scale_shift_table" in name:
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif param.dim() >= 2 or "scale_shift_table" in name:
                     param.copy_(0.02 * torch.randn(param.shape, generator=gen))
                 else:
                     param.zero_()

@@ -37,13 +37,25 @@ class TrainingDiverged(RuntimeError):
 
 def build_task(config: TrainConfig) -> SyntheticAVTask:
     spec = config.task
-    dims = (config.model.video_heads * config.model.video_head_dim, config.model.audio_heads * config.model.audio_head_dim)
+    dims = (
+        config.model.video_heads * config.model.video_head_dim,
+        config.model.audio_heads * config.model.audio_head_dim,
+    )
     if (spec.text_dim_video, spec.text_dim_audio) != dims:
         raise ValueError(
             f"task.text_dim_video/text_dim_audio {spec.text_dim_video, spec.text_dim_audio} must equal the model's "
             f"video/audio widths {dims} (heads * head_dim)"
         )
     return SyntheticAVTask(spec)
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given when it exists, else relative to the repository root (where the committed files live)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    in_repo = Path(omninft_fast.__file__).resolve().parents[1] / given
+    return in_repo if in_repo.exists() else given
 
 
 def build_policy(config: TrainConfig, task: SyntheticAVTask, *, load: bool = True) -> LTXAVModel:
@@ -71,12 +83,14 @@ def build_policy(config: TrainConfig, task: SyntheticAVTask, *, load: bool = Tru
         seed=m.init_seed,
     )
     if load and m.checkpoint:
-        load_weights(m.checkpoint, model.model)
+        load_weights(resolve_path(m.checkpoint), model.model)
     model.model.set_gradient_checkpointing(m.gradient_checkpointing)
     return model
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW: NVIDIA apex's FusedAdam when installed (``impl`` auto/apex), else torch's fused or foreach kernel."""
     o = config.optim
     kwargs: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
@@ -100,6 +114,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
 def _check_finite(iteration: int, source: str, value: torch.Tensor) -> None:
     if not bool(torch.isfinite(value).all()):
         raise TrainingDiverged(f"iteration {iteration}: {source} is not finite ({value.flatten()[:4].tolist()})")
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of the gradients of ``params`` (0 for none)."""
+    if not params:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
 
 
 @dataclass
@@ -146,7 +167,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
-            torch.bfloat16 if config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
+            torch.bfloat16
+            if config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
             else None
         )
         self.task = build_task(config)
@@ -185,11 +207,11 @@ class Trainer:
         self.old_handle = self.old.patch(region_layers=self.region_layers) if rw.enabled else None
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, config, self.device)
-        self.audio_params = {id(p) for n, p in self.policy.named_parameters() if "audio" in n}
         self.start_iteration = 0
         if resume:
-            meta = load_checkpoint(self.out / CHECKPOINT, modules=self._modules(), optimizer=self.optimizer,
-                                   generator=self.generator)
+            meta = load_checkpoint(
+                self.out / CHECKPOINT, modules=self._modules(), optimizer=self.optimizer, generator=self.generator
+            )
             self.start_iteration = meta["iteration"] + 1
         else:
             save_config(config, self.out / "config.yaml")
@@ -259,7 +281,7 @@ class Trainer:
         for name, value in scores.items():
             _check_finite(iteration, f"reward {name!r}", value)
             reward = self.reward_of[name]
-            adv = omninft_fast.group_advantages(value.view(groups, -1), std=cfg.std)
+            adv = omninft_fast.group_advantages(value.view(groups, -1), std=cfg.std, eps=cfg.eps)
             per_modality[reward.modality] = per_modality[reward.modality] + reward.weight * adv
         adv_v, adv_a, adv_av = per_modality["video"], per_modality["audio"], per_modality["av"]
         routed_v, routed_a = omninft_fast.route_advantages(adv_v, adv_a, adv_av, mode=cfg.routing)
@@ -337,30 +359,25 @@ class Trainer:
         loss = losses["video"] + losses["audio"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        audio_grads = [p.grad for p in self.policy.parameters() if p.grad is not None and id(p) in self.audio_params]
-        video_grads = [p.grad for p in self.policy.parameters() if p.grad is not None and id(p) not in self.audio_params]
-        grad_audio = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in audio_grads]))
-        grad_video = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in video_grads]))
-        grad_total = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.policy.parameters() if p.grad is not None], self.config.optim.grad_clip
-        )
+        with_grad = [(n, p) for n, p in self.policy.named_parameters() if p.grad is not None]
+        grad_audio = _grad_norm([p for n, p in with_grad if "audio" in n])
+        grad_video = _grad_norm([p for n, p in with_grad if "audio" not in n])
+        grad_total = torch.nn.utils.clip_grad_norm_([p for _, p in with_grad], self.config.optim.grad_clip)
         _check_finite(iteration, "gradient norm", grad_total)
-        del grads
         self.optimizer.step()
         return {
-            "loss/video": float(losses["video"]),
-            "loss/audio": float(losses["audio"]),
+            "loss/video": losses["video"].item(),
+            "loss/audio": losses["audio"].item(),
             "grad_norm/total": float(grad_total),
-            "grad_norm/audio_params": float(grad_audio),
-            "grad_norm/video_and_shared_params": float(grad_video),
+            "grad_norm/audio_params": grad_audio,
+            "grad_norm/video_and_shared_params": grad_video,
         }
 
     @torch.no_grad()
     def blend_old(self, iteration: int) -> float:
         """``theta_old <- eta theta_old + (1 - eta) theta`` with ``eta = min(eta_rate * iteration, eta_max)``."""
         eta = min(self.config.nft.eta_rate * iteration, self.config.nft.eta_max)
-        old = [p for p in self.old.parameters()]
+        old = list(self.old.parameters())
         new = [p.detach() for p in self.policy.parameters()]
         torch._foreach_lerp_(old, new, 1.0 - eta)
         return eta
@@ -396,8 +413,15 @@ class Trainer:
         for lo in range(0, len(index), cfg.nft.mini_batch):
             sl = slice(lo, lo + cfg.nft.mini_batch)
             step_metrics.append(
-                self.train_step(iteration, cond, (video, audio), (adv["r_video"], adv["r_audio"]), token_weight,
-                                index[sl], times[sl])
+                self.train_step(
+                    iteration,
+                    cond,
+                    (video, audio),
+                    (adv["r_video"], adv["r_audio"]),
+                    token_weight,
+                    index[sl],
+                    times[sl],
+                )
             )
             bar.update()
         bar.close()
@@ -447,8 +471,13 @@ class Trainer:
 
     def save(self, iteration: int) -> None:
         meta = {"iteration": iteration, "config": self.config.to_dict()}
-        save_checkpoint(self.out / CHECKPOINT, modules=self._modules(), optimizer=self.optimizer,
-                        generator=self.generator, metadata=meta)
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            modules=self._modules(),
+            optimizer=self.optimizer,
+            generator=self.generator,
+            metadata=meta,
+        )
 
     def write_samples(self, tag: str, video: torch.Tensor, audio: torch.Tensor, texts: list[str]) -> None:
         """The first ``eval.write_samples`` evaluation prompts (one seed each) as GIF + WAV files."""
@@ -475,8 +504,9 @@ class Trainer:
             self.write_samples("before", video, audio, texts)
         else:
             before = EvalResult(**json.loads(before_path.read_text()))
-        bar = tqdm(range(self.start_iteration, cfg.iterations), desc="OmniNFT", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            range(self.start_iteration, cfg.iterations), desc="OmniNFT", disable=not cfg.progress, dynamic_ncols=True
+        )
         for it in bar:
             metrics = self.iteration(it)
             self.logger.log(it, metrics)
@@ -487,7 +517,11 @@ class Trainer:
         (self.out / "eval_after.json").write_text(json.dumps(after.__dict__))
         self.write_samples("after", video, audio, texts)
         history = self.logger.history()
-        curves = {k[len("reward/") : -len("/mean")]: [h[k] for h in history] for k in history[0] if k.endswith("/mean")} if history else {}
+        curves = (
+            {k[len("reward/") : -len("/mean")]: [h[k] for h in history] for k in history[0] if k.endswith("/mean")}
+            if history
+            else {}
+        )
         if curves:
             plot_curves(self.out / "reward_curve.png", curves)
         self.logger.close()

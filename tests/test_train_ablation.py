@@ -1,0 +1,115 @@
+"""The ablation ladder's flags change exactly what they claim (Table 3's rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ltx_core")
+
+from omninft_fast.train.config import load_config
+from omninft_fast.train.model import Condition
+from omninft_fast.train.trainer import Trainer
+
+MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+
+
+def micro(tmp_path: Path, *overrides: str) -> Trainer:
+    return Trainer(load_config(MICRO, [f"output_dir={tmp_path}", *overrides]))
+
+
+def _scores(trainer: Trainer, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    batch = trainer.config.prompts_per_iter * trainer.config.group_size
+    scores = {
+        "colour": torch.randn(batch, generator=gen),
+        "pitch": torch.rand(batch, generator=gen),
+        "sync": torch.randn(batch, generator=gen),
+    }
+    trainer.reward_of = {name: reward for name, reward in zip(scores, trainer.rewards, strict=True)}
+    return scores
+
+
+@pytest.mark.parametrize(
+    ("rung", "routing", "surgery", "reweight"),
+    [
+        ("vanilla", "shared", False, False),
+        ("routing", "modality", False, False),
+        ("surgery", "modality", True, False),
+        ("full", "modality", True, True),
+    ],
+)
+def test_ladder_presets(rung: str, routing: str, surgery: bool, reweight: bool) -> None:
+    config = load_config(MICRO, [f"ladder={rung}"])
+    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == (routing, surgery, reweight)
+
+
+def test_shared_routing_gives_both_branches_the_same_r(tmp_path: Path, gen: torch.Generator) -> None:
+    shared = micro(tmp_path, "advantage.routing=shared")
+    adv = shared.advantages(_scores(shared, gen), 0)
+    torch.testing.assert_close(adv["r_video"], adv["r_audio"], rtol=0, atol=0)
+    gen.manual_seed(1234)
+    routed = micro(tmp_path, "advantage.routing=modality")
+    adv = routed.advantages(_scores(routed, gen), 0)
+    assert not torch.equal(adv["r_video"], adv["r_audio"])
+
+
+def _a2v_kv_grads(trainer: Trainer) -> list[torch.Tensor]:
+    """Gradients of every block's A2V key/value projections (which read the audio stream) for a fixed loss."""
+    gen = torch.Generator().manual_seed(0)
+    spec = trainer.task.spec
+    texts = trainer.prompts[:3]
+    cond = Condition(*trainer.task.encode(texts))
+    xv = torch.randn((3, spec.video_tokens, spec.video_channels), generator=gen)
+    xa = torch.randn((3, spec.audio_tokens, spec.audio_channels), generator=gen)
+    vv, va = trainer.policy(xv, xa, torch.tensor([0.3, 0.6, 0.9]), cond)
+    trainer.policy.zero_grad()
+    (vv.square().mean() + va.square().mean()).backward()
+    grads = []
+    for block in trainer.policy.model.transformer_blocks:
+        grads += [
+            block.audio_to_video_attn.to_k.weight.grad.clone(),
+            block.audio_to_video_attn.to_v.weight.grad.clone(),
+        ]
+    return grads
+
+
+def test_surgery_scales_only_shallow_a2v_kv_gradients(tmp_path: Path) -> None:
+    plain = _a2v_kv_grads(micro(tmp_path, "surgery.enabled=false"))
+    cut = _a2v_kv_grads(micro(tmp_path, "surgery.enabled=true", "surgery.alpha=0.25", "surgery.boundary=1"))
+    # micro: 2 blocks, boundary 1 -> block 0 (entries 0, 1) scaled by 1 - alpha, block 1 untouched.
+    for k in (0, 1):
+        torch.testing.assert_close(cut[k], 0.75 * plain[k], rtol=1e-5, atol=1e-9)
+    for k in (2, 3):
+        torch.testing.assert_close(cut[k], plain[k], rtol=1e-5, atol=1e-9)
+    assert plain[0].abs().sum() > 0
+
+
+def test_surgery_off_leaves_gradients_unscaled(tmp_path: Path) -> None:
+    off = micro(tmp_path, "surgery.enabled=false")
+    assert off.policy_handle is None
+    plain = _a2v_kv_grads(off)
+    zero = _a2v_kv_grads(micro(tmp_path, "surgery.enabled=true", "surgery.alpha=0.0"))
+    for a, b in zip(plain, zero, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_reweighting_flag_switches_region_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import omninft_fast
+
+    seen: list[torch.Tensor | None] = []
+    original = omninft_fast.nft_loss
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(kwargs.get("token_weight"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(omninft_fast, "nft_loss", spy)
+    micro(tmp_path, "reweight.enabled=false").iteration(0)
+    assert all(w is None for w in seen)
+    seen.clear()
+    micro(tmp_path, "reweight.enabled=true").iteration(0)
+    video_weights = seen[0::2]
+    assert all(w is not None and w.min() >= 1.0 and w.max() <= 2.5 for w in video_weights)
+    assert all(w is None for w in seen[1::2])  # the audio loss is never reweighted (Eq 12)
