@@ -34,6 +34,9 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except NotImplementedError as error:
+        print(f"not available: {error}", file=sys.stderr)
+        return 2
     except TrainingDiverged as error:
         print(f"training stopped: {error}; the last good checkpoint is kept in {config.output_dir}", file=sys.stderr)
         return 1
@@ -79,13 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     pre = commands.add_parser("pretrain", help="flow-matching pre-training of the tiny base policy on the task")
     pre.add_argument("--config", default=None, help="YAML config (task and model sections are used)")
-    pre.add_argument("--steps", type=int, default=1500)
+    pre.add_argument("--steps", type=int, default=600)
     pre.add_argument("--batch-size", type=int, default=32)
     pre.add_argument("--lr", type=float, default=2e-3)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--output", default=None, help="weights file (default: model.checkpoint)")
     pre.add_argument("overrides", nargs="*", help="key=value config overrides")
     pre.set_defaults(func=_pretrain)
+    from omninft_fast import evaluation
+
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[evaluation.build_parser()],
+        add_help=False,
+        help="JavisBench-style metrics over a folder of generated samples",
+    )
+    evaluate.set_defaults(func=evaluation.run)
     return parser
 
 

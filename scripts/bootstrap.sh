@@ -8,7 +8,7 @@ pip_install() { "$python" -m pip install --quiet --disable-pip-version-check "$@
 pip_install torch==2.13.0
 pip_install --no-deps triton==3.7.1
 pip_install -r requirements/cpu.txt
-# LTX-2 libraries and reward models: pure Python on top of torch, pinned, never allowed to resolve dependencies
-# (ltx-core declares torchaudio, which would replace torch).
-pip_install --no-deps -r requirements/ltx2.txt -r requirements/rewards.txt
+# LTX-2 libraries, reward models and trainer extras: pinned, never allowed to resolve dependencies (ltx-core
+# declares torchaudio and peft declares torch: either would replace this torch).
+pip_install --no-deps -r requirements/ltx2.txt -r requirements/rewards.txt -r requirements/train.txt
 pip_install --no-build-isolation --no-deps -e .

@@ -1,6 +1,10 @@
-"""Reward plugins: the interface, the registry, and the verifiable rewards of the synthetic task."""
+"""Reward plugins: the interface, the registry, the synthetic task's verifiable rewards and the paper's models.
 
-from omninft_fast.rewards import synthetic
+Importing this package registers every plugin; the model adapters load their libraries (transformers,
+audiobox-aesthetics) only when a plugin is built.
+"""
+
+from omninft_fast.rewards import audiobox, clap, clip_score, hpsv3, imagebind, synthetic, videoalign
 from omninft_fast.rewards.base import (
     MODALITIES,
     RewardBatch,
@@ -14,8 +18,14 @@ __all__ = [
     "MODALITIES",
     "RewardBatch",
     "RewardModel",
+    "audiobox",
     "available_rewards",
     "build_reward",
+    "clap",
+    "clip_score",
+    "hpsv3",
+    "imagebind",
     "register_reward",
     "synthetic",
+    "videoalign",
 ]

@@ -165,7 +165,11 @@ class LTXAVModel(AVVelocityModel):
         return v_video, v_audio
 
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
-        """Attach ``omninft_fast.ltx2``'s surgery/capture handle once; later calls return the same handle."""
+        """Attach ``omninft_fast.ltx2``'s surgery/capture handle (A2V detach ratios per block, Eq 10 region blocks).
+
+        The first call patches the model; later calls only change the detach ratios and return the same handle
+        (its region blocks stay those of the first call).
+        """
         if self._handle is None:
             from omninft_fast import ltx2
 

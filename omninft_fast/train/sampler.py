@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ def euler_sample(
     shift: float = 1.0,
     capture: Any = None,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrate ``dx^m = v^m(x^a, x^v, t, c) dt`` for both streams from ``t = 1`` (noise) to ``t = 0``.
 
@@ -41,6 +43,7 @@ def euler_sample(
         num_steps: Euler steps on ``time_grid(num_steps, shift=shift)``.
         capture: optional region-score capture; its ``step`` is set before each forward.
         autocast_dtype: run the model under autocast in this dtype (e.g. bfloat16 on GPU).
+        on_step: called with each finished step's index (progress bars).
 
     Returns:
         ``(x0_video, x0_audio)`` in float32.
@@ -57,4 +60,6 @@ def euler_sample(
         dt = grid[step + 1] - grid[step]
         x_video = x_video + dt * v_video.float()
         x_audio = x_audio + dt * v_audio.float()
+        if on_step is not None:
+            on_step(step)
     return x_video, x_audio

@@ -24,6 +24,7 @@ from omninft_fast.rewards import RewardBatch, RewardModel, build_reward
 from omninft_fast.task.synthetic import SyntheticAVTask, all_prompts
 from omninft_fast.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from omninft_fast.train.config import TrainConfig, save_config
+from omninft_fast.train.lora import OLD, AdapterView, LoraAdapters
 from omninft_fast.train.metrics import MetricsLogger, plot_curves, write_gif, write_wav
 from omninft_fast.train.model import AVVelocityModel, Condition, LTXAVModel
 from omninft_fast.train.sampler import euler_sample, time_grid
@@ -116,6 +117,14 @@ def _check_finite(iteration: int, source: str, value: torch.Tensor) -> None:
         raise TrainingDiverged(f"iteration {iteration}: {source} is not finite ({value.flatten()[:4].tolist()})")
 
 
+def _stream_of(name: str) -> str:
+    """``cross_modal`` for A2V/V2A attention and their AdaLN, ``audio`` for the audio stream, else ``video``."""
+    parts = name.split(".")
+    if any(p in ("audio_to_video_attn", "video_to_audio_attn") or "av_ca_" in p or "a2v_ca_" in p for p in parts):
+        return "cross_modal"
+    return "audio" if any(p.startswith("audio_") for p in parts) else "video"
+
+
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the gradients of ``params`` (0 for none)."""
     if not params:
@@ -188,13 +197,6 @@ class Trainer:
             for r in config.rewards
         ]
         self.policy = build_policy(config, self.task).to(self.device)
-        if config.finetune.mode == "lora":
-            raise NotImplementedError(
-                "finetune.mode=lora needs peft (pip install --no-deps peft and its transformers import); "
-                "use finetune.mode=full"
-            )
-        self.old = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.ref = copy.deepcopy(self.old) if config.nft.kl_weight > 0 else None
         layers = self.policy.num_layers
         s, rw = config.surgery, config.reweight
         self.alphas = (
@@ -203,9 +205,28 @@ class Trainer:
         self.region_layers = list(range(rw.boundary, layers))
         if rw.enabled and not self.region_layers:
             raise ValueError(f"reweight.boundary ({rw.boundary}) leaves no layer of {layers} for Eq 10")
-        self.policy_handle = self.policy.patch(detach=self.alphas) if self.alphas is not None else None
-        self.old_handle = self.old.patch(region_layers=self.region_layers) if rw.enabled else None
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.adapters: LoraAdapters | None = None
+        if config.finetune.mode == "lora":
+            f = config.finetune
+            self.adapters = LoraAdapters(
+                self.policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets
+            )
+            self.old: AVVelocityModel = AdapterView(self.policy, self.adapters, OLD)
+            self.ref = AdapterView(self.policy, self.adapters, None) if config.nft.kl_weight > 0 else None
+            handle = (
+                self.policy.patch(detach=self.alphas, region_layers=self.region_layers)
+                if s.enabled or rw.enabled
+                else None
+            )
+            self.policy_handle = handle if s.enabled else None
+            self.old_handle = handle if rw.enabled else None
+            params = self.adapters.trainable_parameters()
+        else:
+            self.old = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            self.ref = copy.deepcopy(self.old) if config.nft.kl_weight > 0 else None
+            self.policy_handle = self.policy.patch(detach=self.alphas) if s.enabled else None
+            self.old_handle = self.old.patch(region_layers=self.region_layers) if rw.enabled else None
+            params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, config, self.device)
         self.start_iteration = 0
         if resume:
@@ -224,6 +245,8 @@ class Trainer:
         )
 
     def _modules(self) -> dict[str, torch.nn.Module]:
+        if self.adapters is not None:
+            return {"policy": self.policy}  # both adapters live in the policy's state dict
         modules: dict[str, torch.nn.Module] = {"policy": self.policy, "old": self.old}
         if self.ref is not None:
             modules["ref"] = self.ref
@@ -252,13 +275,23 @@ class Trainer:
         cond = self._condition(texts)
         noise_video, noise_audio = self._noise(len(texts), generator)
         steps = self.config.sampling.num_steps
-        kwargs = {"num_steps": steps, "shift": self.config.sampling.shift, "autocast_dtype": self.autocast_dtype}
-        if handle is None:
-            video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
-            return video, audio, None
-        with handle.capture_region_scores(num_steps=steps, last_steps=self.config.reweight.last_steps) as capture:
+        bar = self._bar(steps, f"sampling {len(texts)}")
+        kwargs = {
+            "num_steps": steps,
+            "shift": self.config.sampling.shift,
+            "autocast_dtype": self.autocast_dtype,
+            "on_step": lambda _: bar.update(),
+        }
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            if handle is None:
+                video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
+                return video, audio, None
+            capture = stack.enter_context(
+                handle.capture_region_scores(num_steps=steps, last_steps=self.config.reweight.last_steps)
+            )
             video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=capture, **kwargs)
-        return video, audio, capture.scores().float()
+            return video, audio, capture.scores().float()
 
     def score(self, video: torch.Tensor, audio: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
         """Decode and score with every reward plugin: named ``(B,)`` float32 scores."""
@@ -360,8 +393,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with_grad = [(n, p) for n, p in self.policy.named_parameters() if p.grad is not None]
-        grad_audio = _grad_norm([p for n, p in with_grad if "audio" in n])
-        grad_video = _grad_norm([p for n, p in with_grad if "audio" not in n])
+        norms = {
+            f"grad_norm/{stream}_params": _grad_norm([p for n, p in with_grad if _stream_of(n) == stream])
+            for stream in ("video", "audio", "cross_modal")
+        }
         grad_total = torch.nn.utils.clip_grad_norm_([p for _, p in with_grad], self.config.optim.grad_clip)
         _check_finite(iteration, "gradient norm", grad_total)
         self.optimizer.step()
@@ -369,14 +404,17 @@ class Trainer:
             "loss/video": losses["video"].item(),
             "loss/audio": losses["audio"].item(),
             "grad_norm/total": float(grad_total),
-            "grad_norm/audio_params": grad_audio,
-            "grad_norm/video_and_shared_params": grad_video,
+            **norms,
         }
 
     @torch.no_grad()
     def blend_old(self, iteration: int) -> float:
-        """``theta_old <- eta theta_old + (1 - eta) theta`` with ``eta = min(eta_rate * iteration, eta_max)``."""
+        """``theta_old <- eta theta_old + (1 - eta) theta`` with ``eta = min(eta_rate * iteration, eta_max)`` (the
+        EMA copy in full fine-tuning, the ``old`` adapter with LoRA)."""
         eta = min(self.config.nft.eta_rate * iteration, self.config.nft.eta_max)
+        if self.adapters is not None:
+            self.adapters.blend_old(eta)
+            return eta
         old = list(self.old.parameters())
         new = [p.detach() for p in self.policy.parameters()]
         torch._foreach_lerp_(old, new, 1.0 - eta)
@@ -480,15 +518,12 @@ class Trainer:
         )
 
     def write_samples(self, tag: str, video: torch.Tensor, audio: torch.Tensor, texts: list[str]) -> None:
-        """The first ``eval.write_samples`` evaluation prompts (one seed each) as GIF + WAV files."""
+        """``eval.write_samples`` evaluation prompts spread over the prompt list (first seed each) as GIF + WAV."""
         folder = self.out / "samples" / tag
         folder.mkdir(parents=True, exist_ok=True)
         frames, waveform = self.task.decode(video, audio)
-        step = self.config.eval.samples_per_prompt
-        index = []
-        for k in range(0, len(texts), step * 3):
-            if len(index) < self.config.eval.write_samples:
-                index.append(k)
+        step, count = self.config.eval.samples_per_prompt, len(texts) // self.config.eval.samples_per_prompt
+        index = [(7 * i % count) * step for i in range(min(self.config.eval.write_samples, count))]
         for k in index:
             stem = texts[k].replace(" ", "_")
             write_gif(folder / f"{stem}.gif", frames[k], self.task.spec.fps)

@@ -1,0 +1,21 @@
+"""The OmniNFT trainer (Algorithm 1): config, model interface, Euler sampler, checkpoints, metrics."""
+
+from omninft_fast.train.config import ConfigError, TrainConfig, load_config
+from omninft_fast.train.model import AVVelocityModel, Condition, LTXAVModel
+from omninft_fast.train.sampler import euler_sample, time_grid
+from omninft_fast.train.trainer import EvalResult, Trainer, TrainingDiverged, format_table
+
+__all__ = [
+    "AVVelocityModel",
+    "Condition",
+    "ConfigError",
+    "EvalResult",
+    "LTXAVModel",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "euler_sample",
+    "format_table",
+    "load_config",
+    "time_grid",
+]

@@ -1,0 +1,102 @@
+"""LoRA fine-tuning through peft, with DiffusionNFT's old policy as a second adapter of the same model.
+
+The trained adapter is ``"default"``; the old policy is adapter ``"old"`` (Algorithm 1's ``theta_old``), blended
+towards ``"default"`` after each iteration. ``AdapterView`` runs the shared model with one adapter active (or none:
+the base model, the KL reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from omninft_fast.train.model import AVVelocityModel, Condition
+
+TRAINED, OLD = "default", "old"
+
+
+class LoraAdapters:
+    """Inject the ``default`` and ``old`` LoRA adapters into ``model`` (in place) and switch between them.
+
+    Args:
+        model: the model to adapt; its own weights are frozen.
+        rank, alpha: LoRA rank and scale numerator.
+        targets: names of the ``nn.Linear`` modules to adapt (peft's ``target_modules``).
+    """
+
+    def __init__(self, model: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name in (TRAINED, OLD):
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, model, adapter_name=name)
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise ValueError(f"finetune.lora_targets {targets} match no linear layer of the model")
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+        named = dict(model.named_parameters())
+        for key, param in named.items():
+            if f".{TRAINED}." in key and ("lora_A" in key or "lora_B" in key):
+                self.pairs.append((param, named[key.replace(f".{TRAINED}.", f".{OLD}.")]))
+        with torch.no_grad():
+            for trained, old in self.pairs:
+                old.copy_(trained)
+        self._activate(TRAINED)
+
+    def _activate(self, name: str | None) -> None:
+        for layer in self.layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The ``default`` adapter's weights (the only ones the optimiser sees)."""
+        return [trained for trained, _ in self.pairs]
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Run with adapter ``name`` active (``None``: adapters off), then switch back to ``default``."""
+        self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(TRAINED)
+
+    @torch.no_grad()
+    def blend_old(self, eta: float) -> None:
+        """``old <- eta old + (1 - eta) default``."""
+        torch._foreach_lerp_([old for _, old in self.pairs], [trained for trained, _ in self.pairs], 1.0 - eta)
+
+
+class AdapterView(AVVelocityModel):
+    """The shared model seen with one adapter active: ``forward`` switches, runs, and switches back.
+
+    Args:
+        model: the adapted model.
+        adapters: its ``LoraAdapters``.
+        name: adapter to run with (``None``: the base model).
+    """
+
+    def __init__(self, model: AVVelocityModel, adapters: LoraAdapters, name: str | None) -> None:
+        super().__init__()
+        self._model = [model]  # not a submodule: the view owns no parameters of its own
+        self.adapters = adapters
+        self.name = name
+        self.num_layers = model.num_layers
+
+    def forward(
+        self, x_video: torch.Tensor, x_audio: torch.Tensor, t: torch.Tensor, cond: Condition
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.adapters.use(self.name):
+            return self._model[0](x_video, x_audio, t, cond)
