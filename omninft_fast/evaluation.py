@@ -12,9 +12,9 @@ Folder format (everything readable without torchvision or torchaudio)::
 
 ``fps`` of ``.npy`` and frame folders comes from the prompt line, else ``--fps``. Each metric is the mean over
 samples of one score of one reward plugin; metrics whose reward has no ``--checkpoint`` are reported as
-"not configured". The CLIP column is the plain mean cosine, as JavisBench reports it. DeSync needs a
-``synchformer`` reward, which this package does not provide yet: it reads "not available". Writes
-``results.md`` and ``results.json`` to ``--out`` and prints the markdown table::
+"not configured". The CLIP column is the plain mean cosine, as JavisBench reports it; DeSync (seconds, lower is
+better) is minus the mean ``neg_desync`` reward of ``synchformer``. Writes ``results.md`` and ``results.json`` to
+``--out`` and prints the markdown table::
 
     python -m omninft_fast.evaluation samples/ --checkpoint clap=ckpt/clap --checkpoint clip_score=ckpt/clip
 """
@@ -42,18 +42,21 @@ from omninft_fast.rewards import (  # the adapters register themselves on import
     clip_score,  # noqa: F401
     hpsv3,  # noqa: F401
     imagebind,  # noqa: F401
+    synchformer,  # noqa: F401
     videoalign,  # noqa: F401
 )
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One table column: score ``key`` of reward ``reward``; ``higher`` tells the better direction."""
+    """One table column: score ``key`` of reward ``reward`` (negated if ``negate``); ``higher`` tells the better
+    direction."""
 
     name: str
     reward: str
     key: str
     higher: bool = True
+    negate: bool = False
 
 
 METRICS = (
@@ -69,7 +72,7 @@ METRICS = (
     Metric("AV-IB", "imagebind", "ib_av"),
     Metric("AVHScore", "imagebind", "avh"),
     Metric("JavisScore", "imagebind", "javis"),
-    Metric("DeSync", "synchformer", "desync", higher=False),
+    Metric("DeSync", "synchformer", "neg_desync", higher=False, negate=True),
 )
 NOT_CONFIGURED = "not configured"
 NOT_AVAILABLE = "not available"
@@ -248,6 +251,8 @@ def evaluate(
             continue
         values = [scores[column] for scores in per_sample.values() if column in scores]
         value = sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
+        if value is not None and metric.negate:
+            value = -value
         table[metric.name] = {"value": value, "status": "ok", "source": column, "higher_is_better": metric.higher}
     return {"samples": len(samples), "metrics": table, "per_sample": per_sample}
 
@@ -292,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="REWARD=DIR",
-        help="local checkpoint directory of a reward (clap, clip_score, audiobox, videoalign, hpsv3, imagebind); "
-        "repeat for several",
+        help="local checkpoint directory of a reward (clap, clip_score, audiobox, videoalign, hpsv3, imagebind, "
+        "synchformer); repeat for several",
     )
     parser.add_argument(
         "--options", action="append", default=[], metavar="REWARD=JSON", help="plugin options as a JSON object"

@@ -93,6 +93,7 @@ def test_eval_command_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Ca
     folder = make_folder(tmp_path / "samples")
     clip = tiny.write_clip(tmp_path / "clip")
     box = tiny.write_audiobox(tmp_path / "audiobox")
+    sync = tiny.write_synchformer(tmp_path / "synchformer")
     out = tmp_path / "out"
     code = evaluation.main(
         [
@@ -101,6 +102,8 @@ def test_eval_command_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Ca
             f"clip_score={clip}",
             "--checkpoint",
             f"audiobox={box}",
+            "--checkpoint",
+            f"synchformer={sync}",
             "--options",
             'audiobox={"window_s": 0.25}',
             "--out",
@@ -117,12 +120,14 @@ def test_eval_command_writes_markdown_and_json(tmp_path: Path, capsys: pytest.Ca
     assert metrics["AQ"]["status"] == "ok" and np.isfinite(metrics["AQ"]["value"])
     for name in ("VQ", "CLAP", "TV-IB", "AVHScore", "JavisScore"):
         assert metrics[name] == {"value": None, "status": "not configured", "source": metrics[name]["source"]}
-    assert metrics["DeSync"]["status"] == "not available"
     per_sample = result["per_sample"]
     expected = sum(per_sample[s]["clip_score.clip_score"] for s in "abc") / 3
     assert metrics["CLIP"]["value"] == pytest.approx(expected)
+    desync = -sum(per_sample[s]["synchformer.neg_desync"] for s in "abc") / 3
+    assert metrics["DeSync"]["status"] == "ok" and metrics["DeSync"]["higher_is_better"] is False
+    assert metrics["DeSync"]["value"] == pytest.approx(desync) and 0 <= desync <= 2
     markdown = (out / "results.md").read_text(encoding="utf-8")
-    assert "| DeSync | not available |" in markdown and "| CLAP | not configured |" in markdown
+    assert f"| DeSync | {desync:.4f} | lower |" in markdown and "| CLAP | not configured |" in markdown
     assert markdown in capsys.readouterr().out
 
 
@@ -130,7 +135,5 @@ def test_eval_command_rejects_unknown_rewards(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "samples")
     with pytest.raises(ValueError, match="unknown rewards \\['nope'\\]"):
         evaluation.main([str(folder), "--checkpoint", f"nope={tmp_path}"])
-    with pytest.raises(ValueError, match="rewards \\['synchformer'\\] have no adapter"):
-        evaluation.main([str(folder), "--checkpoint", f"synchformer={tmp_path}"])
     with pytest.raises(SystemExit, match="--checkpoint expects NAME=VALUE"):
         evaluation.main([str(folder), "--checkpoint", "clap"])

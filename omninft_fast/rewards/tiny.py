@@ -322,3 +322,36 @@ def write_imagebind(path: str | Path, seed: int = 0) -> Path:
     write_json(path / "imagebind_config.json", IMAGEBIND)
     clip_tokenizer(IMAGEBIND["context_length"]).save_pretrained(path)
     return path
+
+
+SYNCHFORMER = {
+    "dim": 32,
+    "vision_blocks": 1,
+    "vision_heads": 2,
+    "image_size": 32,
+    "patch_size": 16,
+    "audio_blocks": 1,
+    "audio_heads": 2,
+    "mel_bins": 32,
+    "sync_dim": 24,
+    "sync_blocks": 1,
+    "sync_heads": 2,
+    "offsets": 21,
+}
+
+
+def write_synchformer(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Synchformer checkpoint: ``synchformer_state_dict.pth`` (the released flat state dict layout) and
+    ``synchformer_config.json``."""
+    from omninft_fast.rewards.synchformer import Synchformer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _seeded(seed)
+    model = Synchformer(SYNCHFORMER)
+    for param in model.parameters():
+        if param.dim() == 3 and param.shape[0] == 1:  # class tokens and position embeddings start at zero
+            param.data.normal_(std=0.5)
+    torch.save(dict(model.state_dict()), path / "synchformer_state_dict.pth")
+    write_json(path / "synchformer_config.json", SYNCHFORMER)
+    return path
