@@ -4,7 +4,16 @@ Importing this package registers every plugin; the model adapters load their lib
 audiobox-aesthetics) only when a plugin is built.
 """
 
-from omninft_fast.rewards import audiobox, clap, clip_score, hpsv3, imagebind, synthetic, videoalign
+from omninft_fast.rewards import (
+    audiobox,
+    clap,
+    clip_score,
+    hpsv3,
+    imagebind,
+    synchformer,
+    synthetic,
+    videoalign,
+)
 from omninft_fast.rewards.base import (
     MODALITIES,
     RewardBatch,
@@ -26,6 +35,7 @@ __all__ = [
     "hpsv3",
     "imagebind",
     "register_reward",
+    "synchformer",
     "synthetic",
     "videoalign",
 ]

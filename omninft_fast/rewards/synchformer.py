@@ -16,9 +16,10 @@ module is an independent implementation of the published architecture:
 
 Module names follow the released state dict, which loads with strict key and shape checks. The Motionformer
 variant is the one the release uses (divided space-time attention, as in the ``divided_224_16x4`` configuration it
-was initialised from), not the trajectory attention of the Motionformer paper. Differences from the reference code,
-none of which changes the outputs of the released weights: the unused 2D patch embedding ``patch_embed`` is kept
-only so its keys load; dropout, drop-path and token masking (training-time only) are left out.
+was initialised from), not the trajectory attention of the Motionformer paper. Only the inference path of that
+configuration is implemented: dropout, drop-path, content masks, trajectory and joint attention and the unused
+segment-level aggregation options of the reference code are left out; the 2D patch embedding ``patch_embed`` is
+unused by the video path and kept because the release holds it.
 
 Checkpoint directory: ``synchformer_state_dict.pth``, the flat state dict of the AudioSet model
 ``24-01-04T16-39-21`` as released with MMAudio and used by av-benchmark and JavisBench (the original release
@@ -410,7 +411,9 @@ class SynchformerReward(RewardModel):
 
     Frames are taken at 25 fps (the frame shown at each ``k / 25`` s), shorter side resized to the model's size
     (bicubic), centre cropped and scaled to [-1, 1]; audio is resampled to 16 kHz. Both are cut to ``max_length_s``.
-    Clips shorter than one 0.64 s segment are zero-padded to one.
+    Clips shorter than one 0.64 s segment are zero-padded to one. ``pad=True`` with the default ``max_length_s``
+    follows JavisBench's protocol (every clip padded or cut to 8 s, windows over 0 - 4.8 s and 3.2 - 8 s); the
+    remaining differences are its ffmpeg frame-rate conversion and resizing of 8-bit frames.
 
     Args:
         soft: score the expected absolute offset under the softmax of each window instead of the absolute offset of
