@@ -28,7 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The tiny ltx-core LTX-2 (``kind: ltx_tiny``) or a full one (``kind: ltx``, from ``checkpoint``)."""
+    """The tiny ltx-core LTX-2 (``kind: ltx_tiny``) or a released one (``kind: ltx``, from ``checkpoint``).
+
+    With ``kind: ltx`` the architecture comes from the checkpoint's ``config`` metadata: ``num_layers``, the head
+    sizes and ``init_seed`` are not used, and the ``ltx`` section configures the clip, text and decoders.
+    """
 
     kind: str = "ltx_tiny"
     num_layers: int = 4
@@ -39,6 +43,43 @@ class ModelConfig:
     init_seed: int = 0
     checkpoint: str | None = "checkpoints/tiny_t2av_base.safetensors"
     gradient_checkpointing: bool = False
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LTXConfig:
+    """The released LTX-2 (``model.kind: ltx``): clip size, text contexts and decoders (all files local; the
+    ``task`` section is the synthetic task's and is not used).
+
+    Args:
+        frames, height, width, fps: clip to generate; ``frames = 8 k + 1``, sizes multiples of 32 (121 frames of
+            768x512 at 24 fps: 6144 video and 126 audio tokens).
+        text_cache: precomputed text contexts (``omninft_fast.train.ltx_pipeline.write_text_cache``); without
+            ``prompts``/``prompt_file`` the run uses every prompt it holds.
+        gemma_root: local Gemma directory (weights and tokenizer) to encode prompts missing from the cache.
+        text_encoder_device: where Gemma runs (default: ``device``).
+        dtype: transformer weights (``bfloat16`` for the 19B model; LoRA keeps them frozen).
+        decoder_device, decoder_dtype: where and how the VAE decoders and the vocoder run (default: ``device``).
+        decode_batch: samples per decoder call.
+        decode_tiling: decode video tile by tile (ltx-core's default tiling; less memory).
+        decode_seed: seed of the video decoder's noise injection.
+    """
+
+    frames: int = 121
+    height: int = 512
+    width: int = 768
+    fps: float = 24.0
+    text_cache: str | None = None
+    gemma_root: str | None = None
+    text_encoder_device: str | None = None
+    dtype: str = "bfloat16"
+    decoder_device: str | None = None
+    decoder_dtype: str = "bfloat16"
+    decode_batch: int = 1
+    decode_tiling: bool = False
+    decode_seed: int = 0
 
 
 @dataclass
@@ -144,7 +185,11 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything the ``train`` command reads."""
+    """Everything the ``train`` command reads.
+
+    ``prompts`` (a list) or ``prompt_file`` (one prompt a line) set the prompts drawn each iteration and evaluated;
+    by default the synthetic task's prompts (``ltx_tiny``) or those of ``ltx.text_cache`` (``ltx``).
+    """
 
     seed: int = 0
     device: str = "cpu"
@@ -159,8 +204,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     wandb: bool = False
+    prompts: list[str] | None = None
+    prompt_file: str | None = None
     task: TaskSpec = field(default_factory=TaskSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
+    ltx: LTXConfig = field(default_factory=LTXConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rewards: list[RewardConfig] = field(
         default_factory=lambda: [
@@ -191,6 +239,8 @@ class TrainConfig:
             "nft.timesteps": (self.nft.timesteps, ("grid_shuffled", "uniform")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
             "finetune.mode": (self.finetune.mode, ("full", "lora")),
+            "ltx.dtype": (self.ltx.dtype, DTYPES),
+            "ltx.decoder_dtype": (self.ltx.decoder_dtype, DTYPES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -210,6 +260,11 @@ class TrainConfig:
             "reweight.last_steps": self.reweight.last_steps,
             "eval.samples_per_prompt": self.eval.samples_per_prompt,
             "finetune.lora_rank": self.finetune.lora_rank,
+            "ltx.frames": self.ltx.frames,
+            "ltx.height": self.ltx.height,
+            "ltx.width": self.ltx.width,
+            "ltx.fps": self.ltx.fps,
+            "ltx.decode_batch": self.ltx.decode_batch,
         }
         for key, value in positive.items():
             if not value > 0:
@@ -242,6 +297,22 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
         if not self.rewards:
             raise ConfigError("rewards must name at least one reward")
+        if self.prompts is not None and self.prompt_file is not None:
+            raise ConfigError("give prompts or prompt_file, not both")
+        if self.prompts is not None and not self.prompts:
+            raise ConfigError("prompts must not be empty")
+        if self.model.kind == "ltx":
+            if not self.model.checkpoint:
+                raise ConfigError("model.checkpoint must name the LTX-2 safetensors file with model.kind=ltx")
+            if self.ltx.text_cache is None and self.ltx.gemma_root is None:
+                raise ConfigError("model.kind=ltx needs ltx.text_cache or ltx.gemma_root for the text contexts")
+            if self.prompts is None and self.prompt_file is None and self.ltx.text_cache is None:
+                raise ConfigError("model.kind=ltx needs prompts, prompt_file or ltx.text_cache to draw prompts from")
+            if (self.ltx.frames - 1) % 8:
+                raise ConfigError(f"ltx.frames must be 8 k + 1, got {self.ltx.frames}")
+            for key, value in (("ltx.height", self.ltx.height), ("ltx.width", self.ltx.width)):
+                if value % 32:
+                    raise ConfigError(f"{key} must be a multiple of 32, got {value}")
         if self.ladder is not None:
             rung = LADDER.index(self.ladder)
             self.advantage.routing = "shared" if rung == 0 else "modality"

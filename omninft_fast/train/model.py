@@ -2,13 +2,14 @@
 
 The trainer only talks to ``AVVelocityModel``: ``forward`` for velocities, ``patch`` for the attention surgery and
 region-score capture handle (``omninft_fast.ltx2.patch`` for ltx-core models). ``LTXAVModel`` adapts ltx-core's
-``LTXModel``.
+``LTXModel``. What it needs from a task (prompts to conditions, latent sizes, latents to media for the rewards) is
+the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's ``LTX2Pipeline``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +32,44 @@ class Condition:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         return Condition(self.video.to(device, dtype), self.audio.to(device, dtype))
+
+
+class LatentSpec(Protocol):
+    """Sizes the trainer reads from a task: token counts and channels of both streams, decoded media rates."""
+
+    @property
+    def video_tokens(self) -> int: ...
+
+    @property
+    def video_channels(self) -> int: ...
+
+    @property
+    def audio_tokens(self) -> int: ...
+
+    @property
+    def audio_channels(self) -> int: ...
+
+    @property
+    def fps(self) -> float: ...
+
+    @property
+    def sample_rate(self) -> int: ...
+
+
+class AVTask(Protocol):
+    """A text-to-audio-video task as the trainer sees it.
+
+    ``encode(prompts)`` gives the ``(B, Lv, Dv)`` video and ``(B, La, Da)`` audio text contexts; ``decode(video
+    (B, Nv, Cv), audio (B, Na, Ca))`` gives frames ``(B, T, C, H, W)`` in [0, 1] at ``spec.fps`` and waveforms
+    ``(B, S)`` in [-1, 1] at ``spec.sample_rate`` (the reward plugins' ``RewardBatch``).
+    """
+
+    @property
+    def spec(self) -> LatentSpec: ...
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode(self, video_latent: torch.Tensor, audio_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class AVVelocityModel(nn.Module):

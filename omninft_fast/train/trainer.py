@@ -26,7 +26,7 @@ from omninft_fast.train.checkpoint import load_checkpoint, load_weights, save_ch
 from omninft_fast.train.config import TrainConfig, save_config
 from omninft_fast.train.lora import OLD, AdapterView, LoraAdapters
 from omninft_fast.train.metrics import MetricsLogger, plot_curves, write_gif, write_wav
-from omninft_fast.train.model import AVVelocityModel, Condition, LTXAVModel
+from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LTXAVModel
 from omninft_fast.train.sampler import euler_sample, time_grid
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -36,7 +36,10 @@ class TrainingDiverged(RuntimeError):
     """A loss, reward or gradient norm became NaN or infinite."""
 
 
-def build_task(config: TrainConfig) -> SyntheticAVTask:
+def build_task(config: TrainConfig) -> AVTask:
+    """The task of ``model.kind``: the synthetic task (``ltx_tiny``) or the released LTX-2's pipeline (``ltx``)."""
+    if config.model.kind == "ltx":
+        return build_ltx_pipeline(config)
     spec = config.task
     dims = (
         config.model.video_heads * config.model.video_head_dim,
@@ -50,6 +53,55 @@ def build_task(config: TrainConfig) -> SyntheticAVTask:
     return SyntheticAVTask(spec)
 
 
+def build_ltx_pipeline(config: TrainConfig) -> AVTask:
+    """``LTX2Pipeline`` from ``model.checkpoint`` and the ``ltx`` section (text cache and/or Gemma, decoders)."""
+    from omninft_fast.train.ltx_pipeline import GemmaPromptEncoder, LTX2Pipeline
+
+    x = config.ltx
+    checkpoint = resolve_path(config.model.checkpoint or "")
+    encoder = None
+    if x.gemma_root is not None:
+        encoder = GemmaPromptEncoder.from_files(
+            checkpoint,
+            resolve_path(x.gemma_root),
+            device=x.text_encoder_device or config.device,
+            dtype=getattr(torch, x.dtype),
+        )
+    return LTX2Pipeline(
+        checkpoint,
+        frames=x.frames,
+        height=x.height,
+        width=x.width,
+        fps=x.fps,
+        text_cache=None if x.text_cache is None else resolve_path(x.text_cache),
+        prompt_encoder=encoder,
+        decoder_device=x.decoder_device or config.device,
+        decoder_dtype=getattr(torch, x.decoder_dtype),
+        decode_batch=x.decode_batch,
+        decode_tiling=x.decode_tiling,
+        decode_seed=x.decode_seed,
+    )
+
+
+def load_prompts(config: TrainConfig) -> list[str]:
+    """``prompts``, else the lines of ``prompt_file``, else the synthetic task's prompts or ``ltx.text_cache``'s."""
+    if config.prompts is not None:
+        return list(config.prompts)
+    if config.prompt_file is not None:
+        path = resolve_path(config.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
+        return prompts
+    if config.model.kind == "ltx":
+        from omninft_fast.train.ltx_pipeline import text_cache_prompts
+
+        return text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
+    return all_prompts()
+
+
 def resolve_path(path: str) -> Path:
     """``path`` as given when it exists, else relative to the repository root (where the committed files live)."""
     given = Path(path)
@@ -59,32 +111,34 @@ def resolve_path(path: str) -> Path:
     return in_repo if in_repo.exists() else given
 
 
-def build_policy(config: TrainConfig, task: SyntheticAVTask, *, load: bool = True) -> LTXAVModel:
-    """The tiny ltx-core LTX-2 of the synthetic task, loaded from ``model.checkpoint`` when ``load``."""
-    if config.model.kind != "ltx_tiny":
-        raise NotImplementedError(
-            "model.kind=ltx (the released LTX-2) needs its video/audio VAEs and text encoder in the sampling loop, "
-            "which are not wired into the trainer yet; use model.kind=ltx_tiny"
+def build_policy(config: TrainConfig, task: AVTask, *, load: bool = True) -> LTXAVModel:
+    """The policy of ``model.kind``: the tiny ltx-core LTX-2 of the synthetic task (loaded from ``model.checkpoint``
+    when ``load``), or the released transformer of ``task``'s checkpoint (on ``device``, in ``ltx.dtype``)."""
+    m = config.model
+    if m.kind == "ltx":
+        if not load:
+            raise ValueError("model.kind=ltx always loads the released weights (load=False is for ltx_tiny)")
+        model = task.policy(device=config.device, dtype=getattr(torch, config.ltx.dtype))
+    else:
+        s = task.spec
+        model = LTXAVModel.build(
+            frames=s.frames,
+            height=s.height,
+            width=s.width,
+            video_channels=s.video_channels,
+            audio_tokens=s.audio_tokens,
+            audio_channels=s.audio_channels,
+            fps=s.fps,
+            audio_token_seconds=s.audio_token_seconds,
+            num_layers=m.num_layers,
+            video_heads=m.video_heads,
+            video_head_dim=m.video_head_dim,
+            audio_heads=m.audio_heads,
+            audio_head_dim=m.audio_head_dim,
+            seed=m.init_seed,
         )
-    s, m = task.spec, config.model
-    model = LTXAVModel.build(
-        frames=s.frames,
-        height=s.height,
-        width=s.width,
-        video_channels=s.video_channels,
-        audio_tokens=s.audio_tokens,
-        audio_channels=s.audio_channels,
-        fps=s.fps,
-        audio_token_seconds=s.audio_token_seconds,
-        num_layers=m.num_layers,
-        video_heads=m.video_heads,
-        video_head_dim=m.video_head_dim,
-        audio_heads=m.audio_heads,
-        audio_head_dim=m.audio_head_dim,
-        seed=m.init_seed,
-    )
-    if load and m.checkpoint:
-        load_weights(resolve_path(m.checkpoint), model.model)
+        if load and m.checkpoint:
+            load_weights(resolve_path(m.checkpoint), model.model)
     model.model.set_gradient_checkpointing(m.gradient_checkpointing)
     return model
 
@@ -181,7 +235,7 @@ class Trainer:
             else None
         )
         self.task = build_task(config)
-        self.prompts = all_prompts()
+        self.prompts = load_prompts(config)
         if config.prompts_per_iter > len(self.prompts):
             raise ValueError(f"prompts_per_iter must be <= {len(self.prompts)} (distinct prompts of the task)")
         self.rewards: list[RewardModel] = [
