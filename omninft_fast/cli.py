@@ -68,6 +68,49 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_cache(args: argparse.Namespace) -> int:
+    from omninft_fast.train.config import ConfigError, load_config
+    from omninft_fast.train.ltx_pipeline import (
+        GemmaPromptEncoder,
+        MissingWeightsError,
+        precompute_text_cache,
+        text_cache_prompts,
+    )
+    from omninft_fast.train.trainer import load_prompts, resolve_path
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    x = config.ltx
+    problems = [
+        (config.model.kind != "ltx", f"needs model.kind=ltx, got {config.model.kind!r}"),
+        (x.gemma_root is None, "needs ltx.gemma_root (the local Gemma directory), e.g. ltx.gemma_root=/models/gemma"),
+        (config.prompts is None and config.prompt_file is None, "needs prompts or prompt_file to encode"),
+        (not (args.output or x.text_cache), "needs --output or ltx.text_cache"),
+    ]
+    for failed, message in problems:
+        if failed:
+            print(f"text-cache {message}", file=sys.stderr)
+            return 2
+    output = args.output or x.text_cache
+    try:
+        prompts = load_prompts(config)
+        encoder = GemmaPromptEncoder.from_files(
+            resolve_path(config.model.checkpoint),
+            resolve_path(x.gemma_root),
+            device=x.text_encoder_device or config.device,
+            dtype=getattr(torch, x.dtype),
+        )
+    except (FileNotFoundError, MissingWeightsError) as error:
+        print(f"text-cache: {error}", file=sys.stderr)
+        return 2
+    written = precompute_text_cache(encoder, prompts, output)
+    print(f"encoded {len(text_cache_prompts(written))} distinct prompts; wrote {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omninft-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--output", default=None, help="weights file (default: model.checkpoint)")
     pre.add_argument("overrides", nargs="*", help="key=value config overrides")
     pre.set_defaults(func=_pretrain)
+    cache = commands.add_parser(
+        "text-cache", help="encode the prompts with Gemma once into ltx.text_cache (model.kind=ltx)"
+    )
+    cache.add_argument("--config", default=None, help="YAML config (model, ltx and prompt sections are used)")
+    cache.add_argument("--output", default=None, help="text cache file (default: ltx.text_cache)")
+    cache.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. ltx.gemma_root=/models/gemma")
+    cache.set_defaults(func=_text_cache)
     from omninft_fast import evaluation
 
     evaluate = commands.add_parser(

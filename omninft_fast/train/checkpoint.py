@@ -1,14 +1,30 @@
-"""Atomic safetensors checkpoints: policy, old policy, optimiser state and RNG state in one file."""
+"""Atomic safetensors checkpoints: model state (the whole policy and old policy, or only the LoRA adapters),
+optimiser state and RNG state in one file."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+class Stateful(Protocol):
+    """What a checkpoint stores under a prefix: an ``nn.Module`` or ``LoraAdapters`` (the adapters alone)."""
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> Any: ...
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    """``"3 (a, b, c)"``: the count and the first ``limit`` keys."""
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -37,13 +53,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def save_checkpoint(
     path: str | Path,
     *,
-    modules: dict[str, torch.nn.Module],
+    modules: dict[str, Stateful],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     metadata: dict[str, Any],
 ) -> None:
     """Write ``path`` atomically (a temporary file renamed over it): every module's state dict under its prefix,
-    the optimiser state, the trainer generator's and torch's RNG states, and JSON ``metadata``."""
+    the optimiser state, the trainer generator's and torch's RNG states, and JSON ``metadata``. Pass a module's
+    ``LoraAdapters`` instead of the module to store only the adapters."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -63,11 +80,12 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path,
     *,
-    modules: dict[str, torch.nn.Module],
+    modules: dict[str, Stateful],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote (strict keys); returns the JSON metadata."""
+    """Restore what ``save_checkpoint`` wrote (strict keys: a clear ``KeyError`` names missing and unexpected ones);
+    returns the JSON metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -78,10 +96,17 @@ def load_checkpoint(
     tensors = load_file(str(path))
     for prefix, module in modules.items():
         own = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+        if not own and module.state_dict():
+            stored = sorted({key.split(".", 1)[0] for key in tensors} - {"optim", "rng"})
+            raise KeyError(
+                f"checkpoint {str(path)!r} holds no {prefix!r} weights (it holds {stored}; was it written with "
+                "another finetune.mode?)"
+            )
         missing, unexpected = module.load_state_dict(own, strict=False)
         if missing or unexpected:
             raise KeyError(
-                f"checkpoint {str(path)!r} does not match {prefix!r}: missing {missing}, unexpected {unexpected}"
+                f"checkpoint {str(path)!r} does not match {prefix!r}: missing {_names(list(missing))}, "
+                f"unexpected {_names(list(unexpected))}"
             )
     optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
     generator.set_state(tensors["rng.generator"])

@@ -2,7 +2,8 @@
 
 The trained adapter is ``"default"``; the old policy is adapter ``"old"`` (Algorithm 1's ``theta_old``), blended
 towards ``"default"`` after each iteration. ``AdapterView`` runs the shared model with one adapter active (or none:
-the base model, the KL reference).
+the base model, the KL reference). ``state_dict`` / ``load_state_dict`` hold only the two adapters' weights, so a
+LoRA checkpoint leaves out the frozen base (rebuilt from ``model.checkpoint`` on resume).
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ class LoraAdapters:
         for param in model.parameters():
             param.requires_grad_(False)
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+        self.named: dict[str, nn.Parameter] = {}
         named = dict(model.named_parameters())
         for key, param in named.items():
             if f".{TRAINED}." in key and ("lora_A" in key or "lora_B" in key):
-                self.pairs.append((param, named[key.replace(f".{TRAINED}.", f".{OLD}.")]))
+                old_key = key.replace(f".{TRAINED}.", f".{OLD}.")
+                self.pairs.append((param, named[old_key]))
+                self.named[key] = param
+                self.named[old_key] = named[old_key]
         with torch.no_grad():
             for trained, old in self.pairs:
                 old.copy_(trained)
@@ -63,6 +68,30 @@ class LoraAdapters:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The ``default`` adapter's weights (the only ones the optimiser sees)."""
         return [trained for trained, _ in self.pairs]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Both adapters' LoRA matrices by parameter name (``...lora_A.default.weight``, ``...lora_A.old.weight``)."""
+        return {key: param.detach() for key, param in self.named.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Copy ``state_dict``'s output back; returns the missing and unexpected keys (``strict``: raise on any).
+        Nothing is copied unless every key matches, so a failed load leaves the adapters as they were."""
+        missing = [key for key in self.named if key not in state]
+        unexpected = [key for key in state if key not in self.named]
+        if strict and (missing or unexpected):
+            raise KeyError(f"LoRA adapter weights do not match: missing {missing}, unexpected {unexpected}")
+        if missing or unexpected:
+            return missing, unexpected
+        for key, param in self.named.items():
+            if state[key].shape != param.shape:
+                raise ValueError(
+                    f"LoRA weight {key!r} has shape {tuple(state[key].shape)} in the checkpoint but "
+                    f"{tuple(param.shape)} in the model (finetune.lora_rank or lora_targets changed?)"
+                )
+        for key, param in self.named.items():
+            param.copy_(state[key])
+        return missing, unexpected
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[None]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import omninft_fast
 from omninft_fast.rewards import RewardBatch, RewardModel, build_reward
 from omninft_fast.task.synthetic import SyntheticAVTask, all_prompts
-from omninft_fast.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from omninft_fast.train.checkpoint import Stateful, load_checkpoint, load_weights, save_checkpoint
 from omninft_fast.train.config import TrainConfig, save_config
 from omninft_fast.train.lora import OLD, AdapterView, LoraAdapters
 from omninft_fast.train.metrics import MetricsLogger, plot_curves, write_gif, write_wav
@@ -298,10 +298,12 @@ class Trainer:
             resume_iteration=self.start_iteration - 1 if resume else None,
         )
 
-    def _modules(self) -> dict[str, torch.nn.Module]:
+    def _modules(self) -> dict[str, Stateful]:
+        """What a checkpoint holds: with LoRA both adapters only (the frozen base is rebuilt from
+        ``model.checkpoint``), else the policy, the old policy and the KL reference."""
         if self.adapters is not None:
-            return {"policy": self.policy}  # both adapters live in the policy's state dict
-        modules: dict[str, torch.nn.Module] = {"policy": self.policy, "old": self.old}
+            return {"lora": self.adapters}
+        modules: dict[str, Stateful] = {"policy": self.policy, "old": self.old}
         if self.ref is not None:
             modules["ref"] = self.ref
         return modules
