@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from omninft_fast._checks import compute_dtype
+from omninft_fast.ops.nft_loss import apply_fused_nft_loss, nft_loss_fused_fake
 
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
@@ -189,57 +190,13 @@ def _forward(
 nft_loss_triton_forward = torch.library.custom_op("omninft_fast::nft_loss_triton_forward", _forward, mutates_args=())
 
 
-@nft_loss_triton_forward.register_fake
-def _(
-    v_theta: torch.Tensor,
-    v_old: torch.Tensor,
-    target: torch.Tensor,
-    r: torch.Tensor,
-    token_weight: torch.Tensor | None,
-    sample_weight: torch.Tensor | None,
-    v_ref: torch.Tensor | None,
-    beta: float,
-    policy_scale: float,
-    kl_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    loss = v_theta.new_empty((), dtype=compute_dtype(v_theta.dtype))
-    return loss, torch.empty_like(v_theta, memory_format=torch.contiguous_format)
+nft_loss_triton_forward.register_fake(nft_loss_fused_fake)
 
 
-class NFTLossTritonFunction(torch.autograd.Function):
-    """Forward computes the loss and its gradient together; backward only rescales the saved gradient."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        v_theta: torch.Tensor,
-        v_old: torch.Tensor,
-        target: torch.Tensor,
-        r: torch.Tensor,
-        beta: float,
-        token_weight: torch.Tensor | None,
-        sample_weight: torch.Tensor | None,
-        policy_scale: float,
-        kl_weight: float,
-        v_ref: torch.Tensor | None,
-    ) -> torch.Tensor:
-        # The registered op is what torch.compile sees; eager calls skip its dispatch overhead.
-        forward = nft_loss_triton_forward if torch.compiler.is_compiling() else _forward
-        loss, grad = forward(
-            v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
-        )
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        # Compiled graphs always rescale: a data-dependent branch would break the graph.
-        if torch.compiler.is_compiling() or not bool(grad_output == 1):
-            grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+def _fused_forward(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered op under ``torch.compile``; eager calls skip its dispatch overhead."""
+    forward = nft_loss_triton_forward if torch.compiler.is_compiling() else _forward
+    return forward(*args)
 
 
 def nft_loss_triton(
@@ -263,15 +220,16 @@ def nft_loss_triton(
     Returns:
         Scalar loss in float32 (float64 for float64 ``v_theta``); its gradient flows to ``v_theta`` only.
     """
-    return NFTLossTritonFunction.apply(
+    return apply_fused_nft_loss(
+        _fused_forward,
         v_theta,
-        v_old.detach(),
-        target.detach(),
-        r.detach(),
+        v_old,
+        target,
+        r,
         beta,
         token_weight,
         sample_weight,
         policy_scale,
         kl_weight,
-        None if v_ref is None else v_ref.detach(),
+        v_ref,
     )

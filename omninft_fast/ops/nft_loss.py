@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from omninft_fast import dispatch
@@ -135,6 +137,91 @@ def nft_loss_reference(
     if v_ref is not None:
         loss = loss + kl_weight * (theta - v_ref.detach().to(acc)).square().mean()
     return loss
+
+
+FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def nft_loss_fused_fake(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    token_weight: torch.Tensor | None,
+    sample_weight: torch.Tensor | None,
+    v_ref: torch.Tensor | None,
+    beta: float,
+    policy_scale: float,
+    kl_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake (meta) implementation of the fused forward ops: ``(loss (), dloss/dv_theta like v_theta)``."""
+    loss = v_theta.new_empty((), dtype=compute_dtype(v_theta.dtype))
+    return loss, torch.empty_like(v_theta, memory_format=torch.contiguous_format)
+
+
+class _FusedNFTLoss(torch.autograd.Function):
+    """Forward computes the loss and its gradient in one pass; backward only rescales the saved gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        fused_forward: FusedForward,
+        v_theta: torch.Tensor,
+        v_old: torch.Tensor,
+        target: torch.Tensor,
+        r: torch.Tensor,
+        beta: float,
+        token_weight: torch.Tensor | None,
+        sample_weight: torch.Tensor | None,
+        policy_scale: float,
+        kl_weight: float,
+        v_ref: torch.Tensor | None,
+    ) -> torch.Tensor:
+        loss, grad = fused_forward(
+            v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
+        )
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        # Compiled graphs always rescale: a data-dependent branch would break the graph.
+        if torch.compiler.is_compiling() or not bool(grad_output == 1):
+            grad = grad * grad_output.to(grad.dtype)
+        return None, grad, None, None, None, None, None, None, None, None, None
+
+
+def apply_fused_nft_loss(
+    fused_forward: FusedForward,
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    token_weight: torch.Tensor | None,
+    sample_weight: torch.Tensor | None,
+    policy_scale: float,
+    kl_weight: float,
+    v_ref: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run a fused backend's forward ``(v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta,
+    policy_scale, kl_weight) -> (loss, grad)`` under autograd; the gradient flows to ``v_theta`` only."""
+    return _FusedNFTLoss.apply(
+        fused_forward,
+        v_theta,
+        v_old.detach(),
+        target.detach(),
+        r.detach(),
+        beta,
+        token_weight,
+        sample_weight,
+        policy_scale,
+        kl_weight,
+        None if v_ref is None else v_ref.detach(),
+    )
 
 
 @torch.no_grad()

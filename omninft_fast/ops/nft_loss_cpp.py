@@ -1,7 +1,8 @@
 """The fused NFT loss on CPU: the ``omninft_fast._C`` extension behind ``torch.library`` and autograd.
 
 Importing ``omninft_fast._C`` registers the op ``omninft_fast::nft_loss_cpp_forward`` (CPU kernel in C++); this
-module adds its fake implementation, for ``torch.compile`` and ``opcheck``, and the autograd wrapper.
+module adds its fake implementation, for ``torch.compile`` and ``opcheck``, and runs it under the shared autograd
+wrapper of the fused losses.
 """
 
 from __future__ import annotations
@@ -9,60 +10,12 @@ from __future__ import annotations
 import torch
 
 from omninft_fast import _C  # noqa: F401  (registers torch.ops.omninft_fast.nft_loss_cpp_forward)
-from omninft_fast._checks import compute_dtype
+from omninft_fast.ops.nft_loss import apply_fused_nft_loss, nft_loss_fused_fake
 
 nft_loss_cpp_forward = torch.ops.omninft_fast.nft_loss_cpp_forward.default
 
 
-@torch.library.register_fake("omninft_fast::nft_loss_cpp_forward")
-def _(
-    v_theta: torch.Tensor,
-    v_old: torch.Tensor,
-    target: torch.Tensor,
-    r: torch.Tensor,
-    token_weight: torch.Tensor | None,
-    sample_weight: torch.Tensor | None,
-    v_ref: torch.Tensor | None,
-    beta: float,
-    policy_scale: float,
-    kl_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    loss = v_theta.new_empty((), dtype=compute_dtype(v_theta.dtype))
-    return loss, torch.empty_like(v_theta, memory_format=torch.contiguous_format)
-
-
-class NFTLossCppFunction(torch.autograd.Function):
-    """Forward computes the loss and its gradient together; backward only rescales the saved gradient."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        v_theta: torch.Tensor,
-        v_old: torch.Tensor,
-        target: torch.Tensor,
-        r: torch.Tensor,
-        beta: float,
-        token_weight: torch.Tensor | None,
-        sample_weight: torch.Tensor | None,
-        policy_scale: float,
-        kl_weight: float,
-        v_ref: torch.Tensor | None,
-    ) -> torch.Tensor:
-        loss, grad = nft_loss_cpp_forward(
-            v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
-        )
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        # Compiled graphs always rescale: a data-dependent branch would break the graph.
-        if torch.compiler.is_compiling() or grad_output.item() != 1.0:
-            grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+torch.library.register_fake("omninft_fast::nft_loss_cpp_forward")(nft_loss_fused_fake)
 
 
 def nft_loss_cpp(
@@ -86,15 +39,16 @@ def nft_loss_cpp(
     Returns:
         Scalar loss in float32 (float64 for float64 ``v_theta``); its gradient flows to ``v_theta`` only.
     """
-    return NFTLossCppFunction.apply(
+    return apply_fused_nft_loss(
+        nft_loss_cpp_forward,
         v_theta,
-        v_old.detach(),
-        target.detach(),
-        r.detach(),
+        v_old,
+        target,
+        r,
         beta,
         token_weight,
         sample_weight,
         policy_scale,
         kl_weight,
-        None if v_ref is None else v_ref.detach(),
+        v_ref,
     )
