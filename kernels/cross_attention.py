@@ -93,6 +93,12 @@ def _head_dim_block(head_dim: int) -> int:
 
 
 @triton.jit
+def _load_rows(base, rows, row_stride, cols, mask):
+    """The masked tile ``base[rows[:, None] * row_stride + cols[None, :]]``, zero where masked."""
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -142,8 +148,7 @@ def _attn_fwd_kernel(
     m_valid = offs_m < n_q
     d_valid = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_valid[:, None] & d_valid[None, :])
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -164,9 +169,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0
-        )
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, n_valid[:, None] & d_valid[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 

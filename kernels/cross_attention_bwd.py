@@ -15,6 +15,7 @@ import triton.language as tl
 
 from omninft_fast.kernels.cross_attention import (
     LOG2E,
+    _load_rows,
     block_config,
     choose_split,
     dot_precision,
@@ -48,12 +49,8 @@ def _attn_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
-    )
-    do = tl.load(
-        DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0
-    )
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask)
+    do = _load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh * n_q + offs_m, delta, mask=offs_m < n_q)
 
@@ -113,12 +110,8 @@ def _attn_bwd_dkdv_kernel(
     d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
 
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
-    )
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, kv_mask)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, kv_mask)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DOut + b * stride_db + h * stride_dh
     row_base = pid_bh * n_q
@@ -131,8 +124,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < query_end
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_mask)
+        do = _load_rows(do_base, offs_m, stride_dn, offs_d, q_mask)
         lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
@@ -204,12 +197,8 @@ def _attn_bwd_dq_kernel(
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0
-    )
-    do = tl.load(
-        DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=q_mask, other=0.0
-    )
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, q_mask)
+    do = _load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, q_mask)
     lse2 = tl.load(Lse + pid_bh * n_q + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=m_valid, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
@@ -222,8 +211,8 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < key_end
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_mask)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(n_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omninft_fast.kernels.cross_attention import LOG2E, block_config, dot_precision
+from omninft_fast.kernels.cross_attention import LOG2E, _load_rows, block_config, dot_precision
 
 
 @triton.jit
@@ -44,20 +44,17 @@ def _key_mass_kernel(
     n_valid = offs_n < n_k
     d_valid = offs_d < HEAD_DIM
 
+    k_mask = n_valid[:, None] & d_valid[None, :]
+
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in range(num_heads):
-        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, k_mask)
         q_base = Q + b * stride_qb + h * stride_qh
         lse_base = Lse + (b * num_heads + h) * n_q
         for start_m in range(0, n_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < n_q
-            q = tl.load(
-                q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
+            q = _load_rows(q_base, offs_m, stride_qn, offs_d, m_valid[:, None] & d_valid[None, :])
             lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
