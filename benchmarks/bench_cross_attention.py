@@ -31,8 +31,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import omninft_fast
 from omninft_fast.kernels.compile_check import compile_specs_for_sm90
-from omninft_fast.kernels.cross_attention import attention_forward, sm90_kernel_specs
+from omninft_fast.kernels.cross_attention import sm90_kernel_specs
 from omninft_fast.kernels.cross_attention_bwd import attention_backward
+from omninft_fast.kernels.cross_attention_fwd import attention_forward
 from omninft_fast.kernels.key_mass import attention_key_mass
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,7 +10,7 @@ Example (a test or a benchmark, interpreter on or off)::
     from omninft_fast.kernels.compile_check import KernelSpec, compile_for_sm90, compile_specs_for_sm90
 
     res = compile_for_sm90(
-        "omninft_fast.kernels.cross_attention:_attn_fwd_kernel",  # or the kernel object itself
+        "omninft_fast.kernels.cross_attention_fwd:_attn_fwd_kernel",  # or the kernel object itself
         signature={"Q": "*fp16", "n_q": "i32", "qk_scale": "fp32"},  # every runtime argument: type string
         constexprs={"BLOCK_M": 128, "HEAD_DIM": 64},  # every constexpr argument: value
         num_warps=4,

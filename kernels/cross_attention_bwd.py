@@ -13,14 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from omninft_fast.kernels.cross_attention import (
+from omninft_fast.kernels.common import (
     LOG2E,
-    _load_rows,
-    block_config,
+    TileConfig,
     choose_split,
     dot_precision,
+    head_dim_block,
+    load_rows,
     sm_count,
     split_chunk,
+    tile_config,
 )
 
 
@@ -49,8 +51,8 @@ def _attn_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask)
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, mask)
+    o = load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh * n_q + offs_m, delta, mask=offs_m < n_q)
 
@@ -110,8 +112,8 @@ def _attn_bwd_dkdv_kernel(
     d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
 
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, kv_mask)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, kv_mask)
+    k = load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, kv_mask)
+    v = load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, kv_mask)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DOut + b * stride_db + h * stride_dh
     row_base = pid_bh * n_q
@@ -124,8 +126,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < query_end
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_mask)
-        do = _load_rows(do_base, offs_m, stride_dn, offs_d, q_mask)
+        q = load_rows(q_base, offs_m, stride_qn, offs_d, q_mask)
+        do = load_rows(do_base, offs_m, stride_dn, offs_d, q_mask)
         lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
@@ -197,8 +199,8 @@ def _attn_bwd_dq_kernel(
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, q_mask)
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, q_mask)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, q_mask)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_d, q_mask)
     lse2 = tl.load(Lse + pid_bh * n_q + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=m_valid, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
@@ -211,8 +213,8 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < key_end
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_mask)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_mask)
+        k = load_rows(k_base, offs_n, stride_kn, offs_d, kv_mask)
+        v = load_rows(v_base, offs_n, stride_vn, offs_d, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(n_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -261,6 +263,7 @@ def attention_backward(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    tile: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``cross_attention`` with ``dk``, ``dv`` multiplied by ``kv_grad_scale``.
 
@@ -272,6 +275,7 @@ def attention_backward(
         split_q: query chunks of the dK/dV walk; split_k: key chunks of the dQ walk; ``None`` picks
             ``choose_split``.
         dq, dk, dv: optional preallocated contiguous outputs in the inputs' dtype.
+        tile: launch configuration of the dQ and dK/dV kernels; ``None`` takes ``tile_config(D, dtype)``.
 
     Returns:
         ``(dq, dk, dv)``, contiguous, in the inputs' dtype.
@@ -279,10 +283,10 @@ def attention_backward(
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
     device = q.device
-    cfg = block_config(head_dim, q.dtype)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    tile = tile_config(head_dim, q.dtype) if tile is None else tile
+    block_m, block_n = tile.block_m, tile.block_n
+    block_d = head_dim_block(head_dim)
+    launch = tile.launch
     consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n}
     precision = dot_precision(q.dtype)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq

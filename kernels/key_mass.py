@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omninft_fast.kernels.cross_attention import LOG2E, _load_rows, block_config, dot_precision
+from omninft_fast.kernels.common import LOG2E, TileConfig, dot_precision, head_dim_block, load_rows, tile_config
 
 
 @triton.jit
@@ -48,13 +48,13 @@ def _key_mass_kernel(
 
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in range(num_heads):
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, k_mask)
+        k = load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, k_mask)
         q_base = Q + b * stride_qb + h * stride_qh
         lse_base = Lse + (b * num_heads + h) * n_q
         for start_m in range(0, n_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < n_q
-            q = _load_rows(q_base, offs_m, stride_qn, offs_d, m_valid[:, None] & d_valid[None, :])
+            q = load_rows(q_base, offs_m, stride_qn, offs_d, m_valid[:, None] & d_valid[None, :])
             lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
@@ -68,6 +68,7 @@ def attention_key_mass(
     lse: torch.Tensor,
     softmax_scale: float,
     mass: torch.Tensor | None = None,
+    tile: TileConfig | None = None,
 ) -> torch.Tensor:
     """Softmax probability each key receives, summed over queries and averaged over heads.
 
@@ -76,15 +77,16 @@ def attention_key_mass(
         lse: ``(B, H, Nq)`` float32 log-sum-exp from ``attention_forward``.
         softmax_scale: the forward's logit scale.
         mass: optional preallocated contiguous ``(B, Nk)`` float32 output.
+        tile: launch configuration; ``None`` takes ``tile_config(D, dtype)``.
 
     Returns:
         ``(B, Nk)`` float32.
     """
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
-    cfg = block_config(head_dim, q.dtype)
+    tile = tile_config(head_dim, q.dtype) if tile is None else tile
     mass = torch.empty(batch, n_k, dtype=torch.float32, device=q.device) if mass is None else mass
-    _key_mass_kernel[(triton.cdiv(n_k, cfg["BLOCK_N"]), batch)](
+    _key_mass_kernel[(triton.cdiv(n_k, tile.block_n), batch)](
         q,
         k,
         lse,
@@ -96,11 +98,10 @@ def attention_key_mass(
         n_k,
         softmax_scale * LOG2E,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=head_dim_block(head_dim),
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
         PRECISION=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **tile.launch,
     )
     return mass
