@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import omninft_fast
+from omninft_fast.kernels.common import TileConfig
 from omninft_fast.kernels.compile_check import compile_specs_for_sm90
 from omninft_fast.kernels.cross_attention import sm90_kernel_specs
 from omninft_fast.kernels.cross_attention_bwd import attention_backward
@@ -40,7 +41,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD_DIM = 32, 64
 # (name, video tokens, audio tokens): 5 s 768x512, 5 s 1280x704, 10 s 768x512.
 CLIPS = [("5s-768x512", 6144, 126), ("5s-1280x704", 14080, 126), ("10s-768x512", 11904, 251)]
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -123,87 +123,235 @@ def key_mass_memory(device: torch.device, batches: tuple[int, ...]) -> list[dict
     return rows
 
 
-def _bandwidth(device: torch.device) -> float:
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), PEAK_BANDWIDTH["H100"])
+# Tile configurations the sweep tries (the default first); bf16, head dim 64.
+TILE_CANDIDATES = [
+    TileConfig(64, 64, 4, 2),
+    TileConfig(64, 64, 4, 3),
+    TileConfig(64, 64, 8, 2),
+    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 64, 4, 3),
+    TileConfig(64, 128, 4, 2),
+    TileConfig(128, 128, 8, 2),
+    TileConfig(32, 64, 4, 2),
+    TileConfig(64, 32, 4, 3),
+    TileConfig(128, 32, 4, 3),
+]
 
 
-def _time_shape(batch: int, n_q: int, n_k: int, device: torch.device) -> list[tuple[str, str, float, float, int]]:
-    """``(impl, phase, ms, flops, bytes)`` for every implementation and phase at one bf16 shape."""
+def _bench(fn, dry_run: bool) -> float:
+    """Median ms: CUDA events via ``triton.testing.do_bench`` on a GPU, one host-timed call on a dry run."""
+    if dry_run:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        flash_attn_func = None
-    bench = triton.testing.do_bench
-    q = torch.randn(batch, n_q, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(batch, n_k, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
-    grad = torch.randn_like(q)
-    scale = HEAD_DIM**-0.5
-    flops_fwd = 4 * batch * HEADS * n_q * n_k * HEAD_DIM
-    qo_bytes, kv_bytes = q.numel() * 2, k.numel() * 2
-    io = {"fwd": 2 * qo_bytes + 2 * kv_bytes, "bwd": 4 * qo_bytes + 4 * kv_bytes}
-    io["fwd+bwd"] = io["fwd"] + io["bwd"]
-    flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    def sdpa() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+
+def _setting(dry_run: bool) -> dict:
+    """Shapes, heads, head dim, dtype and device of the comparison (tiny float32 CPU ones for a dry run)."""
+    if dry_run:
+        return {"clips": [("tiny", 100, 10)], "batches": (1,), "heads": 2, "dim": 32, "dtype": torch.float32}
+    return {"clips": CLIPS, "batches": (1, 4), "heads": HEADS, "dim": HEAD_DIM, "dtype": torch.bfloat16}
+
+
+def _qkv(batch: int, n_q: int, n_k: int, setting: dict, device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    heads, dim, dtype = setting["heads"], setting["dim"], setting["dtype"]
+    q = torch.randn(batch, n_q, heads, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(batch, n_k, heads, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(batch, n_k, heads, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    return q, k, v, torch.randn(batch, n_q, heads, dim, device=device, generator=gen).to(dtype)
+
+
+def _sdpa_backends(dry_run: bool) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    if dry_run:
+        return {"sdpa-math": SDPBackend.MATH}
+    return {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+
+def _sdpa(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+
+
+def _extra_bytes(fn, dry_run: bool) -> int | None:
+    """Peak bytes ``fn`` allocates on the GPU beyond what was allocated before it (``None`` on a dry run)."""
+    if dry_run:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _shape_rows(batch: int, n_q: int, n_k: int, kv_grad_scale: float, setting: dict, dry_run: bool) -> list[dict]:
+    """``(impl, phase, ms, error)`` rows of every implementation at one shape; V2A adds forward + key mass."""
+    device = "cpu" if dry_run else "cuda"
+    q, k, v, grad = _qkv(batch, n_q, n_k, setting, device)
+    scale = setting["dim"] ** -0.5
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    rows: list[dict] = []
 
     def ours() -> torch.Tensor:
-        return omninft_fast.cross_attention(q, k, v, backend="triton")
+        return omninft_fast.cross_attention(q, k, v, kv_grad_scale=kv_grad_scale, backend="triton")
 
-    impls = {"triton": ours, "sdpa-flash": sdpa}
-    if flash_attn_func is not None:
-        impls["flash-attn"] = lambda: flash_attn_func(q, k, v, softmax_scale=scale)
-    rows = []
-    out_t, lse = attention_forward(q.detach(), k.detach(), v.detach(), scale)
+    out_t, lse = attention_forward(qd, kd, vd, scale)
+    reference = None
+    impls = {"triton": ours}
+    impls |= {name: (lambda b=b: _sdpa(b, q, k, v, scale)) for name, b in _sdpa_backends(dry_run).items()}
+    if not dry_run:
+        try:
+            from flash_attn import flash_attn_func
+
+            impls["flash-attn"] = lambda: flash_attn_func(q, k, v, softmax_scale=scale)
+        except ImportError:
+            pass
     for name, fn in impls.items():
-        out = fn()
-        if name == "triton":
-            ms_fwd = bench(lambda: attention_forward(q.detach(), k.detach(), v.detach(), scale))
-            ms_bwd = bench(lambda: attention_backward(grad, q.detach(), k.detach(), v.detach(), out_t, lse, scale, 1.0))
-        else:
+        try:
             with torch.no_grad():
-                ms_fwd = bench(fn)
-            ms_bwd = bench(lambda out=out: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
-        ms_both = bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
-        for phase, ms in (("fwd", ms_fwd), ("bwd", ms_bwd), ("fwd+bwd", ms_both)):
-            rows.append((name, phase, ms, flops[phase], io[phase]))
-    with torch.no_grad():
-        ms = bench(lambda: attention_key_mass(q, k, lse, scale))
-        rows.append(("triton key mass", "key mass", ms, flops_fwd / 2, qo_bytes + kv_bytes))
-        ms = bench(lambda: naive_key_mass(q, k, scale))
-        rows.append(("naive map + column sum", "key mass", ms, flops_fwd / 2, qo_bytes + kv_bytes))
+                out = fn()
+            if reference is None:
+                reference = out.float()
+            error = float((out.float() - reference).abs().max()) if name != "triton" else None
+            if name == "triton":
+                fwd = _bench(lambda: attention_forward(qd, kd, vd, scale), dry_run)
+                bwd = _bench(lambda: attention_backward(grad, qd, kd, vd, out_t, lse, scale, kv_grad_scale), dry_run)
+            else:
+                with torch.no_grad():
+                    fwd = _bench(fn, dry_run)
+                live = fn()
+                bwd = _bench(lambda live=live: torch.autograd.grad(live, (q, k, v), grad, retain_graph=True), dry_run)
+            both = _bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad), dry_run)
+        except Exception as exc:  # a backend that cannot run this shape is a row, not a crash
+            rows.append({"impl": name, "phase": "fwd", "ms": None, "error": f"{type(exc).__name__}: {exc}"[:160]})
+            continue
+        rows += [
+            {"impl": name, "phase": p, "ms": ms, "max_abs_diff_vs_triton": error}
+            for p, ms in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both))
+        ]
+    sdpa_fwd = [r for r in rows if r["impl"].startswith("sdpa") and r["phase"] == "fwd" and r["ms"]]
+    if n_q < n_k and sdpa_fwd:
+        best = min(sdpa_fwd, key=lambda r: r["ms"])
+        backend = _sdpa_backends(dry_run)[best["impl"]]
+
+        def ours_mass() -> torch.Tensor:
+            _, lse = attention_forward(qd, kd, vd, scale)
+            return attention_key_mass(qd, kd, lse, scale)
+
+        def naive_mass() -> torch.Tensor:
+            with torch.no_grad():
+                _sdpa(backend, qd, kd, vd, scale)
+                return naive_key_mass(qd, kd, scale)
+
+        mass_only = {
+            "triton": lambda: attention_key_mass(qd, kd, lse, scale),
+            "naive": lambda: naive_key_mass(qd, kd, scale),
+        }
+        for (name, fn), alone in zip(
+            (("triton fwd + key mass", ours_mass), (f"{best['impl']} + map column sum", naive_mass)),
+            mass_only.values(),
+            strict=True,
+        ):
+            rows.append(
+                {
+                    "impl": name,
+                    "phase": "fwd+key mass",
+                    "ms": _bench(fn, dry_run),
+                    "key_mass_extra_bytes": _extra_bytes(alone, dry_run),
+                }
+            )
     return rows
 
 
-def gpu_timings(device: torch.device, batches: tuple[int, ...]) -> list[dict]:
-    """ms, TFLOP/s, GB/s and fraction of the memory floor of each implementation at each shape (bf16)."""
-    peak_bw = _bandwidth(device)
+def attention_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> list[dict]:
+    """Every implementation and phase at LTX-2's cross-modal shapes (A2V with ``kv_grad_scale`` 0.9, V2A with key
+    mass), with TFLOP/s, achieved TB/s, the fraction of the memory floor (bytes each input is read and each output
+    written once, at the measured copy bandwidth) and the speed-up over the fastest SDPA backend of the phase."""
+    setting = _setting(dry_run)
+    heads, dim = setting["heads"], setting["dim"]
+    element = torch.finfo(setting["dtype"]).bits // 8
+    table = []
+    for batch in setting["batches"]:
+        for clip, video, audio in setting["clips"]:
+            for direction, n_q, n_k, kv in (("A2V", video, audio, 0.9), ("V2A", audio, video, 1.0)):
+                rows = _shape_rows(batch, n_q, n_k, kv, setting, dry_run)
+                flops_fwd = 4 * batch * heads * n_q * n_k * dim
+                q_bytes, k_bytes = batch * n_q * heads * dim * element, batch * n_k * heads * dim * element
+                io = {"fwd": 2 * q_bytes + 2 * k_bytes, "bwd": 4 * q_bytes + 4 * k_bytes}
+                io |= {"fwd+bwd": io["fwd"] + io["bwd"], "fwd+key mass": q_bytes * 2 + k_bytes * 2}
+                flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
+                flops["fwd+key mass"] = 1.5 * flops_fwd
+                sdpa_best = {}
+                for row in rows:
+                    if row["impl"].startswith("sdpa") and row["ms"] and "+" not in row["impl"]:
+                        sdpa_best[row["phase"]] = min(sdpa_best.get(row["phase"], float("inf")), row["ms"])
+                for row in rows:
+                    ms = row["ms"]
+                    entry = {"clip": clip, "direction": direction, "B": batch, "Nq": n_q, "Nk": n_k, **row}
+                    if ms:
+                        phase = row["phase"]
+                        entry["TFLOP/s"] = flops[phase] / ms / 1e9
+                        entry["TB/s"] = io[phase] / ms / 1e9
+                        if copy_bytes_per_s:
+                            entry["memory_floor_fraction"] = io[phase] / copy_bytes_per_s * 1e3 / ms
+                        baseline = sdpa_best.get(phase)
+                        if phase == "fwd+key mass":
+                            baseline = next((r["ms"] for r in rows if "column sum" in r["impl"]), None)
+                        entry["speedup_vs_sdpa_best"] = baseline / ms if baseline else None
+                    table.append(entry)
+    return table
+
+
+def _tile_row(tile: TileConfig, q, k, v, grad, ref, ref_grads, dry_run: bool) -> dict:
+    """Times and largest errors (against SDPA's output and gradients) of one tile configuration."""
+    scale = q.shape[-1] ** -0.5
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    row: dict = {"tile": f"{tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"}
+    try:
+        out, lse = attention_forward(qd, kd, vd, scale, tile=tile)
+        grads = attention_backward(grad, qd, kd, vd, out, lse, scale, 1.0, tile=tile)
+        row["fwd_ms"] = _bench(lambda: attention_forward(qd, kd, vd, scale, tile=tile), dry_run)
+        row["bwd_ms"] = _bench(lambda: attention_backward(grad, qd, kd, vd, out, lse, scale, 1.0, tile=tile), dry_run)
+        row["key_mass_ms"] = _bench(lambda: attention_key_mass(qd, kd, lse, scale, tile=tile), dry_run)
+        row["err_out"] = float((out.float() - ref.float()).abs().max())
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+            row[f"err_{name}"] = float((got.float() - want.float()).abs().max())
+    except Exception as exc:  # a tile that does not compile or fit is a row
+        row["error"] = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
+def tile_sweep(dry_run: bool) -> list[dict]:
+    """Forward, backward and key-mass time of each candidate tile at the 5 s clip (B = 1), A2V and V2A, with the
+    largest difference from SDPA's output and gradients: the data for a tuned tile table."""
+    setting = _setting(dry_run)
+    device = "cpu" if dry_run else "cuda"
+    candidates = TILE_CANDIDATES[:2] if dry_run else TILE_CANDIDATES
+    clip, video, audio = setting["clips"][0]
+    backend = next(iter(_sdpa_backends(dry_run).values())) if dry_run else _sdpa_backends(False)["sdpa-efficient"]
     rows = []
-    for batch in batches:
-        for clip, video, audio in CLIPS:
-            for direction, n_q, n_k in (("A2V", video, audio), ("V2A", audio, video)):
-                shape = (batch, HEADS, n_q, n_k, HEAD_DIM)
-                for impl, phase, ms, flops, io_bytes in _time_shape(batch, n_q, n_k, device):
-                    rows.append(
-                        {
-                            "clip": clip,
-                            "direction": direction,
-                            "B,H,Nq,Nk,D": shape,
-                            "impl": impl,
-                            "phase": phase,
-                            "ms": round(ms, 4),
-                            "TFLOP/s": round(flops / ms / 1e9, 1),
-                            "GB/s": round(io_bytes / ms / 1e6, 1),
-                            "memory_floor_fraction": round(io_bytes / peak_bw * 1e3 / ms, 3),
-                        }
-                    )
+    for direction, n_q, n_k in (("A2V", video, audio), ("V2A", audio, video)):
+        q, k, v, grad = _qkv(1, n_q, n_k, setting, device, seed=1)
+        ref = _sdpa(backend, q, k, v, q.shape[-1] ** -0.5)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+        for tile in candidates:
+            row = _tile_row(tile, q, k, v, grad, ref.detach(), ref_grads, dry_run)
+            rows.append({"clip": clip, "direction": direction, **row})
     return rows
 
 
@@ -238,7 +386,7 @@ def main() -> None:
     started = time.time()
     report["compile_check_sm90a"] = [] if args.skip_compile else compile_table()
     report["key_mass_memory"] = key_mass_memory(device, batches)
-    report["gpu_timings"] = gpu_timings(device, batches) if cuda else "GPU timings need a CUDA device"
+    report["gpu_timings"] = attention_comparison(False) if cuda else "GPU timings need a CUDA device"
     report["seconds"] = round(time.time() - started, 1)
 
     RESULTS.mkdir(parents=True, exist_ok=True)

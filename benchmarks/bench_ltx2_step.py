@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -36,54 +38,93 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FRAMES, HEIGHT, WIDTH, AUDIO_TOKENS, CHANNELS = 16, 16, 24, 126, 128
-VIDEO_HEADS, VIDEO_HEAD_DIM, AUDIO_HEADS, AUDIO_HEAD_DIM = 2, 32, 2, 16
+CHANNELS = 128
 ALPHA, BETA, LAM = 0.1, 1.0, 1.5
 
 
-def _build(layers: int, batch: int, device: str) -> tuple[nn.Module, dict]:
-    """A random tiny-width ``LTXModel`` and one batch of step inputs."""
-    from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier
-    from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Widths (heads x head dim per stream), latent grid and text tokens of a benchmarked LTX-2."""
+
+    video_heads: int
+    video_head_dim: int
+    audio_heads: int
+    audio_head_dim: int
+    frames: int = 16
+    height: int = 16
+    width: int = 24
+    audio_tokens: int = 126
+    text_tokens: int = 16
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    def describe(self) -> str:
+        return (
+            f"video {self.video_heads}x{self.video_head_dim}, audio {self.audio_heads}x{self.audio_head_dim}, "
+            f"{self.video_tokens} video / {self.audio_tokens} audio / {self.text_tokens} text tokens"
+        )
+
+
+# Tiny widths at the real token counts of a 121-frame 768x512 clip; the 19B model's widths; a dry run's toy.
+TINY = Size(2, 32, 2, 16)
+LTX2_19B = Size(32, 128, 32, 64, text_tokens=128)
+TOY = Size(2, 32, 2, 16, frames=2, height=4, width=6, audio_tokens=10, text_tokens=4)
+
+
+def _ltx_model(layers: int, size: Size, video_dim: int, audio_dim: int) -> nn.Module:
     from ltx_core.model.transformer.attention import AttentionFunction
-    from ltx_core.model.transformer.modality import Modality
     from ltx_core.model.transformer.model import LTXModel, LTXModelType
     from ltx_core.model.transformer.rope import LTXRopeType
-    from ltx_core.tools import AudioLatentTools, VideoLatentTools
-    from ltx_core.types import AudioLatentShape, VideoLatentShape
 
-    video_dim, audio_dim = VIDEO_HEADS * VIDEO_HEAD_DIM, AUDIO_HEADS * AUDIO_HEAD_DIM
-    model = LTXModel(
+    return LTXModel(
         model_type=LTXModelType.AudioVideo,
         num_layers=layers,
-        num_attention_heads=VIDEO_HEADS,
-        attention_head_dim=VIDEO_HEAD_DIM,
+        num_attention_heads=size.video_heads,
+        attention_head_dim=size.video_head_dim,
         cross_attention_dim=video_dim,
-        audio_num_attention_heads=AUDIO_HEADS,
-        audio_attention_head_dim=AUDIO_HEAD_DIM,
+        audio_num_attention_heads=size.audio_heads,
+        audio_attention_head_dim=size.audio_head_dim,
         audio_cross_attention_dim=audio_dim,
         rope_type=LTXRopeType.SPLIT,
         attention_type=AttentionFunction.PYTORCH,
     )
-    gen = torch.Generator().manual_seed(0)
+
+
+def _build(layers: int, batch: int, device: str, size: Size = TINY) -> tuple[nn.Module, dict]:
+    """A random ``LTXModel`` of ``size`` and one batch of step inputs. Parameters are drawn with std 0.1, capped at
+    ``2 / sqrt(fan_in)`` for matrices so wide models stay in bf16's range (norm scales: 1 + 0.1 noise)."""
+    from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier
+    from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+    from ltx_core.model.transformer.modality import Modality
+    from ltx_core.tools import AudioLatentTools, VideoLatentTools
+    from ltx_core.types import AudioLatentShape, VideoLatentShape
+
+    video_dim, audio_dim = size.video_heads * size.video_head_dim, size.audio_heads * size.audio_head_dim
+    with torch.device(device):
+        model = _ltx_model(layers, size, video_dim, audio_dim).to(device)
+    param_gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
-    model.to(device)
+            noise = torch.randn(param.shape, generator=param_gen, device=device)
+            std = min(0.1, 2 / math.sqrt(param.shape[-1])) if param.dim() == 2 else 0.1
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else std * noise)
+    # Inputs come from a CPU stream: on the CPU the one that drew the parameters, so old results reproduce.
+    gen = param_gen if device == "cpu" else torch.Generator().manual_seed(0)
 
     video = VideoLatentTools(
-        VideoLatentPatchifier(1), VideoLatentShape(batch, CHANNELS, FRAMES, HEIGHT, WIDTH), fps=24.0
+        VideoLatentPatchifier(1), VideoLatentShape(batch, CHANNELS, size.frames, size.height, size.width), fps=24.0
     ).create_initial_state(device, torch.float32)
     audio = AudioLatentTools(
-        AudioPatchifier(1), AudioLatentShape(batch, 8, AUDIO_TOKENS, CHANNELS // 8)
+        AudioPatchifier(1), AudioLatentShape(batch, 8, size.audio_tokens, CHANNELS // 8)
     ).create_initial_state(device, torch.float32)
     sigma = torch.rand(batch, generator=gen).to(device)
 
     def modality(state, width: int) -> Modality:
         latent = torch.randn(state.latent.shape, generator=gen).to(device)
         timesteps = sigma[:, None].expand(batch, latent.shape[1])
-        context = torch.randn(batch, 16, width, generator=gen).to(device)
+        context = torch.randn(batch, size.text_tokens, width, generator=gen).to(device)
         return Modality(latent=latent, sigma=sigma, timesteps=timesteps, positions=state.positions, context=context)
 
     inputs = {
@@ -91,7 +132,8 @@ def _build(layers: int, batch: int, device: str) -> tuple[nn.Module, dict]:
         "audio": modality(audio, audio_dim),
         "perturbations": BatchedPerturbationConfig.empty(batch),
     }
-    targets = [torch.randn(batch, n, CHANNELS, generator=gen).to(device) for n in (FRAMES * HEIGHT * WIDTH, 126)]
+    tokens = (size.video_tokens, size.audio_tokens)
+    targets = [torch.randn(batch, n, CHANNELS, generator=gen).to(device) for n in tokens]
     r = torch.rand(batch, generator=gen).to(device)
     return model, {"inputs": inputs, "targets": targets, "r": r}
 
@@ -167,10 +209,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure(name: str, layers: int, batch: int, repeats: int, device: str, threads: int, queue) -> None:
-    """Runs in a child process: build, warm up, time ``repeats`` steps, report time, memory and a checksum."""
-    torch.set_num_threads(threads)
-    model, data = _build(layers, batch, device)
+def _time_steps(
+    name: str, layers: int, batch: int, repeats: int, device: str, size: Size = TINY, bf16: bool = False
+) -> dict:
+    """Build, warm up, time ``repeats`` steps of one implementation; time, peak memory, loss and gradient norms.
+
+    ``bf16`` runs the step under CUDA bf16 autocast (float32 master weights), as the trainer does on a GPU.
+    """
+    model, data = _build(layers, batch, device, size)
     old = copy.deepcopy(model).requires_grad_(False)
     boundary = layers // 2
     deep = list(range(boundary, layers))
@@ -183,7 +229,8 @@ def _measure(name: str, layers: int, batch: int, repeats: int, device: str, thre
         model.zero_grad(set_to_none=True)
         sync()
         start = time.perf_counter()
-        loss = step(data)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = step(data)
         sync()
         return time.perf_counter() - start, float(loss.detach())
 
@@ -199,17 +246,111 @@ def _measure(name: str, layers: int, batch: int, repeats: int, device: str, thre
         part: float(torch.stack([p.grad.norm() for n, p in model.named_parameters() if part in n]).norm())
         for part in ("audio_to_video_attn.to_k", "audio_to_video_attn.to_v", "patchify_proj", "proj_out")
     }
-    queue.put(
-        {
-            "impl": name,
-            "warmup_s": warm,
-            "times_s": times,
-            "median_s": statistics.median(times),
-            "peak_mib": (peak - base) / 2**20,
-            "loss": loss,
-            "grad_norms": grad_norms,
-        }
-    )
+    return {
+        "impl": name,
+        "warmup_s": warm,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "peak_mib": (peak - base) / 2**20,
+        "loss": loss,
+        "grad_norms": grad_norms,
+    }
+
+
+def _measure(name: str, layers: int, batch: int, repeats: int, device: str, threads: int, queue) -> None:
+    """Runs in a child process: ``_time_steps`` with ``threads`` CPU threads, result to ``queue``."""
+    torch.set_num_threads(threads)
+    queue.put(_time_steps(name, layers, batch, repeats, device))
+
+
+def _block_bytes(size: Size) -> int:
+    """float32 bytes of one transformer block of ``size`` (built on the meta device)."""
+    video_dim, audio_dim = size.video_heads * size.video_head_dim, size.audio_heads * size.audio_head_dim
+    with torch.device("meta"):
+        block = _ltx_model(1, size, video_dim, audio_dim).transformer_blocks[0]
+    return 4 * sum(p.numel() for p in block.parameters())
+
+
+def step_comparison(dry_run: bool) -> dict:
+    """One OmniNFT step (old-policy forward with V2A key mass, current forward with surgery, NFT loss, backward) of
+    a reduced-depth LTX-2 at the 19B model's widths in bf16 autocast: straightforward vs engine, in one process.
+
+    Depth: as many blocks as fit in a quarter of the free GPU memory at about 4 block copies each (weights, old
+    policy, gradients, bf16 casts), between 2 and 12; a dry run takes 2 tiny blocks on the CPU."""
+    if dry_run:
+        size, device, layers, repeats = TOY, "cpu", 2, 1
+    else:
+        size, device, repeats = LTX2_19B, "cuda", 3
+        free, _ = torch.cuda.mem_get_info()
+        layers = max(2, min(12, int(free / 4 / (4 * _block_bytes(size)))))
+    rows = []
+    for name in ("straightforward", "engine"):
+        rows.append(_time_steps(name, layers, 1, repeats, device, size, bf16=not dry_run))
+        if not dry_run:
+            torch.cuda.empty_cache()
+    base, engine = rows
+    return {
+        "config": f"{layers} blocks, {size.describe()}, batch 1, " + ("float32" if dry_run else "bf16 autocast"),
+        "rows": [{k: v for k, v in row.items() if k != "grad_norms"} for row in rows],
+        "speedup_median": base["median_s"] / engine["median_s"],
+        "memory_ratio": base["peak_mib"] / engine["peak_mib"] if engine["peak_mib"] > 0 else None,
+        "loss_relative_difference": abs(base["loss"] - engine["loss"]) / abs(base["loss"]),
+        "grad_norm_relative_differences": {
+            k: abs(v - engine["grad_norms"][k]) / max(abs(v), 1e-30) for k, v in base["grad_norms"].items()
+        },
+    }
+
+
+def block_comparison(dry_run: bool) -> dict:
+    """One LTX-2 block at the 19B model's widths (video 32x128, audio 32x64), 6144 video / 126 audio tokens,
+    forward + backward under bf16 autocast: unpatched (ltx-core's SDPA attention) vs ``ltx2.patch`` with and
+    without Eq 8 surgery (``alpha = 0.1``) on the Triton backend; times, peak memory and output agreement."""
+    from omninft_fast import ltx2
+
+    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    variants = {"unpatched": None, "patched, no surgery": [0.0], "patched, surgery alpha=0.1": [ALPHA]}
+    rows, outputs = [], {}
+    for name, detach in variants.items():
+        model, data = _build(1, 1, device, size)
+        if name != "unpatched":
+            ltx2.patch(model, detach=detach, backend="triton")
+        gen = torch.Generator(device=device).manual_seed(1)
+        weights = [torch.randn(t.shape, generator=gen, device=device) for t in data["targets"]]
+
+        def step(model=model, data=data, weights=weights) -> None:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
+                v, a = model(**data["inputs"])
+            ((v.float() * weights[0]).sum() + (a.float() * weights[1]).sum()).backward()
+
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
+            outputs[name] = [x.float() for x in model(**data["inputs"])]
+        row = {"variant": name}
+        if dry_run:
+            step()
+            start = time.perf_counter()
+            step()
+            row["ms"] = (time.perf_counter() - start) * 1e3
+        else:
+            import triton.testing
+
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row["ms"] = triton.testing.do_bench(step, warmup=100, rep=1000, return_mode="median")
+        reference = outputs["unpatched"]
+        row["max_rel_diff_vs_unpatched"] = max(
+            float((x - y).abs().max() / y.abs().max()) for x, y in zip(outputs[name], reference, strict=True)
+        )
+        rows.append(row)
+        del model
+    for row in rows:
+        row["time_vs_unpatched"] = row["ms"] / rows[0]["ms"]
+    return {"config": f"1 block, {size.describe()}, batch 1", "rows": rows}
 
 
 def _run_child(context, name: str, args: argparse.Namespace) -> dict:
@@ -279,10 +420,10 @@ def main() -> None:
         "config": {
             "layers": args.layers,
             "batch": args.batch,
-            "video_tokens": FRAMES * HEIGHT * WIDTH,
-            "audio_tokens": AUDIO_TOKENS,
-            "video_width": f"{VIDEO_HEADS}x{VIDEO_HEAD_DIM}",
-            "audio_width": f"{AUDIO_HEADS}x{AUDIO_HEAD_DIM}",
+            "video_tokens": TINY.video_tokens,
+            "audio_tokens": TINY.audio_tokens,
+            "video_width": f"{TINY.video_heads}x{TINY.video_head_dim}",
+            "audio_width": f"{TINY.audio_heads}x{TINY.audio_head_dim}",
             "threads": args.threads,
         },
         "results": [base, engine],
@@ -298,8 +439,8 @@ def main() -> None:
     lines = [
         f"# One OmniNFT step, tiny-width LTX-2 at 6144 video / 126 audio tokens ({machine})",
         "",
-        f"`{command}`; torch {torch.__version__}; video {VIDEO_HEADS}x{VIDEO_HEAD_DIM}, audio "
-        f"{AUDIO_HEADS}x{AUDIO_HEAD_DIM}, {args.layers} blocks, batch {args.batch}; 1-minute load average "
+        f"`{command}`; torch {torch.__version__}; video {TINY.video_heads}x{TINY.video_head_dim}, audio "
+        f"{TINY.audio_heads}x{TINY.audio_head_dim}, {args.layers} blocks, batch {args.batch}; 1-minute load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared).",
         "",
         f"| implementation | best step (s) | median step (s) | all steps (s) | {memory} (MiB) | loss |",

@@ -1,13 +1,13 @@
 """Benchmark of the fused NFT loss (forward + backward, as a training step runs it).
 
-CPU: the eager PyTorch reference vs the C++ extension at velocity sizes from the LTX-2 audio stream up to 1 GiB
-per tensor, each with a ``clone()`` of the same bytes measured in the same run. Achieved bandwidth counts the
+CPU (``main``): the eager PyTorch reference vs the C++ extension at velocity sizes from the LTX-2 audio stream up to
+1 GiB per tensor, each with a ``clone()`` of the same bytes measured in the same run. Achieved bandwidth counts the
 bytes the fused op must move (``v_theta``, ``v_old``, ``target`` read once, the gradient written once: 4x the
-tensor) and is reported as a fraction of the clone's (2x the tensor). CUDA (only where a GPU is present): Triton
-vs eager vs ``torch.compile`` of the reference vs a device copy.
+tensor) and is reported as a fraction of the clone's (2x the tensor). CUDA (``gpu_comparison``, run by
+``benchmarks/gpu_check.py``): Triton vs eager vs ``torch.compile`` of the reference vs a device copy.
 
 Usage: ``python benchmarks/bench_nft_loss.py [--max-mib 1024] [--repeats 5]``; writes
-``benchmarks/results/nft_loss_cpu.{json,md}`` (and ``nft_loss_cuda.{json,md}`` on a GPU).
+``benchmarks/results/nft_loss_cpu.{json,md}``.
 """
 
 from __future__ import annotations
@@ -116,37 +116,75 @@ def bench_cpu(max_mib: int, repeats: int, threads: int) -> list[dict]:
     return rows
 
 
-def bench_cuda(max_mib: int, repeats: int) -> list[dict]:
-    from omninft_fast.kernels.nft_loss import nft_loss_triton
+# (label, shape, dtype) of the GPU comparison: LTX-2's streams (5 s 768x512 audio and video, B = 1 and 4; 5 s
+# 1280x704 video), then fp32 tensors of 16 MiB to 1 GiB, and bf16 at the large sizes.
+GPU_CASES = [
+    ("ltx2 audio B=1", (1, 126, CHANNELS), torch.float32),
+    ("ltx2 video B=1", (1, 6144, CHANNELS), torch.float32),
+    ("ltx2 video B=4", (4, 6144, CHANNELS), torch.float32),
+    ("ltx2 video 1280x704 B=4", (4, 14080, CHANNELS), torch.float32),
+    ("ltx2 video B=4 bf16", (4, 6144, CHANNELS), torch.bfloat16),
+    *((f"{mib} MiB", (1, mib * 2**20 // (4 * CHANNELS), CHANNELS), torch.float32) for mib in (16, 64, 256, 1024)),
+    ("256 MiB-of-fp32 in bf16", (1, 2**28 // (4 * CHANNELS), CHANNELS), torch.bfloat16),
+]
+DRY_RUN_CASES = [("tiny", (2, 50, CHANNELS), torch.float32), ("ltx2 audio B=1", (1, 126, CHANNELS), torch.float32)]
 
-    compiled = torch.compile(nft_loss_reference)
+
+def gpu_comparison(dry_run: bool = False, copy_bytes_per_s: float | None = None) -> list[dict]:
+    """Fused NFT loss step (forward + backward, fresh gradient) through ``omninft_fast.nft_loss``: Triton vs the
+    eager reference vs ``torch.compile`` of the reference vs a device copy of the same bytes, all timed in one run.
+    The fused step must read ``v_theta``, ``v_old``, ``target`` once and write the gradient once (4x the tensor);
+    its bandwidth is quoted against the copy of this run and the environment's measured copy bandwidth."""
+    import functools
+
+    import omninft_fast
+
+    device = "cpu" if dry_run else "cuda"
+    impls = {
+        "triton": functools.partial(omninft_fast.nft_loss, backend="triton"),
+        "eager": functools.partial(omninft_fast.nft_loss, backend="reference"),
+    }
+    if not dry_run:
+        impls["compile"] = torch.compile(functools.partial(omninft_fast.nft_loss, backend="reference"))
     rows = []
-    for label, tokens in _cases(max_mib):
-        theta, args = _inputs(tokens, "cuda")
+    for label, shape, dtype in DRY_RUN_CASES if dry_run else GPU_CASES:
+        g = torch.Generator(device=device).manual_seed(0)
+        theta = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
+        old, target = (torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(2))
+        r = torch.rand(shape[0], generator=g, device=device)
+        weight = torch.rand(shape[:2], generator=g, device=device) + 0.5
         nbytes = theta.numel() * theta.element_size()
         dst = torch.empty_like(theta)
-        sync = torch.cuda.synchronize
-        times = {
-            "copy": _best(lambda theta=theta, dst=dst: dst.copy_(theta), repeats, sync),
-            "triton": _best(_step(nft_loss_triton, theta, args), repeats, sync),
-            "eager": _best(_step(nft_loss_reference, theta, args), repeats, sync),
-            "compile": _best(_step(compiled, theta, args), repeats, sync),
-        }
-        copy_bw = 2 * nbytes / times["copy"]
-        rows.append(
-            {
-                "case": label,
-                "shape": [1, tokens, CHANNELS],
-                "mib_per_tensor": nbytes / 2**20,
-                **{f"{name}_ms": t * 1e3 for name, t in times.items()},
-                "speedup_vs_eager": times["eager"] / times["triton"],
-                "speedup_vs_compile": times["compile"] / times["triton"],
-                "triton_gb_per_s": 4 * nbytes / times["triton"] / 1e9,
-                "fraction_of_copy_bandwidth": 4 * nbytes / times["triton"] / copy_bw,
-            }
-        )
-        print(rows[-1], flush=True)
+        times = {"copy": _device_ms(lambda dst=dst, theta=theta: dst.copy_(theta), dry_run)}
+        for name, impl in impls.items():
+
+            def step(impl=impl, theta=theta, old=old, target=target, r=r, weight=weight) -> None:
+                theta.grad = None
+                impl(theta, old, target, r, beta=1.0, token_weight=weight).backward()
+
+            times[name] = _device_ms(step, dry_run)
+        row = {"case": label, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "MiB": nbytes / 2**20}
+        row |= {f"{name}_ms": ms for name, ms in times.items()}
+        fused_bw = 4 * nbytes / (times["triton"] * 1e-3)
+        row["triton_TB/s"] = fused_bw / 1e12
+        row["fraction_of_copy_here"] = fused_bw / (2 * nbytes / (times["copy"] * 1e-3))
+        if copy_bytes_per_s:
+            row["fraction_of_peak_copy"] = fused_bw / copy_bytes_per_s
+        row["speedup_vs_eager"] = times["eager"] / times["triton"]
+        if "compile" in times:
+            row["speedup_vs_compile"] = times["compile"] / times["triton"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
+
+
+def _device_ms(fn: Callable[[], object], dry_run: bool) -> float:
+    """Median ms via CUDA events (``triton.testing.do_bench``), or the best of three host-timed calls."""
+    if dry_run:
+        return _best(fn, 3) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _format_row(row: dict) -> str:
@@ -215,12 +253,6 @@ def main() -> None:
         "",
     ]
     (RESULTS / "nft_loss_cpu.md").write_text("\n".join(lines))
-    if torch.cuda.is_available():
-        rows = bench_cuda(args.max_mib, args.repeats)
-        (RESULTS / "nft_loss_cuda.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-        (RESULTS / "nft_loss_cuda.md").write_text(
-            "# NFT loss on CUDA (forward + backward)\n\n" + "\n".join(json.dumps(row) for row in rows) + "\n"
-        )
 
 
 if __name__ == "__main__":

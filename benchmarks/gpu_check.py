@@ -1,0 +1,303 @@
+"""The one-shot GPU check: every kernel test and benchmark on one H100/H200 in a few minutes, as markdown + JSON.
+
+Sections, each run in its own child process with its own time limit (a failing or hanging section records its error
+and the others still run; a CUDA fault cannot poison the rest):
+
+1. ``environment``: GPU, SM count, driver, library versions, and the two ceilings every ratio is quoted against:
+   device-to-device copy bandwidth (bytes read + written) and bf16 GEMM TFLOP/s, both measured.
+2. ``tests``: the CUDA tests (``tests/test_cuda.py``, the Triton attention tests on CUDA tensors, the sm_90a compile
+   check) through pytest, as a pass/fail table.
+3. ``attention``: A2V (with ``kv_grad_scale``) and V2A cross-attention at LTX-2 shapes against SDPA (flash and
+   efficient backends) and flash-attn where installed: fwd, bwd, fwd+bwd; V2A forward + key mass against SDPA plus
+   a materialised-map column sum, with its extra memory.
+4. ``nft_loss``: the fused NFT loss (forward + backward) against a device copy, eager and ``torch.compile`` of the
+   reference.
+5. ``ltx2_block``: one LTX-2 block at the 19B model's widths, forward + backward, patched vs unpatched.
+6. ``omninft_step``: one OmniNFT step of a reduced-depth 19B-width LTX-2, engine vs straightforward.
+7. ``tiles``: a sweep of attention tile configurations at LTX-2 shapes (correctness against SDPA and time), the
+   data for the tuned tile table.
+
+``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
+works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
+``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b] [--budget-s 480]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Section name -> the most seconds it may take (the run's budget left caps it further).
+SECTIONS: dict[str, int] = {
+    "environment": 60,
+    "tests": 170,
+    "attention": 150,
+    "nft_loss": 90,
+    "ltx2_block": 90,
+    "omninft_step": 120,
+    "tiles": 150,
+}
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
+
+
+def _bench(fn: Callable[[], object], dry_run: bool) -> float:
+    """Median milliseconds of ``fn``: CUDA events through ``triton.testing.do_bench`` (L2 flushed), or a host timer."""
+    if dry_run:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _ceilings(work: Path) -> dict:
+    """The environment section's measured ceilings (``None`` when it did not run)."""
+    path = work / "environment.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        if "copy_bytes_per_s" in data:
+            return data
+    return {"copy_bytes_per_s": None, "bf16_gemm_flops": None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections. Each takes (work folder, dry_run) and returns a JSON-able dict; markdown comes from _render.
+
+
+def section_environment(work: Path, dry_run: bool) -> dict:
+    import torch
+    import triton
+
+    info: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda_runtime": torch.version.cuda,
+    }
+    for name in ("flash_attn", "transformer_engine", "apex", "deepspeed", "ltx_core", "diffusers"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "installed")
+        except Exception as exc:  # an optional library may fail in any way on import
+            info[name] = f"missing ({type(exc).__name__})"
+    if dry_run:
+        device, dtype, n, gemm = "cpu", torch.float32, 2**22, 256
+        info["gpu"] = f"none (dry run on {os.cpu_count()}-core {platform.machine()} CPU)"
+    else:
+        device, dtype, n, gemm = "cuda", torch.bfloat16, 2**30, 8192
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "gpu": props.name,
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+            "capability": f"{props.major}.{props.minor}",
+        }
+        query = "driver_version,clocks.max.sm,clocks.max.mem,power.limit"
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            info[f"nvidia_smi ({query})"] = smi.stdout.strip() or smi.stderr.strip()
+        except OSError as exc:
+            info["nvidia_smi"] = f"not available ({exc})"
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), dry_run)
+    info["copy_bytes_per_s"] = 2 * src.numel() * 4 / (ms * 1e-3)
+    a = torch.randn(gemm, gemm, device=device, dtype=dtype)
+    b = torch.randn(gemm, gemm, device=device, dtype=dtype)
+    ms = _bench(lambda: a @ b, dry_run)
+    info["bf16_gemm_flops"] = 2 * gemm**3 / (ms * 1e-3)
+    info["copy_TB_per_s"] = round(info["copy_bytes_per_s"] / 1e12, 3)
+    info["bf16_gemm_TFLOP_per_s"] = round(info["bf16_gemm_flops"] / 1e12, 1)
+    return info
+
+
+def section_tests(work: Path, dry_run: bool) -> dict:
+    import xml.etree.ElementTree as ET
+
+    report = work / "tests_junit.xml"
+    env = dict(os.environ)
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+        files = ["tests/test_cuda.py"]
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        files = CUDA_TESTS
+    # -P: the working tree's omninft_fast/ must not shadow the installed package (scripts/gpu_check.sh).
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *files]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    rows = []
+    for case in ET.parse(report).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (child.get("message") or "").splitlines()[0][:200] if child.get("message") else ""
+        rows.append(
+            {
+                "test": f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": round(float(case.get("time", 0)), 2),
+                "message": message,
+            }
+        )
+    counts = {k: sum(r["outcome"] == k for r in rows) for k in ("passed", "failed", "error", "skipped")}
+    return {"command": " ".join(command[1:]), "exit_code": done.returncode, "counts": counts, "tests": rows}
+
+
+def section_attention(work: Path, dry_run: bool) -> dict:
+    from bench_cross_attention import attention_comparison
+
+    return {"rows": attention_comparison(dry_run, _ceilings(work)["copy_bytes_per_s"])}
+
+
+def section_nft_loss(work: Path, dry_run: bool) -> dict:
+    from bench_nft_loss import gpu_comparison
+
+    return {"rows": gpu_comparison(dry_run, _ceilings(work)["copy_bytes_per_s"])}
+
+
+def section_ltx2_block(work: Path, dry_run: bool) -> dict:
+    from bench_ltx2_step import block_comparison
+
+    return block_comparison(dry_run)
+
+
+def section_omninft_step(work: Path, dry_run: bool) -> dict:
+    from bench_ltx2_step import step_comparison
+
+    return step_comparison(dry_run)
+
+
+def section_tiles(work: Path, dry_run: bool) -> dict:
+    from bench_cross_attention import tile_sweep
+
+    return {"rows": tile_sweep(dry_run)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver: one child process per section, then the report.
+
+
+def _run_section(name: str, work: Path, dry_run: bool) -> None:
+    """Child process body: run one section, write ``<work>/<name>.json`` (the result or the error)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    started = time.time()
+    try:
+        result = globals()[f"section_{name}"](work, dry_run)
+        result = {"status": "ok", **result}
+    except Exception as exc:  # a section's failure is data: record it, let the others run
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    result["seconds"] = round(time.time() - started, 1)
+    (work / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def _table(rows: list[dict], keys: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    keys = keys or list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _render(results: dict[str, dict], args: argparse.Namespace) -> str:
+    env = results.get("environment", {})
+    lines = [f"# GPU check: {env.get('gpu', 'unknown device')}", ""]
+    lines += [f"`{' '.join(sys.argv)}` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    for name, result in results.items():
+        lines += [f"## {name} ({result.get('status')}, {result.get('seconds', '?')} s)", ""]
+        if result.get("status") != "ok":
+            lines += ["```", result.get("error", ""), (result.get("traceback") or "")[-3000:], "```", ""]
+            continue
+        if name == "environment":
+            keys = [k for k in result if k not in ("status", "seconds", "copy_bytes_per_s", "bf16_gemm_flops")]
+            lines += [f"- {k}: {result[k]}" for k in keys] + [""]
+        elif name == "tests":
+            lines += [f"`{result['command']}` exit {result['exit_code']}: {result['counts']}", ""]
+            failed = [row for row in result["tests"] if row["outcome"] in ("failed", "error")]
+            lines += ["Failures:", "", _table(failed)] if failed else []
+            lines += ["All tests:", "", _table(result["tests"])]
+        else:
+            lines.append(_table(result.get("rows", [])))
+            summary = {k: v for k, v in result.items() if k not in ("status", "seconds", "rows")}
+            if summary:
+                lines += ["```json", json.dumps(summary, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md, .json and gpu_check.log")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections")
+    parser.add_argument("--section", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.section:
+        _run_section(args.section, args.work, args.dry_run)
+        return
+    if (args.out / "gpu_check.json").exists():
+        raise SystemExit(f"--out: {args.out} already holds a GPU check; choose another folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    env = dict(os.environ)
+    if args.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    deadline = time.time() + args.budget_s
+    results: dict[str, dict] = {}
+    for name in names:
+        left = deadline - time.time()
+        limit = min(SECTIONS[name], left)
+        if limit < 5:
+            results[name] = {"status": "skipped", "error": "the run's time budget was spent"}
+            continue
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--section", name]
+        command += ["--work", str(work)] + (["--dry-run"] if args.dry_run else [])
+        log = (work / f"{name}.log").open("w")
+        started = time.time()
+        try:
+            done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=REPO)
+            path = work / f"{name}.json"
+            if path.exists():
+                results[name] = json.loads(path.read_text())
+            else:
+                results[name] = {"status": "error", "error": f"child exited {done.returncode} without a result"}
+        except subprocess.TimeoutExpired:
+            results[name] = {"status": "timeout", "error": f"stopped after {limit:.0f} s"}
+        log.close()
+        results[name].setdefault("seconds", round(time.time() - started, 1))
+        text = (work / f"{name}.log").read_text()
+        with (args.out / "gpu_check.log").open("a") as logs:
+            logs.write(f"===== {name} =====\n{text}\n")
+        if results[name]["status"] != "ok":
+            results[name].setdefault("traceback", text[-3000:])
+        print(f"{name}: {results[name]['status']} in {results[name]['seconds']} s", flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "gpu_check.md").write_text(_render(results, args))
+    print((args.out / "gpu_check.md").read_text()[-6000:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The one-shot GPU check runs end to end on the CPU (``--dry-run``: tiny shapes, Triton's interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("environment", "tests", "attention", "nft_loss", "ltx2_block", "omninft_step", "tiles")
+
+
+def _env() -> dict:
+    return {**os.environ, "TRITON_INTERPRET": "1"}
+
+
+def test_dry_run_every_section(tmp_path: Path) -> None:
+    pytest.importorskip("ltx_core", reason="the LTX-2 sections need ltx-core (the ltx2 extra)")
+    out = tmp_path / "check"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--dry-run"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert list(results) == list(SECTIONS)
+    for name, result in results.items():
+        assert result["status"] == "ok", f"{name}: {result.get('traceback', result)}"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+    report = (out / "gpu_check.md").read_text()
+    for name in SECTIONS:
+        assert f"## {name} (ok" in report
+    attention = results["attention"]["rows"]
+    assert {row["impl"] for row in attention} >= {"triton", "sdpa-math", "triton fwd + key mass"}
+    assert all(row["ms"] > 0 for row in attention)
+    assert all(row["max_rel_diff_vs_unpatched"] < 1e-5 for row in results["ltx2_block"]["rows"])
+    assert results["omninft_step"]["loss_relative_difference"] < 1e-4
+    assert all("error" not in row and row["err_out"] < 1e-5 for row in results["tiles"]["rows"])
+
+
+def test_shell_entry_and_refusals(tmp_path: Path) -> None:
+    """``scripts/gpu_check.sh`` builds the package into a temporary folder and runs; an existing check is kept."""
+    out = tmp_path / "check"
+    command = ["bash", "scripts/gpu_check.sh", str(out), "--dry-run", "--sections", "environment"]
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "gpu_check.json").read_text())["environment"]["status"] == "ok"
+    again = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "already holds a GPU check" in again.stderr
+    bad = [sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "x"), "--sections", "nope"]
+    refused = subprocess.run(bad, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--sections: unknown ['nope']" in refused.stderr
