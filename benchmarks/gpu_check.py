@@ -193,11 +193,26 @@ def section_tiles(work: Path, dry_run: bool) -> dict:
 # Driver: one child process per section, then the report.
 
 
+def _warm_up_gpu(seconds: float = 2.0) -> None:
+    """Run bf16 GEMMs for ``seconds`` so the clocks have ramped up before the first timing (an idle GPU starts at a
+    few hundred MHz: the first benchmarks of a cold process ran up to 2x slow)."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def _run_section(name: str, work: Path, dry_run: bool) -> None:
     """Child process body: run one section, write ``<work>/<name>.json`` (the result or the error)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     started = time.time()
     try:
+        if not dry_run and name != "tests":
+            _warm_up_gpu()
         result = globals()[f"section_{name}"](work, dry_run)
         result = {"status": "ok", **result}
     except Exception as exc:  # a section's failure is data: record it, let the others run

@@ -15,7 +15,15 @@ import torch
 from omninft_fast.kernels import cross_attention_bwd as bwd_kernels
 from omninft_fast.kernels import cross_attention_fwd as fwd_kernels
 from omninft_fast.kernels import key_mass as key_mass_kernels
-from omninft_fast.kernels.common import SUPPORTED_DTYPES, check_inputs, dot_precision, head_dim_block, tile_config
+from omninft_fast.kernels.common import (
+    SHORT_KEYS,
+    SUPPORTED_DTYPES,
+    TileConfig,
+    check_inputs,
+    dot_precision,
+    head_dim_block,
+    tile_config,
+)
 from omninft_fast.kernels.compile_check import KernelSpec, kernel_path
 
 
@@ -138,21 +146,28 @@ def sm90_kernel_specs(
     specs = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            tile = tile_config(head_dim, dtype)
             blocks = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim_block(head_dim)}
-            tiles = {**blocks, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "PRECISION": dot_precision(dtype)}
-            launch = tile.launch
+
+            def tiled(tile: TileConfig, blocks: dict = blocks, dtype: torch.dtype = dtype) -> dict:
+                return {**blocks, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "PRECISION": dot_precision(dtype)}
+
+            backward = tile_config(head_dim, dtype)
+            forwards = {tile_config(head_dim, dtype, "forward", n_k) for n_k in (None, SHORT_KEYS)}
+            mass = tile_config(head_dim, dtype, "key_mass")
             kernels = [
-                (fwd_kernels._attn_fwd_kernel, {**tiles, "SPLIT": False}, launch),
-                (fwd_kernels._attn_fwd_kernel, {**tiles, "SPLIT": True}, launch),
-                (fwd_kernels._attn_combine_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
-                (bwd_kernels._attn_bwd_delta_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
-                (bwd_kernels._attn_bwd_dq_kernel, {**tiles, "SPLIT": False}, launch),
-                (bwd_kernels._attn_bwd_dq_kernel, {**tiles, "SPLIT": True}, launch),
-                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiles, "SPLIT": False}, launch),
-                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiles, "SPLIT": True}, launch),
-                (key_mass_kernels._key_mass_kernel, tiles, launch),
+                (bwd_kernels._attn_bwd_delta_kernel, {**blocks, "BLOCK_M": backward.block_m}, {"num_warps": 4}),
+                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(backward), "SPLIT": False}, backward.launch),
+                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(backward), "SPLIT": True}, backward.launch),
+                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(backward), "SPLIT": False}, backward.launch),
+                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(backward), "SPLIT": True}, backward.launch),
+                (key_mass_kernels._key_mass_kernel, tiled(mass), mass.launch),
             ]
+            for tile in sorted(forwards, key=str):
+                kernels += [
+                    (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": False}, tile.launch),
+                    (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": True}, tile.launch),
+                    (fwd_kernels._attn_combine_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
+                ]
             if head_dim == head_dims[0]:
                 block = {"BLOCK": bwd_kernels.SPLIT_SUM_BLOCK}
                 kernels.append((bwd_kernels._split_sum_kernel, block, {"num_warps": 4}))

@@ -77,14 +77,14 @@ def attention_key_mass(
         lse: ``(B, H, Nq)`` float32 log-sum-exp from ``attention_forward``.
         softmax_scale: the forward's logit scale.
         mass: optional preallocated contiguous ``(B, Nk)`` float32 output.
-        tile: launch configuration; ``None`` takes ``tile_config(D, dtype)``.
+        tile: launch configuration; ``None`` takes ``tile_config(D, dtype, "key_mass")``.
 
     Returns:
         ``(B, Nk)`` float32.
     """
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
-    tile = tile_config(head_dim, q.dtype) if tile is None else tile
+    tile = tile_config(head_dim, q.dtype, "key_mass") if tile is None else tile
     mass = torch.empty(batch, n_k, dtype=torch.float32, device=q.device) if mass is None else mass
     _key_mass_kernel[(triton.cdiv(n_k, tile.block_n), batch)](
         q,
