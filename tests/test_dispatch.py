@@ -67,7 +67,7 @@ def test_auto_on_cpu_prefers_cpp_else_warns_once(monkeypatch: pytest.MonkeyPatch
     if dispatch.cpp_extension_error() is None:
         assert dispatch.select("nft_loss", CPU)[0] == "cpp"
         return
-    dispatch._warn_fallback_once.cache_clear()
+    dispatch._WARNED.clear()
     with pytest.warns(UserWarning, match="using the PyTorch reference because the C\\+\\+ extension"):
         assert dispatch.select("nft_loss", CPU)[0] == "reference"
     with pytest.raises(BackendError, match="omninft_fast._C is not built"):
