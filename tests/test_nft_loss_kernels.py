@@ -316,3 +316,24 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
         assert result.spill_stores == 0 and result.spill_loads == 0, result
         if "aligned=False" not in spec.label:
             assert result.registers <= 128, result
+
+
+def test_fused_backends_share_one_wiring() -> None:
+    """Both fused ops have one schema, and every backend takes ``nft_loss_reference``'s arguments."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from omninft_fast.ops.nft_loss import FusedNFTLossBackend, nft_loss_reference
+    from omninft_fast.ops.nft_loss_triton import nft_loss_triton
+
+    fused = [nft_loss_triton]
+    if _cpp_reason() is None:
+        from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp
+
+        fused.append(nft_loss_cpp)
+    want = inspect.signature(nft_loss_reference).parameters
+    for backend in fused:
+        assert isinstance(backend, FusedNFTLossBackend)
+        assert inspect.signature(backend).parameters == want
+        schema = backend.op._schema
+        assert str(schema).split("(", 1)[1] == str(fused[0].op._schema).split("(", 1)[1]

@@ -1,8 +1,8 @@
 """Every public op under ``torch.compile(fullgraph=True)``: one graph (no break, no host sync), eager's numbers.
 
 The ``aot_eager`` backend runs Dynamo, AOTAutograd and the fake implementations, which is where a graph break or a
-data-dependent guard would show, without Inductor's code generation. The Triton backend runs on CUDA tensors only:
-Triton's interpreter (``TRITON_INTERPRET=1``) cannot run inside a compiled graph.
+data-dependent guard would show, without Inductor's code generation. The Triton kernels sit behind custom ops, so
+a compiled graph calls them like any op: on CUDA tensors, or on CPU tensors through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -18,20 +18,12 @@ from omninft_fast._checks import CHECK_VALUES_ENV
 
 
 def _device(backend: str) -> torch.device:
-    """The device ``backend`` compiles on here; skips the test when there is none."""
-    if backend != "triton":
-        return torch.device("cpu")
-    if dispatch.triton_interpreting():
-        pytest.skip("Triton's interpreter (TRITON_INTERPRET=1) cannot run inside torch.compile")
-    if not torch.cuda.is_available():
-        pytest.skip("the Triton backend compiles on CUDA tensors; no GPU here")
-    return torch.device("cuda")
-
-
-def _skip_unavailable(backend: str, device: torch.device) -> None:
+    """The device ``backend`` runs on here (CUDA for Triton when there is a GPU); skips when it cannot run."""
+    device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
     reason = dispatch._why_not(backend, device)
     if reason is not None:
         pytest.skip(reason)
+    return device
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -48,7 +40,6 @@ def _default_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("weighted", [False, True])
 def test_nft_loss(backend: str, weighted: bool) -> None:
     device = _device(backend)
-    _skip_unavailable(backend, device)
     g = torch.Generator().manual_seed(3)
     theta, old, target, ref = (torch.randn(3, 7, 12, generator=g).to(device) for _ in range(4))
     r = torch.rand(3, generator=g).to(device)
@@ -74,7 +65,6 @@ def test_nft_loss(backend: str, weighted: bool) -> None:
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cross_attention(backend: str) -> None:
     device = _device(backend)
-    _skip_unavailable(backend, device)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, n, 2, 16, generator=g).to(device) for n in (9, 5, 5))
     grad_out = torch.randn(2, 9, 2, 16, generator=g).to(device)

@@ -219,8 +219,8 @@ class PatchHandle:
         self._originals = [library.get(m) for m in a2v], [library.get(m) for m in v2a]
         self._alphas = alphas
         self._capture: RegionCapture | None = None
-        # One core per module for the handle's lifetime; ``_refresh`` only changes their attributes, so a compiled
-        # model keeps its graphs (guards see the same objects) across detach changes and captures.
+        # One core (and one key-mass sink) per module for the handle's lifetime; ``_refresh`` only changes their
+        # attributes, so a compiled model recompiles once per state (detach ratios, armed sinks), not per capture.
         self._a2v_cores = [CrossAttentionFunction(backend=backend) for _ in a2v]
         self._v2a_cores = [CrossAttentionFunction(backend=backend) for _ in v2a]
         self._sinks = [functools.partial(self._receive, layer) for layer in range(self.num_layers)]
