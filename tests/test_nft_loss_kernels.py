@@ -337,3 +337,20 @@ def test_fused_backends_share_one_wiring() -> None:
         assert inspect.signature(backend).parameters == want
         schema = backend.op._schema
         assert str(schema).split("(", 1)[1] == str(fused[0].op._schema).split("(", 1)[1]
+
+
+def test_kernels_are_leaves() -> None:
+    """No kernel module imports the ops layer, the adapters or the trainer (they import kernels, never back)."""
+    import ast
+    from pathlib import Path
+
+    upper = ("omninft_fast.ops", "omninft_fast._checks", "omninft_fast.ltx", "omninft_fast.train", "omninft_fast.task")
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(name.startswith(upper) for name in names), f"{path.name} imports {names[0]}"
