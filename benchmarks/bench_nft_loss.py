@@ -45,22 +45,24 @@ def _best(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lam
     return min(times)
 
 
-def _step(impl: Callable, theta: torch.Tensor, args: tuple) -> Callable[[], None]:
+def _step(impl: Callable, theta: torch.Tensor, args: tuple, options: dict) -> Callable[[], None]:
     def run() -> None:
         theta.grad = None
-        impl(theta, *args).backward()
+        impl(theta, *args, **options).backward()
 
     return run
 
 
-def _inputs(tokens: int, device: str) -> tuple[torch.Tensor, tuple]:
+def _inputs(tokens: int, device: str) -> tuple[torch.Tensor, tuple, dict]:
+    """``v_theta`` and the other arguments of an ``nft_loss`` backend: ``(v_old, target, r)`` and the options."""
     g = torch.Generator(device=device).manual_seed(0)
     shape = (1, tokens, CHANNELS)
     theta = torch.randn(shape, generator=g, device=device).requires_grad_()
     old, target = (torch.randn(shape, generator=g, device=device) for _ in range(2))
     r = torch.rand(1, generator=g, device=device)
     token_weight = torch.rand(1, tokens, generator=g, device=device) + 0.5
-    return theta, (old, target, r, 1.0, token_weight, None, 1.0, 0.0, None)
+    options = {"token_weight": token_weight, "sample_weight": None, "v_ref": None}
+    return theta, (old, target, r), options | {"beta": 1.0, "policy_scale": 1.0, "kl_weight": 0.0}
 
 
 def _available_bytes() -> int:
@@ -79,21 +81,22 @@ def _cpu_case(label: str, tokens: int, repeats: int, threads: int) -> dict:
     from omninft_fast import _C
     from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp
 
-    theta, args = _inputs(tokens, "cpu")
+    theta, args, options = _inputs(tokens, "cpu")
     nbytes = theta.numel() * theta.element_size()
     reps = 10 * repeats if nbytes <= 2**24 else repeats if nbytes < 2**30 else max(1, repeats - 1)
-    x, (old, target, r, beta, token_weight, *_) = theta.detach(), args
+    x, (old, target, r) = theta.detach(), args
+    beta, token_weight = options["beta"], options["token_weight"]
     grad, dst = torch.empty_like(x), torch.empty_like(x)
     times = {
         "clone": _best(x.clone, reps),
         "copy": _best(lambda: dst.copy_(x), reps),
-        "cpp": _best(_step(nft_loss_cpp, theta, args), reps),
+        "cpp": _best(_step(nft_loss_cpp, theta, args, options), reps),
         "cpp_kernel": _best(
             lambda: _C.nft_loss_forward_out(grad, x, old, target, r, token_weight, None, None, beta, 1.0, 0.0), reps
         ),
     }
     if EAGER_EXTRA_BUFFERS * nbytes < 0.8 * _available_bytes():
-        times["eager"] = _best(_step(nft_loss_reference, theta, args), reps)
+        times["eager"] = _best(_step(nft_loss_reference, theta, args, options), reps)
     return {
         "case": label,
         "threads": threads,
@@ -145,7 +148,7 @@ def gpu_comparison(dry_run: bool = False, copy_bytes_per_s: float | None = None)
         "eager": functools.partial(omninft_fast.nft_loss, backend="reference"),
     }
     if not dry_run:
-        impls["compile"] = torch.compile(functools.partial(omninft_fast.nft_loss, backend="reference"))
+        impls["compile"] = torch.compile(functools.partial(omninft_fast.nft_loss, backend="reference"), dynamic=True)
     rows = []
     for label, shape, dtype in DRY_RUN_CASES if dry_run else GPU_CASES:
         g = torch.Generator(device=device).manual_seed(0)

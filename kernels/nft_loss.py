@@ -4,6 +4,9 @@ Each program owns ``BLOCK_ROWS`` token rows of the flattened ``(B * N, C)`` velo
 ``BLOCK_C`` steps, writes the gradient and one float32 partial sum; a single-program second stage adds the
 partials in a fixed order, so the loss is bit-identical on repeat (no atomics). Accumulation is float32 for every
 input dtype (float64 inputs included: their loss is returned as float64, but computed in float32).
+
+``nft_loss_forward`` is a plain launcher (tensors in, tensors out, no autograd); ``omninft_fast.ops.nft_loss_triton``
+registers it as an op and wires it into ``nft_loss``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from omninft_fast._checks import compute_dtype
-from omninft_fast.ops.nft_loss import apply_fused_nft_loss, nft_loss_fused_fake
 
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
@@ -152,7 +152,7 @@ def num_programs(v_theta: torch.Tensor) -> int:
     return triton.cdiv(batch * tokens, _blocks(batch * tokens, channels)[0])
 
 
-def _forward(
+def nft_loss_forward(
     v_theta: torch.Tensor,
     v_old: torch.Tensor,
     target: torch.Tensor,
@@ -164,11 +164,24 @@ def _forward(
     policy_scale: float,
     kl_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over ``(B, N, C)`` velocities: returns the scalar loss and ``dloss/dv_theta`` ``(B, N, C)``."""
+    """One pass over ``(B, N, C)`` velocities: the loss and ``dloss/dv_theta``.
+
+    Args:
+        v_theta, v_old, target: ``(B, N, C)`` velocities; ``v_ref`` the same shape or None (used when
+            ``kl_weight > 0``).
+        r: ``(B,)``; token_weight: ``(B, N)`` or None; sample_weight: ``(B,)`` or None.
+        beta, policy_scale, kl_weight: the scalars of ``omninft_fast.nft_loss`` (``policy_scale = 1 / beta`` with
+            ``inverse_beta_scale``, else 1).
+
+    Returns:
+        ``(loss, grad)``: scalar loss in float32 (float64 for float64 ``v_theta``) and the ``(B, N, C)`` gradient
+        in ``v_theta``'s dtype.
+    """
     v_theta = v_theta.contiguous()
     grad = torch.empty_like(v_theta)
     partials = torch.empty(num_programs(v_theta), dtype=torch.float32, device=v_theta.device)
-    loss = torch.empty((), dtype=compute_dtype(v_theta.dtype), device=v_theta.device)
+    loss_dtype = torch.float64 if v_theta.dtype == torch.float64 else torch.float32
+    loss = torch.empty((), dtype=loss_dtype, device=v_theta.device)
     nft_loss_triton_forward_into(
         grad,
         partials,
@@ -185,51 +198,3 @@ def _forward(
         kl_weight,
     )
     return loss, grad
-
-
-nft_loss_triton_forward = torch.library.custom_op("omninft_fast::nft_loss_triton_forward", _forward, mutates_args=())
-
-
-nft_loss_triton_forward.register_fake(nft_loss_fused_fake)
-
-
-def _fused_forward(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """The registered op under ``torch.compile``; eager calls skip its dispatch overhead."""
-    forward = nft_loss_triton_forward if torch.compiler.is_compiling() else _forward
-    return forward(*args)
-
-
-def nft_loss_triton(
-    v_theta: torch.Tensor,
-    v_old: torch.Tensor,
-    target: torch.Tensor,
-    r: torch.Tensor,
-    beta: float,
-    token_weight: torch.Tensor | None,
-    sample_weight: torch.Tensor | None,
-    policy_scale: float,
-    kl_weight: float,
-    v_ref: torch.Tensor | None,
-) -> torch.Tensor:
-    """Triton implementation of ``nft_loss`` (inputs already validated).
-
-    Args:
-        v_theta, v_old, target: ``(B, N, C)`` velocities; ``v_ref`` the same shape or ``None``.
-        r: ``(B,)``; token_weight: ``(B, N)`` or ``None``; sample_weight: ``(B,)`` or ``None``.
-
-    Returns:
-        Scalar loss in float32 (float64 for float64 ``v_theta``); its gradient flows to ``v_theta`` only.
-    """
-    return apply_fused_nft_loss(
-        _fused_forward,
-        v_theta,
-        v_old,
-        target,
-        r,
-        beta,
-        token_weight,
-        sample_weight,
-        policy_scale,
-        kl_weight,
-        v_ref,
-    )

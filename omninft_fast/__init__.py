@@ -8,14 +8,23 @@ Public ops (one module per equation of the paper, see ``docs/architecture.md``):
 - ``cross_attention`` (Eq 8 on K/V, Eq 10's inner sum as key mass)
 - ``RegionScoreAccumulator`` (Eq 10), ``region_weights`` (Eq 11)
 - ``CrossAttentionFunction``: ``cross_attention`` as an ltx-core ``attention_function`` on ``(B, T, H*D)``
+
+Ops check tensor values (ranges, NaN) only where it costs no GPU synchronisation (CPU tensors, eager) unless told
+otherwise (``check_values=``, ``$OMNINFT_CHECK_VALUES``); ``check_<op>_values`` run the same checks on demand.
 """
 
 from omninft_fast.dispatch import BackendError
 from omninft_fast.ltx_attention import CrossAttentionFunction
-from omninft_fast.ops.advantages import group_advantages, optimality_probability, route_advantages
-from omninft_fast.ops.attention import cross_attention
-from omninft_fast.ops.nft_loss import adaptive_x0_weight, nft_loss
-from omninft_fast.ops.region import RegionScoreAccumulator, region_weights
+from omninft_fast.ops.advantages import (
+    check_group_advantages_values,
+    check_route_advantages_values,
+    group_advantages,
+    optimality_probability,
+    route_advantages,
+)
+from omninft_fast.ops.attention import check_cross_attention_values, cross_attention
+from omninft_fast.ops.nft_loss import adaptive_x0_weight, check_nft_loss_values, nft_loss
+from omninft_fast.ops.region import RegionScoreAccumulator, check_region_weights_values, region_weights
 from omninft_fast.ops.surgery import detach_schedule, partial_detach
 
 __version__ = "0.1.0"
@@ -25,6 +34,11 @@ __all__ = [
     "CrossAttentionFunction",
     "RegionScoreAccumulator",
     "adaptive_x0_weight",
+    "check_cross_attention_values",
+    "check_group_advantages_values",
+    "check_nft_loss_values",
+    "check_region_weights_values",
+    "check_route_advantages_values",
     "cross_attention",
     "detach_schedule",
     "group_advantages",

@@ -1,8 +1,14 @@
-"""Argument validation shared by the public ops: every error names the offending argument."""
+"""Argument validation shared by the public ops: every error names the offending argument.
+
+Two kinds of checks: free ones (types, shapes, dtypes, devices, Python scalars) run on every call; value checks
+(``check_finite_tensor``, ``check_range``) read tensor data, i.e. synchronise a GPU with the host and stop
+``torch.compile`` from tracing, so ops run them only where ``value_checks_on`` says so.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +52,28 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: to
             raise ValueError(f"{name} is on {x.device} but {reference_name} is on {reference.device}")
 
 
+CHECK_VALUES_ENV = "OMNINFT_CHECK_VALUES"
+
+
+def value_checks_on(check_values: object, device: torch.device) -> bool:
+    """Whether an op inspects tensor values (ranges, NaN, zero sums) in this call.
+
+    Never while ``torch.compile`` traces; else ``check_values`` when it is a bool; else ``$OMNINFT_CHECK_VALUES``
+    (``1`` on, ``0`` off) when set; else on for CPU tensors and off for all others (a CUDA check would wait for the
+    GPU on every call).
+    """
+    if check_values is not None and not isinstance(check_values, bool):
+        raise TypeError(f"check_values must be a bool or None, got {type(check_values).__name__}")
+    if torch.compiler.is_compiling():
+        return False
+    if check_values is not None:
+        return check_values
+    setting = os.environ.get(CHECK_VALUES_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{CHECK_VALUES_ENV}={setting!r} must be 0 or 1")
+    return setting == "1" if setting else device.type == "cpu"
+
+
 def check_finite_tensor(name: str, x: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the first non-finite element of ``x``."""
     bad = ~torch.isfinite(x)
@@ -76,7 +104,7 @@ def check_scalar(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         bound = ">=" if low_inclusive else ">"

@@ -12,8 +12,6 @@ The choice per call is, in order: the op's ``backend=`` argument, the environmen
 
 from __future__ import annotations
 
-import functools
-import importlib
 import importlib.util
 import os
 import warnings
@@ -24,17 +22,44 @@ import torch
 BACKENDS = ("auto", "triton", "cpp", "reference")
 ENV_VAR = "OMNINFT_BACKEND"
 
-# op name -> backend -> "module:function" of its implementation (imported on first use).
-IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "cross_attention": {
-        "reference": "omninft_fast.ops.attention:cross_attention_reference",
-        "triton": "omninft_fast.kernels.cross_attention:cross_attention_triton",
-    },
-    "nft_loss": {
-        "reference": "omninft_fast.ops.nft_loss:nft_loss_reference",
-        "triton": "omninft_fast.kernels.nft_loss:nft_loss_triton",
-        "cpp": "omninft_fast.ops.nft_loss_cpp:nft_loss_cpp",
-    },
+
+# Loaders of the implementations, one per (op, backend). They import with plain ``import`` statements, which
+# ``torch.compile`` traces (``importlib`` calls would break the graph), so a compiled op resolves its backend
+# inside the graph at no cost and recompiles when ``$OMNINFT_BACKEND`` changes.
+def _attention_reference() -> Callable:
+    from omninft_fast.ops.attention import cross_attention_reference
+
+    return cross_attention_reference
+
+
+def _attention_triton() -> Callable:
+    from omninft_fast.kernels.cross_attention import cross_attention_triton
+
+    return cross_attention_triton
+
+
+def _nft_loss_reference() -> Callable:
+    from omninft_fast.ops.nft_loss import nft_loss_reference
+
+    return nft_loss_reference
+
+
+def _nft_loss_triton() -> Callable:
+    from omninft_fast.ops.nft_loss_triton import nft_loss_triton
+
+    return nft_loss_triton
+
+
+def _nft_loss_cpp() -> Callable:
+    from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp
+
+    return nft_loss_cpp
+
+
+# op name -> backend -> loader of its implementation.
+IMPLEMENTATIONS: dict[str, dict[str, Callable[[], Callable]]] = {
+    "cross_attention": {"reference": _attention_reference, "triton": _attention_triton},
+    "nft_loss": {"reference": _nft_loss_reference, "triton": _nft_loss_triton, "cpp": _nft_loss_cpp},
 }
 
 
@@ -58,19 +83,28 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def cpp_extension_error() -> str | None:
-    """Why ``omninft_fast._C`` cannot be used, or ``None`` when it loads."""
+def _probe_cpp_extension() -> str | None:
     try:
-        importlib.import_module("omninft_fast._C")
+        import omninft_fast._C  # noqa: F401
     except ImportError as err:
         return f"the C++ extension omninft_fast._C is not built ({err}); reinstall with a C++ compiler present"
     return None
+
+
+# Probed once at import, outside any traced region.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_CPP_EXTENSION_ERROR = _probe_cpp_extension()
+_WARNED: set[tuple[str, str]] = set()
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package is installed."""
+    return _TRITON_INSTALLED
+
+
+def cpp_extension_error() -> str | None:
+    """Why ``omninft_fast._C`` cannot be used, or ``None`` when it loads."""
+    return _CPP_EXTENSION_ERROR
 
 
 def _why_not(backend: str, device: torch.device) -> str | None:
@@ -89,9 +123,10 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     return None
 
 
-@functools.cache
 def _warn_fallback_once(op: str, reason: str) -> None:
-    warnings.warn(f"omninft_fast.{op}: using the PyTorch reference because {reason}", stacklevel=3)
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"omninft_fast.{op}: using the PyTorch reference because {reason}", stacklevel=5)
 
 
 def _auto(op: str, device: torch.device) -> str:
@@ -118,13 +153,7 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     reason = _why_not(name, device)
     if reason is not None:
         raise BackendError(f"op {op!r} cannot use the {name!r} backend here: {reason}")
-    return name, _load(IMPLEMENTATIONS[op][name])
-
-
-@functools.cache
-def _load(target: str) -> Callable:
-    module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)
+    return name, IMPLEMENTATIONS[op][name]()
 
 
 def available_backends(op: str, device: torch.device) -> list[str]:

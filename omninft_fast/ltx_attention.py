@@ -1,4 +1,4 @@
-"""ltx-core-compatible core attention backed by ``omninft_fast.cross_attention``.
+"""The core attention of both LTX-2 drop-ins (ltx-core and diffusers), backed by ``omninft_fast.cross_attention``.
 
 ltx-core's ``Attention`` modules call ``self.attention_function(q, k, v, heads, mask)`` on ``(B, T, H*D)`` tensors.
 An instance of ``CrossAttentionFunction`` can be assigned there, e.g. for the shallow A2V layers of Eq 8::
@@ -9,6 +9,9 @@ and, for region weights (Eq 10), on a V2A module with a sink that receives the `
 
     scores = []
     block.video_to_audio_attn.attention_function = CrossAttentionFunction(key_mass_sink=scores.append)
+
+diffusers' processor (``omninft_fast.ltx2.diffusers``) keeps the library's projections and calls ``attend`` of the
+same class, so both libraries cast, reshape, dispatch and capture the key mass in one place.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ class CrossAttentionFunction:
     Args:
         kv_grad_scale: gradient scale for ``k`` and ``v`` in ``[0, 1]`` (``1 - alpha`` of Eq 8); the forward is
             unchanged.
-        backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
+        backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default (None) from ``$OMNINFT_BACKEND`` on
+            every call.
         key_mass_sink: called with the ``(B, Nk)`` float32 key mass (no gradient) after every call; ``None``
             (the default) skips the key-mass pass entirely.
-        softmax_scale: logit scale, default ``1 / sqrt(D)`` as in ltx-core.
+        softmax_scale: logit scale, default ``1 / sqrt(D)`` as in ltx-core and diffusers.
 
     Attributes of the same names may be changed between calls (e.g. a sink only during the last sampling steps).
     """
@@ -52,12 +56,18 @@ class CrossAttentionFunction:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attention of ``q (B, Tq, H*D)`` over ``k, v (B, Tk, H*D)`` with ``heads`` heads -> ``(B, Tq, H*D)``.
-
-        ``q`` and ``k`` are cast to ``v``'s dtype first (ltx-core applies RoPE in float32).
-        """
+        """ltx-core's call: ``attend`` without a mask."""
         if mask is not None:
             raise ValueError("mask: CrossAttentionFunction supports mask=None only (LTX-2's A2V and V2A use none)")
+        return self.attend(q, k, v, heads)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """Attention of ``q (B, Tq, H*D)`` over ``k, v (B, Tk, H*D)`` with ``heads`` heads -> ``(B, Tq, H*D)``.
+
+        ``q`` and ``k`` are cast to ``v``'s dtype first, as the libraries' own attention does under autocast
+        (ltx-core applies RoPE in float32; under CUDA autocast diffusers' q/k RMSNorm returns float32 beside
+        bfloat16 values). The result has ``v``'s dtype.
+        """
         for name, x in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
@@ -67,21 +77,21 @@ class CrossAttentionFunction:
         batch, n_q, width = q.shape
         head_dim = width // heads
         q4, k4, v4 = (x.to(v.dtype).reshape(batch, x.shape[1], heads, head_dim) for x in (q, k, v))
-        want_mass = self.key_mass_sink is not None
+        sink = self.key_mass_sink
         result = cross_attention(
             q4,
             k4,
             v4,
             softmax_scale=self.softmax_scale,
             kv_grad_scale=self.kv_grad_scale,
-            return_key_mass=want_mass,
+            return_key_mass=sink is not None,
             backend=self.backend,
         )
-        if want_mass:
-            out, key_mass = result
-            self.key_mass_sink(key_mass)
-        else:
+        if sink is None:
             out = result
+        else:
+            out, key_mass = result
+            sink(key_mass)
         return out.reshape(batch, n_q, width)
 
     def __repr__(self) -> str:

@@ -6,7 +6,8 @@ The package is optional: without it (some GPU images ship only NVIDIA's librarie
 from __future__ import annotations
 
 import contextlib
-from contextlib import AbstractContextManager
+
+import torch
 
 try:
     import nvtx
@@ -16,8 +17,12 @@ except ImportError:
 DOMAIN = "omninft_fast"
 
 
-def nvtx_range(name: str) -> AbstractContextManager:
-    """A context manager marking ``name`` on the Nsight Systems timeline; near free without a profiler."""
-    if nvtx is None:
+def nvtx_range(name: str) -> contextlib.AbstractContextManager:
+    """A context manager marking ``name`` on the Nsight Systems timeline; near free without a profiler.
+
+    Empty while ``torch.compile`` traces: a compiled graph runs without these Python calls (and ``nvtx``'s
+    Cython domain lookup would break the graph).
+    """
+    if nvtx is None or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx.annotate(name, domain=DOMAIN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_auto_on_cpu_prefers_cpp_else_warns_once(monkeypatch: pytest.MonkeyPatch
     if dispatch.cpp_extension_error() is None:
         assert dispatch.select("nft_loss", CPU)[0] == "cpp"
         return
-    dispatch._warn_fallback_once.cache_clear()
+    dispatch._WARNED.clear()
     with pytest.warns(UserWarning, match="using the PyTorch reference because the C\\+\\+ extension"):
         assert dispatch.select("nft_loss", CPU)[0] == "reference"
     with pytest.raises(BackendError, match="omninft_fast._C is not built"):
@@ -86,3 +88,25 @@ def test_environment_reaches_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 2, 1, 4)
     with pytest.raises(BackendError, match="has no 'cpp' backend"):
         of.cross_attention(q, q, q)
+
+
+def test_environment_steers_every_op_of_a_training_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OMNINFT_BACKEND=reference omninft-fast train``: the loss and the patched attention both take it."""
+    pytest.importorskip("ltx_core")
+    from omninft_fast.train.config import load_config
+    from omninft_fast.train.trainer import Trainer
+
+    micro = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
+    chosen = []
+    select = dispatch.select
+
+    def spy(op: str, device: torch.device, backend: str | None = None) -> tuple:
+        name, impl = select(op, device, backend)
+        chosen.append((op, backend, name))
+        return name, impl
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    monkeypatch.setenv("OMNINFT_BACKEND", "reference")
+    Trainer(load_config(str(micro), [f"output_dir={tmp_path}"])).iteration(0)
+    assert {op for op, _, _ in chosen} == {"cross_attention", "nft_loss"}
+    assert set(chosen) == {("cross_attention", None, "reference"), ("nft_loss", None, "reference")}

@@ -534,3 +534,94 @@ def test_bad_arguments_rejected(model):
     with pytest.raises(Exception, match="backend='fast'"):
         ltx2.patch(model, backend="fast")
     assert ltx2.patch(model, backend=BACKEND).num_layers == LAYERS
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``fullgraph=True``: any graph break (from this package or the library) fails the test. Dynamo's graph runs
+    as captured (backend ``eager``): the reference attention has no custom op whose fake implementation AOTAutograd
+    would exercise (``test_op_compile.py`` does that for the ops)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="eager")
+
+
+def test_compiles_into_one_graph(tiny, model):
+    """A patched model compiles with no graph break; outputs, gradients and Eq 10 scores equal eager's."""
+    x, steps = tiny.inputs(11), [tiny.inputs(12 + step) for step in range(2)]
+    eager = copy.deepcopy(model)
+    handles = [ltx2.patch(net, detach=[0.5, 0.2, 0.0], region_layers=[1, 2]) for net in (eager, model)]
+    run = _compiled(lambda x: tiny.run(model, x))
+    results = []
+    for handle, forward, net in zip(handles, (lambda x: tiny.run(eager, x), run), (eager, model), strict=True):
+        outputs = forward(x)
+        net.zero_grad(set_to_none=True)
+        _weighted_loss(outputs).backward()
+        grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+        with torch.no_grad(), handle.capture_region_scores(num_steps=2, last_steps=1) as capture:
+            for step, inputs in enumerate(steps):
+                capture.step = step
+                forward(inputs)
+                forward(inputs)  # a second pass of the same step adds nothing
+        results.append((outputs, grads, capture.scores(), capture.count))
+    (outputs, grads, scores, count), (want_outputs, want_grads, want_scores, want_count) = results[1], results[0]
+    for out, ref in zip(outputs, want_outputs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    _assert_grads_close(grads, want_grads)
+    assert count == want_count == 2
+    torch.testing.assert_close(scores, want_scores, rtol=1e-6, atol=1e-7)
+
+
+def test_environment_backend_reaches_the_patched_attention(tiny, model, monkeypatch):
+    """``patch`` without ``backend=`` leaves the choice to ``$OMNINFT_BACKEND`` on every call."""
+    from omninft_fast import BackendError, dispatch
+
+    x = tiny.inputs(13)
+    ltx2.patch(model)
+    chosen = []
+    select = dispatch.select
+
+    def spy(op, device, backend=None):
+        name, impl = select(op, device, backend)
+        chosen.append((op, backend, name))
+        return name, impl
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    monkeypatch.setenv("OMNINFT_BACKEND", "reference")
+    tiny.run(model, x)
+    assert chosen and set(chosen) == {("cross_attention", None, "reference")}
+    monkeypatch.setenv("OMNINFT_BACKEND", "cpp")
+    with pytest.raises(BackendError, match="op 'cross_attention' has no 'cpp' backend"):
+        tiny.run(model, x)
+
+
+def test_float32_queries_under_autocast_match_the_library(tiny, model):
+    """CUDA autocast runs RMSNorm in float32, so q/k arrive in float32 beside bfloat16 values (emulated on CPU)."""
+    for block in model.transformer_blocks:
+        for module in (block.audio_to_video_attn, block.video_to_audio_attn):
+            for norm in ("q_norm", "k_norm", "norm_q", "norm_k"):
+                if hasattr(module, norm):
+                    getattr(module, norm).register_forward_hook(lambda _m, _args, out: out.float())
+    x = tiny.inputs(14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tiny.run(model, x)
+        ltx2.patch(model, detach=None, backend=BACKEND)
+        outputs = tiny.run(model, x)
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref, rtol=0.0, atol=0.0)
+
+
+def test_diffusers_context_parallelism_refused(tiny, model):
+    if tiny.library != "diffusers":
+        pytest.skip("context parallelism is a diffusers feature")
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    model._parallel_config = config
+    with pytest.raises(ValueError, match="does not support diffusers' context parallelism"):
+        ltx2.patch(model)
+    model._parallel_config = None
+    ltx2.patch(model, backend=BACKEND)
+    model.transformer_blocks[1].video_to_audio_attn.processor._parallel_config = config  # as enable_parallelism does
+    with pytest.raises(RuntimeError, match="only see this rank's token shard"):
+        tiny.run(model, tiny.inputs(15))

@@ -197,7 +197,7 @@ def test_opcheck(backend: str, option: str) -> None:
     if backend == "cpp":
         from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp_forward as op
     else:
-        from omninft_fast.kernels.nft_loss import nft_loss_triton_forward as op
+        from omninft_fast.ops.nft_loss_triton import nft_loss_triton_forward as op
     kw = _inputs((2, 7, 12), torch.float32, "between", seed=2, **OPTIONS[option])
     args = (kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"))
     torch.library.opcheck(op, (*args, kw.get("v_ref"), 0.3, 2.0, kw.get("kl_weight", 0.0)))
@@ -274,8 +274,14 @@ def test_cpp_backend_compiles_into_one_graph() -> None:
     kw = _inputs((2, 8, 24), torch.float32, "between", seed=9, token_weight=True)
     ref_loss, ref_grad = _oracle(0.5, **kw)
     theta = kw["v_theta"].clone().requires_grad_()
-    args = (kw["v_old"], kw["target"], kw["r"], 0.5, kw["token_weight"], None, 1.0, 0.0, None)
-    loss = torch.compile(lambda x: 2.0 * nft_loss_cpp(x, *args), fullgraph=True, backend="aot_eager")(theta)
+    args = (kw["v_old"], kw["target"], kw["r"])
+    options = {"token_weight": kw["token_weight"], "sample_weight": None, "v_ref": None}
+    options |= {"beta": 0.5, "policy_scale": 1.0, "kl_weight": 0.0}
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * nft_loss_cpp(x, *args, **options)
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(theta)
     loss.backward()
     torch.testing.assert_close(loss.double(), 2 * ref_loss, rtol=2e-5, atol=0.0)
     torch.testing.assert_close(theta.grad.double(), 2 * ref_grad, rtol=0.0, atol=1e-6)
@@ -310,3 +316,41 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
         assert result.spill_stores == 0 and result.spill_loads == 0, result
         if "aligned=False" not in spec.label:
             assert result.registers <= 128, result
+
+
+def test_fused_backends_share_one_wiring() -> None:
+    """Both fused ops have one schema, and every backend takes ``nft_loss_reference``'s arguments."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from omninft_fast.ops.nft_loss import FusedNFTLossBackend, nft_loss_reference
+    from omninft_fast.ops.nft_loss_triton import nft_loss_triton
+
+    fused = [nft_loss_triton]
+    if _cpp_reason() is None:
+        from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp
+
+        fused.append(nft_loss_cpp)
+    want = inspect.signature(nft_loss_reference).parameters
+    for backend in fused:
+        assert isinstance(backend, FusedNFTLossBackend)
+        assert inspect.signature(backend).parameters == want
+        schema = backend.op._schema
+        assert str(schema).split("(", 1)[1] == str(fused[0].op._schema).split("(", 1)[1]
+
+
+def test_kernels_are_leaves() -> None:
+    """Kernel modules import nothing of the package but other kernel modules (the layers above import them)."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            package = [name for name in names if name.split(".")[0] == "omninft_fast"]
+            assert all(name.startswith("omninft_fast.kernels") for name in package), f"{path.name} imports {names[0]}"

@@ -7,6 +7,7 @@ Eq 10 (V2A key mass of deep layers over the last sampling steps) is captured onl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 
 from omninft_fast import dispatch
 from omninft_fast._checks import check_scalar
+from omninft_fast.ltx_attention import CrossAttentionFunction
 from omninft_fast.ops.region import RegionScoreAccumulator
 from omninft_fast.ops.surgery import detach_schedule
 
@@ -33,41 +35,39 @@ _EXPECTED = (
 )
 
 DetachSpec = Sequence[float] | str | None
-KeyMassSink = Callable[[torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class _Library:
     """How one library exposes the core attention of an ``Attention`` module.
 
-    ``make_core(kv_grad_scale, backend, key_mass_sink)`` builds what ``install`` puts on the module.
+    ``get`` reads what is installed, ``install`` puts an object there, ``adapt`` turns the shared
+    ``CrossAttentionFunction`` core into that object, and ``refusal`` says why a model cannot be patched (or None).
     """
 
     name: str
     get: Callable[[nn.Module], Any]
     install: Callable[[nn.Module, Any], None]
-    make_core: Callable[[float, str | None, KeyMassSink | None], Any]
+    adapt: Callable[[CrossAttentionFunction], Any]
+    refusal: Callable[[nn.Module], str | None]
 
 
 def _ltx_core_library() -> _Library:
-    from omninft_fast.ltx_attention import CrossAttentionFunction
-
     def install(module: nn.Module, core: Any) -> None:
         module.attention_function = core
 
-    def make_core(kv_grad_scale: float, backend: str | None, sink: KeyMassSink | None) -> Any:
-        return CrossAttentionFunction(kv_grad_scale=kv_grad_scale, backend=backend, key_mass_sink=sink)
-
-    return _Library("ltx-core", lambda module: module.attention_function, install, make_core)
+    return _Library("ltx-core", lambda module: module.attention_function, install, lambda core: core, lambda _: None)
 
 
 def _diffusers_library() -> _Library:
-    from omninft_fast.ltx2.diffusers import LTX2CrossAttnProcessor
+    from omninft_fast.ltx2.diffusers import LTX2CrossAttnProcessor, context_parallel_error
 
-    def make_core(kv_grad_scale: float, backend: str | None, sink: KeyMassSink | None) -> Any:
-        return LTX2CrossAttnProcessor(kv_grad_scale=kv_grad_scale, backend=backend, key_mass_sink=sink)
+    def refusal(model: nn.Module) -> str | None:
+        return context_parallel_error(getattr(model, "_parallel_config", None))
 
-    return _Library("diffusers", lambda module: module.processor, lambda m, core: m.set_processor(core), make_core)
+    return _Library(
+        "diffusers", lambda module: module.processor, lambda m, p: m.set_processor(p), LTX2CrossAttnProcessor, refusal
+    )
 
 
 # (defining module, class name) -> library; subclasses are recognised through their MRO.
@@ -159,18 +159,17 @@ class RegionCapture:
         self._armed = set(wanted)
         self._handle._refresh()
 
-    def sink(self, layer: int) -> KeyMassSink | None:
-        """The key-mass receiver of ``layer`` for the next forward, or None when its mass is not wanted."""
+    def armed(self, layer: int) -> bool:
+        """Whether the next forward should hand ``layer``'s V2A key mass to ``receive``."""
+        return layer in self._armed
+
+    def receive(self, layer: int, key_mass: torch.Tensor) -> bool:
+        """Add ``layer``'s ``(B, Nv)`` key mass if it is armed (then disarm it); returns whether it was added."""
         if layer not in self._armed:
-            return None
-
-        def receive(key_mass: torch.Tensor) -> None:
-            if layer in self._armed:
-                self._accumulator.add(layer, self._step, key_mass)
-                self._armed.discard(layer)
-                self._handle._refresh(layer)
-
-        return receive
+            return False
+        self._accumulator.add(layer, self._step, key_mass)
+        self._armed.discard(layer)
+        return True
 
     @property
     def count(self) -> int:
@@ -219,8 +218,15 @@ class PatchHandle:
         self._a2v, self._v2a = a2v, v2a
         self._originals = [library.get(m) for m in a2v], [library.get(m) for m in v2a]
         self._alphas = alphas
-        self._backend = backend
         self._capture: RegionCapture | None = None
+        # One core (and one key-mass sink) per module for the handle's lifetime; ``_refresh`` only changes their
+        # attributes, so a compiled model recompiles once per state (detach ratios, armed sinks), not per capture.
+        self._a2v_cores = [CrossAttentionFunction(backend=backend) for _ in a2v]
+        self._v2a_cores = [CrossAttentionFunction(backend=backend) for _ in v2a]
+        self._sinks = [functools.partial(self._receive, layer) for layer in range(self.num_layers)]
+        for modules, cores in ((a2v, self._a2v_cores), (v2a, self._v2a_cores)):
+            for module, core in zip(modules, cores, strict=True):
+                library.install(module, library.adapt(core))
         self._patched = True
         self._refresh()
         setattr(model, _MARK, self)
@@ -278,13 +284,18 @@ class PatchHandle:
         if not self._patched:
             raise RuntimeError("this handle was unpatched; call omninft_fast.ltx2.patch(model) again")
 
+    def _receive(self, layer: int, key_mass: torch.Tensor) -> None:
+        """Key-mass sink of ``layer``'s V2A core: hand the mass to the capture, then stop computing it."""
+        if self._capture is not None and self._capture.receive(layer, key_mass):
+            self._refresh(layer)
+
     def _refresh(self, layer: int | None = None) -> None:
-        """Install the core attention matching the current state, on every block or on ``layer`` only."""
-        make = self._library.make_core
+        """Set the cores to the current state (detach ratios, armed sinks), on every block or on ``layer`` only."""
+        capture = self._capture
         for index in range(self.num_layers) if layer is None else (layer,):
-            sink = self._capture.sink(index) if self._capture is not None else None
-            self._library.install(self._a2v[index], make(1.0 - self._alphas[index], self._backend, None))
-            self._library.install(self._v2a[index], make(1.0, self._backend, sink))
+            self._a2v_cores[index].kv_grad_scale = 1.0 - self._alphas[index]
+            armed = capture is not None and capture.armed(index)
+            self._v2a_cores[index].key_mass_sink = self._sinks[index] if armed else None
 
 
 def patch(
@@ -292,7 +303,7 @@ def patch(
     *,
     detach: DetachSpec = EQ9,
     region_layers: Iterable[int] | None = None,
-    backend: str | None = "auto",
+    backend: str | None = None,
 ) -> PatchHandle:
     """Make a loaded LTX-2 OmniNFT-ready in place: A2V/V2A core attention runs on ``omninft_fast.cross_attention``.
 
@@ -301,8 +312,8 @@ def patch(
         detach: A2V detach ratios per block (Eq 8-9): ``"eq9"`` (alpha 0.1 below block 10), a spec string such as
             ``"0-9:0.1"``, one float per block, or None for no surgery.
         region_layers: blocks whose V2A key mass enters Eq 10; default blocks ``>= 10``.
-        backend: ``cross_attention`` backend (``auto`` | ``triton`` | ``cpp`` | ``reference``; None reads
-            ``$OMNINFT_BACKEND``).
+        backend: ``cross_attention`` backend (``auto`` | ``triton`` | ``cpp`` | ``reference``); None (the default)
+            reads ``$OMNINFT_BACKEND`` on every call, as every other op does.
 
     Returns:
         ``PatchHandle`` with ``set_detach``, ``capture_region_scores`` and ``unpatch``.
@@ -314,6 +325,9 @@ def patch(
             "or use handle.set_detach() to change the schedule"
         )
     library, a2v, v2a = _recognise(model)
+    refusal = library.refusal(model)
+    if refusal is not None:
+        raise ValueError(refusal)
     if backend is not None:
         dispatch.requested_backend(backend)
     num_layers = len(a2v)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from omninft_fast._checks import check_finite_tensor, check_scalar, check_shape, check_tensor, compute_dtype
+from omninft_fast._checks import (
+    check_finite_tensor,
+    check_scalar,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    value_checks_on,
+)
 
 STD_MODES = ("group", "global")
 ROUTING_MODES = ("modality", "shared", "gdpo")
@@ -25,16 +32,24 @@ def _safe_divide(centered: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.where(z > 0, centered / torch.where(z > 0, z, 1.0), 0.0)
 
 
-def group_advantages(rewards: torch.Tensor, *, std: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, *, std: str = "group", eps: float = 1e-6, check_values: bool | None = None
+) -> torch.Tensor:
     """Eq 6's advantage ``A = (R - mean_group(R)) / (Z + eps)`` for each of ``G`` samples of ``P`` prompts.
 
     ``Z`` is the population standard deviation of each group (``std="group"``) or of all rewards
     (``std="global"``, DiffusionNFT's choice). A group whose rewards are all equal gets exactly 0.
 
+    That ``rewards`` is finite (``check_group_advantages_values``) is checked only when ``check_values`` is on: by
+    default for CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile``
+    traces.
+
     Args:
         rewards: ``(P, G)`` raw rewards, any real dtype.
         std: ``"group"`` or ``"global"``.
         eps: added to ``Z``, ``>= 0``.
+        check_values: check the values (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if set, else
+            on for CPU tensors. Always off while ``torch.compile`` traces.
 
     Returns:
         ``(P, G)`` advantages in float32 (float64 for float64 rewards).
@@ -47,11 +62,18 @@ def group_advantages(rewards: torch.Tensor, *, std: str = "group", eps: float = 
     if std not in STD_MODES:
         raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
     eps = check_scalar("eps", eps, low=0.0)
+    if value_checks_on(check_values, rewards.device):
+        check_group_advantages_values(rewards)
     x = rewards.detach().to(compute_dtype(rewards.dtype) if rewards.is_floating_point() else torch.float32)
-    check_finite_tensor("rewards", x)
     centered = _centered(x, dim=1)
     z = x.std(dim=1, keepdim=True, correction=0) if std == "group" else x.std(correction=0)
     return _safe_divide(centered, z + eps)
+
+
+def check_group_advantages_values(rewards: torch.Tensor) -> None:
+    """The value check of ``group_advantages``: ``ValueError`` naming the first non-finite reward (any shape).
+    Reads the values, so it waits for a GPU to finish the work queued so far."""
+    check_finite_tensor("rewards", rewards)
 
 
 def optimality_probability(adv: torch.Tensor, *, clip: float = 1.0) -> torch.Tensor:
@@ -75,6 +97,7 @@ def route_advantages(
     *,
     mode: str = "modality",
     eps: float = 1e-6,
+    check_values: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq 7: combine per-reward advantages into one advantage per branch.
 
@@ -82,8 +105,16 @@ def route_advantages(
     - ``shared`` (vanilla baseline): both branches ``Av + Aa + Aav``.
     - ``gdpo``: ``Av + Aa + Aav`` whitened over all samples (``(s - mean) / (std + eps)``) to both branches.
 
+    That the advantages are finite (``check_route_advantages_values``) is checked only when ``check_values`` is on:
+    by default for CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while
+    ``torch.compile`` traces.
+
     Args:
         adv_video, adv_audio, adv_av: advantages of the same shape, e.g. ``(P, G)`` from ``group_advantages``.
+        mode: ``modality``, ``shared`` or ``gdpo``.
+        eps: added to the standard deviation of ``gdpo``, ``>= 0``.
+        check_values: check the values (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if set, else
+            on for CPU tensors. Always off while ``torch.compile`` traces.
 
     Returns:
         ``(adv_for_video_branch, adv_for_audio_branch)``, each of the input shape.
@@ -95,6 +126,8 @@ def route_advantages(
     check_shape("adv_av", adv_av, adv_video.shape, "the shape of adv_video")
     if mode not in ROUTING_MODES:
         raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if value_checks_on(check_values, adv_video.device):
+        check_route_advantages_values(adv_video, adv_audio, adv_av)
     if mode == "modality":
         return adv_video + adv_av, adv_audio + adv_av
     total = adv_video + adv_audio + adv_av
@@ -102,3 +135,11 @@ def route_advantages(
         eps = check_scalar("eps", eps, low=0.0)
         total = _safe_divide(_centered(total, dim=None), total.std(correction=0) + eps)
     return total, total.clone()
+
+
+def check_route_advantages_values(adv_video: torch.Tensor, adv_audio: torch.Tensor, adv_av: torch.Tensor) -> None:
+    """The value check of ``route_advantages``: ``ValueError`` naming the first non-finite element of
+    ``adv_video``, ``adv_audio`` or ``adv_av``. Reads the values, so it waits for a GPU to finish the work queued so
+    far."""
+    for name, adv in (("adv_video", adv_video), ("adv_audio", adv_audio), ("adv_av", adv_av)):
+        check_finite_tensor(name, adv)

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from omninft_fast import dispatch
-from omninft_fast._checks import check_same_device, check_scalar, check_tensor, compute_dtype
+from omninft_fast._checks import (
+    check_finite_tensor,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    compute_dtype,
+    value_checks_on,
+)
 from omninft_fast.ops.surgery import partial_detach
 from omninft_fast.profiling import nvtx_range
 
@@ -25,6 +32,7 @@ def cross_attention(
     kv_grad_scale: float = 1.0,
     return_key_mass: bool = False,
     backend: str | None = None,
+    check_values: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of queries over keys/values of another stream, without mask.
 
@@ -32,6 +40,10 @@ def cross_attention(
     with ``kv_grad_scale = 1 - alpha`` (A2V cross-attention of shallow layers). ``return_key_mass`` also returns,
     for every key, the softmax probability it receives summed over all queries and averaged over heads: Eq 10's
     inner sum when queries are audio and keys are video (V2A). The mass carries no gradient.
+
+    Types, shapes, devices and the Python scalars are checked on every call; that ``q``, ``k`` and ``v`` are finite
+    (``check_cross_attention_values``) only when ``check_values`` is on: by default for CPU tensors, never for
+    CUDA tensors (the check would wait for the GPU) nor while ``torch.compile`` traces.
 
     Args:
         q: ``(B, Nq, H, D)`` queries.
@@ -41,6 +53,8 @@ def cross_attention(
         kv_grad_scale: gradient scale for ``k`` and ``v`` in ``[0, 1]``.
         return_key_mass: also return the ``(B, Nk)`` float32 key mass.
         backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
+        check_values: check the values (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if set, else
+            on for CPU tensors. Always off while ``torch.compile`` traces.
 
     Returns:
         ``out`` of shape ``(B, Nq, H, D)`` in ``q``'s dtype, and the key mass when asked for.
@@ -67,10 +81,19 @@ def cross_attention(
     kv_grad_scale = check_scalar("kv_grad_scale", kv_grad_scale, low=0.0, high=1.0)
     if not isinstance(return_key_mass, bool):
         raise TypeError(f"return_key_mass must be a bool, got {type(return_key_mass).__name__}")
+    if value_checks_on(check_values, q.device):
+        check_cross_attention_values(q, k, v)
     name, impl = dispatch.select("cross_attention", q.device, backend)
     with nvtx_range(f"omninft.cross_attention.{name}"):
         out, key_mass = impl(q, k, v, softmax_scale, kv_grad_scale, return_key_mass)
     return (out, key_mass) if return_key_mass else out
+
+
+def check_cross_attention_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The value checks of ``cross_attention``: ``ValueError`` naming the first non-finite element of ``q``, ``k``
+    or ``v`` (any shapes). Reads the values, so it waits for a GPU to finish the work queued so far."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite_tensor(name, x)
 
 
 def cross_attention_reference(

@@ -15,6 +15,7 @@ from omninft_fast._checks import (
     check_shape,
     check_tensor,
     compute_dtype,
+    value_checks_on,
 )
 from omninft_fast.profiling import nvtx_range
 
@@ -32,6 +33,7 @@ def nft_loss(
     kl_weight: float = 0.0,
     v_ref: torch.Tensor | None = None,
     backend: str | None = None,
+    check_values: bool | None = None,
 ) -> torch.Tensor:
     """NFT loss of one modality stream; the gradient flows to ``v_theta`` only.
 
@@ -43,6 +45,10 @@ def nft_loss(
 
     where ``w = token_weight`` (1 when None) and ``s = 1 / beta`` if ``inverse_beta_scale`` (DiffusionNFT's
     convention) else 1.
+
+    Types, shapes, devices and the Python scalars are checked on every call. The values of ``r``, ``token_weight``
+    and ``sample_weight`` (``check_nft_loss_values``) are checked only when ``check_values`` is on: by default for
+    CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile`` traces.
 
     Args:
         v_theta: ``(B, N, C)`` velocity of the trained policy.
@@ -56,6 +62,8 @@ def nft_loss(
         kl_weight: weight of the regulariser towards ``v_ref``, ``>= 0``.
         v_ref: ``(B, N, C)`` reference velocity; required when ``kl_weight > 0``.
         backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
+        check_values: check the values above (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if
+            set, else on for CPU tensors. Always off while ``torch.compile`` traces.
 
     Returns:
         Scalar loss in float32 (float64 when ``v_theta`` is float64).
@@ -71,25 +79,16 @@ def nft_loss(
     check_shape("v_old", v_old, v_theta.shape, "the shape of v_theta")
     check_shape("target", target, v_theta.shape, "the shape of v_theta")
     check_shape("r", r, (batch,), "one per sample of v_theta")
-    check_range("r", r, 0.0, 1.0)
     beta = check_scalar("beta", beta, low=0.0, low_inclusive=False)
     kl_weight = check_scalar("kl_weight", kl_weight, low=0.0)
     if token_weight is not None:
         check_tensor("token_weight", token_weight, ndim=2)
         check_same_device("v_theta", v_theta, token_weight=token_weight)
         check_shape("token_weight", token_weight, (batch, tokens), "(B, N) of v_theta")
-        check_finite_tensor("token_weight", token_weight)
-        check_range("token_weight", token_weight, 0.0, float("inf"))
-        sums = token_weight.sum(dim=1)
-        if bool((sums <= 0).any()):
-            b = int((sums <= 0).nonzero()[0])
-            raise ValueError(f"token_weight[{b}] sums to {sums[b].item()}; each sample's weights must sum to > 0")
     if sample_weight is not None:
         check_tensor("sample_weight", sample_weight, ndim=1)
         check_same_device("v_theta", v_theta, sample_weight=sample_weight)
         check_shape("sample_weight", sample_weight, (batch,), "one per sample of v_theta")
-        check_finite_tensor("sample_weight", sample_weight)
-        check_range("sample_weight", sample_weight, 0.0, float("inf"))
     if v_ref is not None:
         check_tensor("v_ref", v_ref, ndim=3)
         check_same_device("v_theta", v_theta, v_ref=v_ref)
@@ -98,11 +97,49 @@ def nft_loss(
         raise ValueError("v_ref must be given when kl_weight > 0")
     if not isinstance(inverse_beta_scale, bool):
         raise TypeError(f"inverse_beta_scale must be a bool, got {type(inverse_beta_scale).__name__}")
+    if value_checks_on(check_values, v_theta.device):
+        check_nft_loss_values(r, token_weight=token_weight, sample_weight=sample_weight)
     name, impl = dispatch.select("nft_loss", v_theta.device, backend)
-    scale = 1.0 / beta if inverse_beta_scale else 1.0
     with nvtx_range(f"omninft.nft_loss.{name}"):
-        v_ref = v_ref if kl_weight > 0 else None
-        return impl(v_theta, v_old, target, r, beta, token_weight, sample_weight, scale, kl_weight, v_ref)
+        return impl(
+            v_theta,
+            v_old,
+            target,
+            r,
+            token_weight=token_weight,
+            sample_weight=sample_weight,
+            v_ref=v_ref if kl_weight > 0 else None,
+            beta=beta,
+            policy_scale=1.0 / beta if inverse_beta_scale else 1.0,
+            kl_weight=kl_weight,
+        )
+
+
+def check_nft_loss_values(
+    r: torch.Tensor, *, token_weight: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None
+) -> None:
+    """The value checks of ``nft_loss``, for callers that run them once outside the hot path.
+
+    Raises ``ValueError`` naming the first bad element: ``r`` outside ``[0, 1]``; ``token_weight`` not finite,
+    negative, or a sample's weights summing to ``<= 0``; ``sample_weight`` not finite or negative. Reads the
+    values, so it waits for a GPU to finish the work queued so far.
+
+    Args:
+        r: ``(B,)`` optimality probabilities.
+        token_weight: ``(B, N)`` per-token weights or None.
+        sample_weight: ``(B,)`` per-sample weights or None.
+    """
+    check_range("r", r, 0.0, 1.0)
+    if token_weight is not None:
+        check_finite_tensor("token_weight", token_weight)
+        check_range("token_weight", token_weight, 0.0, float("inf"))
+        sums = token_weight.sum(dim=1)
+        if bool((sums <= 0).any()):
+            b = int((sums <= 0).nonzero()[0])
+            raise ValueError(f"token_weight[{b}] sums to {sums[b].item()}; each sample's weights must sum to > 0")
+    if sample_weight is not None:
+        check_finite_tensor("sample_weight", sample_weight)
+        check_range("sample_weight", sample_weight, 0.0, float("inf"))
 
 
 def nft_loss_reference(
@@ -110,14 +147,19 @@ def nft_loss_reference(
     v_old: torch.Tensor,
     target: torch.Tensor,
     r: torch.Tensor,
-    beta: float,
+    *,
     token_weight: torch.Tensor | None,
     sample_weight: torch.Tensor | None,
+    v_ref: torch.Tensor | None,
+    beta: float,
     policy_scale: float,
     kl_weight: float,
-    v_ref: torch.Tensor | None,
 ) -> torch.Tensor:
-    """PyTorch reference of ``nft_loss`` (inputs already validated), accumulating in float32 or float64."""
+    """PyTorch reference of ``nft_loss`` (inputs already validated), accumulating in float32 or float64.
+
+    Every ``nft_loss`` backend has this signature; ``policy_scale`` is ``s`` of ``nft_loss``'s formula and
+    ``v_ref`` is None unless ``kl_weight > 0``.
+    """
     acc = compute_dtype(v_theta.dtype)
     theta = v_theta.to(acc)
     old = v_old.detach().to(acc)
@@ -139,6 +181,8 @@ def nft_loss_reference(
     return loss
 
 
+# A fused forward op: (v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale,
+# kl_weight) -> (loss (), dloss/dv_theta (B, N, C)).
 FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -170,12 +214,12 @@ class _FusedNFTLoss(torch.autograd.Function):
         v_old: torch.Tensor,
         target: torch.Tensor,
         r: torch.Tensor,
-        beta: float,
         token_weight: torch.Tensor | None,
         sample_weight: torch.Tensor | None,
+        v_ref: torch.Tensor | None,
+        beta: float,
         policy_scale: float,
         kl_weight: float,
-        v_ref: torch.Tensor | None,
     ) -> torch.Tensor:
         loss, grad = fused_forward(
             v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
@@ -188,40 +232,68 @@ class _FusedNFTLoss(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        # Compiled graphs always rescale: a data-dependent branch would break the graph.
-        if torch.compiler.is_compiling() or not bool(grad_output == 1):
+        # Skipping the rescale for the usual grad_output == 1 reads its value: done for CPU tensors in eager mode
+        # only (a GPU would synchronise, a compiled graph would break).
+        skip = grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_output == 1)
+        if not skip:
             grad = grad * grad_output.to(grad.dtype)
         return None, grad, None, None, None, None, None, None, None, None, None
 
 
-def apply_fused_nft_loss(
-    fused_forward: FusedForward,
-    v_theta: torch.Tensor,
-    v_old: torch.Tensor,
-    target: torch.Tensor,
-    r: torch.Tensor,
-    beta: float,
-    token_weight: torch.Tensor | None,
-    sample_weight: torch.Tensor | None,
-    policy_scale: float,
-    kl_weight: float,
-    v_ref: torch.Tensor | None,
-) -> torch.Tensor:
-    """Run a fused backend's forward ``(v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta,
-    policy_scale, kl_weight) -> (loss, grad)`` under autograd; the gradient flows to ``v_theta`` only."""
-    return _FusedNFTLoss.apply(
-        fused_forward,
-        v_theta,
-        v_old.detach(),
-        target.detach(),
-        r.detach(),
-        beta,
-        token_weight,
-        sample_weight,
-        policy_scale,
-        kl_weight,
-        None if v_ref is None else v_ref.detach(),
-    )
+class FusedNFTLossBackend:
+    """The ``nft_loss`` backend of a fused forward op, shared by the Triton and C++ losses.
+
+    Registers ``nft_loss_fused_fake`` as the fake implementation of ``op_name`` and runs the op under one
+    autograd wrapper: forward computes the loss and its gradient, backward rescales the saved gradient. Called
+    with ``nft_loss_reference``'s signature.
+
+    Args:
+        op_name: ``"namespace::name"`` of a registered op with ``FusedForward``'s schema.
+        eager: a plain function with the op's signature that runs instead of the op outside ``torch.compile``
+            (it skips the dispatcher's overhead); None always runs the op.
+    """
+
+    def __init__(self, op_name: str, eager: FusedForward | None = None) -> None:
+        torch.library.register_fake(op_name)(nft_loss_fused_fake)
+        namespace, name = op_name.split("::")
+        self.op = getattr(getattr(torch.ops, namespace), name).default
+        self.eager = eager
+
+    def _forward(self, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        forward = self.op if self.eager is None or torch.compiler.is_compiling() else self.eager
+        return forward(*args)
+
+    def __call__(
+        self,
+        v_theta: torch.Tensor,
+        v_old: torch.Tensor,
+        target: torch.Tensor,
+        r: torch.Tensor,
+        *,
+        token_weight: torch.Tensor | None,
+        sample_weight: torch.Tensor | None,
+        v_ref: torch.Tensor | None,
+        beta: float,
+        policy_scale: float,
+        kl_weight: float,
+    ) -> torch.Tensor:
+        """Scalar loss in float32 (float64 for float64 ``v_theta``); its gradient flows to ``v_theta`` only."""
+        return _FusedNFTLoss.apply(
+            self._forward,
+            v_theta,
+            v_old.detach(),
+            target.detach(),
+            r.detach(),
+            token_weight,
+            sample_weight,
+            None if v_ref is None else v_ref.detach(),
+            beta,
+            policy_scale,
+            kl_weight,
+        )
+
+    def __repr__(self) -> str:
+        return f"FusedNFTLossBackend({self.op})"
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from omninft_fast._checks import check_finite_tensor, check_scalar, check_tensor
+from omninft_fast._checks import check_finite_tensor, check_scalar, check_tensor, value_checks_on
 
 
 def _check_int(name: str, value: object, low: int = 0, upper: int | None = None) -> int:
@@ -72,15 +72,21 @@ class RegionScoreAccumulator:
         return self._sum / self.count
 
 
-def region_weights(scores: torch.Tensor, *, lam: float = 1.5) -> torch.Tensor:
+def region_weights(scores: torch.Tensor, *, lam: float = 1.5, check_values: bool | None = None) -> torch.Tensor:
     """Eq 11: ``w_i = 1 + lam * (s_i - min s) / (max s - min s)`` per sample, in ``[1, 1 + lam]``.
 
     A sample whose scores are all equal gets weights of exactly 1. ``nft_loss(token_weight=w)`` then applies
     Eq 12's ``w / sum(w)``.
 
+    That ``scores`` is finite (``check_region_weights_values``) is checked only when ``check_values`` is on: by
+    default for CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile``
+    traces.
+
     Args:
         scores: ``(B, N)`` per-token scores (``RegionScoreAccumulator.scores()``).
         lam: reweighting strength, ``>= 0``.
+        check_values: check the values (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if set, else
+            on for CPU tensors. Always off while ``torch.compile`` traces.
 
     Returns:
         ``(B, N)`` weights, float32 (float64 for float64 scores).
@@ -89,9 +95,16 @@ def region_weights(scores: torch.Tensor, *, lam: float = 1.5) -> torch.Tensor:
     if scores.shape[1] < 1:
         raise ValueError(f"scores must have at least one token per sample, got shape {tuple(scores.shape)}")
     lam = check_scalar("lam", lam, low=0.0)
+    if value_checks_on(check_values, scores.device):
+        check_region_weights_values(scores)
     s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    check_finite_tensor("scores", s)
     lo = s.amin(dim=1, keepdim=True)
     span = s.amax(dim=1, keepdim=True) - lo
     normalised = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, 1.0), 0.0)
     return 1.0 + lam * normalised
+
+
+def check_region_weights_values(scores: torch.Tensor) -> None:
+    """The value check of ``region_weights``: ``ValueError`` naming the first non-finite element of ``scores``.
+    Reads the values, so it waits for a GPU to finish the work queued so far."""
+    check_finite_tensor("scores", scores)
