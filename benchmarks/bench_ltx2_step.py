@@ -301,28 +301,71 @@ def step_comparison(dry_run: bool) -> dict:
     }
 
 
+def _block_step(name: str, detach: list[float] | None, size: Size, device: str, autocast: bool):
+    """``(step, model)``: forward + backward of one freshly built block, patched unless ``name == "unpatched"``."""
+    from omninft_fast import ltx2
+
+    model, data = _build(1, 1, device, size)
+    if name != "unpatched":
+        ltx2.patch(model, detach=detach, backend="triton")
+    gen = torch.Generator(device=device).manual_seed(1)
+    weights = [torch.randn(t.shape, generator=gen, device=device) for t in data["targets"]]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            v, a = model(**data["inputs"])
+        ((v.float() * weights[0]).sum() + (a.float() * weights[1]).sum()).backward()
+
+    return step, model, data
+
+
+def block_profile(dry_run: bool, steps: int = 3) -> dict:
+    """Where the time of one block's forward + backward goes, unpatched vs patched with surgery: the ten kernels with
+    the most device time, the device and host totals, and the host-device synchronisations per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    activities = [ProfilerActivity.CPU] + ([] if dry_run else [ProfilerActivity.CUDA])
+    result: dict = {"config": f"1 block, {size.describe()}, {steps} profiled steps after 2 warm-up steps"}
+    for name, detach in (("unpatched", None), ("patched, surgery alpha=0.1", [ALPHA])):
+        step, model, _ = _block_step(name, detach, size, device, autocast=not dry_run)
+        for _ in range(2):
+            step()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if not dry_run:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = "cpu_time_total" if dry_run else "device_time_total"
+        kernels = sorted((e for e in events if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
+        syncs = {
+            e.key: e.count // steps
+            for e in events
+            if any(word in e.key for word in ("Synchronize", "cudaMemcpy", "item", "_local_scalar_dense"))
+        }
+        result[name] = {
+            "top": [
+                {"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
+                for e in kernels[:10]
+            ],
+            "device_ms_per_step": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps,
+            "syncs_per_step": syncs,
+        }
+        del model
+    return result
+
+
 def block_comparison(dry_run: bool) -> dict:
     """One LTX-2 block at the 19B model's widths (video 32x128, audio 32x64), 6144 video / 126 audio tokens,
     forward + backward under bf16 autocast: unpatched (ltx-core's SDPA attention) vs ``ltx2.patch`` with and
     without Eq 8 surgery (``alpha = 0.1``) on the Triton backend; times, peak memory and output agreement."""
-    from omninft_fast import ltx2
-
     size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
     variants = {"unpatched": None, "patched, no surgery": [0.0], "patched, surgery alpha=0.1": [ALPHA]}
     rows, outputs = [], {}
     for name, detach in variants.items():
-        model, data = _build(1, 1, device, size)
-        if name != "unpatched":
-            ltx2.patch(model, detach=detach, backend="triton")
-        gen = torch.Generator(device=device).manual_seed(1)
-        weights = [torch.randn(t.shape, generator=gen, device=device) for t in data["targets"]]
-
-        def step(model=model, data=data, weights=weights) -> None:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
-                v, a = model(**data["inputs"])
-            ((v.float() * weights[0]).sum() + (a.float() * weights[1]).sum()).backward()
-
+        step, model, data = _block_step(name, detach, size, device, autocast=not dry_run)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
             outputs[name] = [x.float() for x in model(**data["inputs"])]
         row = {"variant": name}

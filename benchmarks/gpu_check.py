@@ -16,6 +16,8 @@ and the others still run; a CUDA fault cannot poison the rest):
 6. ``omninft_step``: one OmniNFT step of a reduced-depth 19B-width LTX-2, engine vs straightforward.
 7. ``tiles``: a sweep of attention tile configurations at LTX-2 shapes (correctness against SDPA and time), the
    data for the tuned tile table.
+8. ``block_profile``: ``torch.profiler`` of the LTX-2 block, unpatched vs patched: top kernels, device time and
+   host-device synchronisations per step.
 
 ``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
@@ -46,6 +48,7 @@ SECTIONS: dict[str, int] = {
     "ltx2_block": 90,
     "omninft_step": 120,
     "tiles": 150,
+    "block_profile": 90,
 }
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
 
@@ -183,6 +186,12 @@ def section_omninft_step(work: Path, dry_run: bool) -> dict:
     return step_comparison(dry_run)
 
 
+def section_block_profile(work: Path, dry_run: bool) -> dict:
+    from bench_ltx2_step import block_profile
+
+    return block_profile(dry_run)
+
+
 def section_tiles(work: Path, dry_run: bool) -> dict:
     from bench_cross_attention import tile_sweep
 
@@ -309,8 +318,9 @@ def main() -> None:
         if results[name]["status"] != "ok":
             results[name].setdefault("traceback", text[-3000:])
         print(f"{name}: {results[name]['status']} in {results[name]['seconds']} s", flush=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / "gpu_check.md").write_text(_render(results, args))
+        # Written after every section, so a run stopped from outside still leaves what it measured.
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.out / "gpu_check.md").write_text(_render(results, args))
     print((args.out / "gpu_check.md").read_text()[-6000:])
 
 

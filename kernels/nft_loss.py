@@ -17,6 +17,7 @@ import triton.language as tl
 
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
+_SCALE_BLOCK = 4096
 _REDUCE_BLOCK = 1024
 
 
@@ -138,6 +139,25 @@ def nft_loss_triton_forward_into(
         num_warps=8,
     )
     _sum_partials_kernel[(1,)](partials, loss, partials.numel(), BLOCK=_REDUCE_BLOCK, num_warps=4)
+
+
+@triton.jit
+def _scale_unless_one_kernel(grad_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """``grad *= scale`` in place, skipped (one scalar read per program) when ``scale == 1``."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        values = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        tl.store(grad_ptr + offsets, (values * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Multiply the contiguous ``grad`` by the one-element ``scale`` in place, without reading ``scale`` on the host:
+    for the usual ``scale == 1`` every program stops after one scalar load, so no pass over ``grad`` is made."""
+    numel = grad.numel()
+    _scale_unless_one_kernel[(triton.cdiv(numel, _SCALE_BLOCK),)](grad, scale, numel, BLOCK=_SCALE_BLOCK, num_warps=8)
+    return grad
 
 
 def _blocks(rows: int, channels: int) -> tuple[int, int]:

@@ -82,24 +82,30 @@ def test_triton_nft_loss_large_and_deterministic() -> None:
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def _compiled_matches_eager(fn, *args) -> None:
+def _compiled_matches_eager(fn, *args, wrt: tuple[torch.Tensor, ...] = ()) -> None:
+    """``torch.compile(fn, fullgraph=True)`` gives eager's outputs, and (backward outside the compiled region) the
+    same gradients of the first output with respect to ``wrt``."""
     eager = fn(*args)
     compiled = torch.compile(fn, fullgraph=True)(*args)
     for got, want in zip(
         torch.utils._pytree.tree_leaves(compiled), torch.utils._pytree.tree_leaves(eager), strict=True
     ):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if wrt:
+        grads = [torch.autograd.grad(out[0].float().square().sum(), wrt) for out in (eager, compiled)]
+        for got, want in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_nft_loss_on_cuda() -> None:
     kw = {name: t.cuda() for name, t in _velocities((2, 300, 128), torch.bfloat16, seed=4).items()}
     theta = kw["v_theta"].requires_grad_()
 
-    def step(theta, v_old, target, r, token_weight):
-        loss = of.nft_loss(theta, v_old, target, r, beta=1.0, token_weight=token_weight, backend="triton")
-        return loss, torch.autograd.grad(loss, theta)[0]
+    def loss(theta, v_old, target, r, token_weight):
+        return (of.nft_loss(theta, v_old, target, r, beta=1.0, token_weight=token_weight, backend="triton"),)
 
-    _compiled_matches_eager(step, theta, kw["v_old"], kw["target"], kw["r"], kw["token_weight"])
+    _compiled_matches_eager(loss, theta, kw["v_old"], kw["target"], kw["r"], kw["token_weight"], wrt=(theta,))
 
 
 @pytest.mark.parametrize("return_key_mass", [False, True])
@@ -108,12 +114,10 @@ def test_compile_cross_attention_on_cuda(return_key_mass: bool) -> None:
     q, k, v = (torch.randn(2, n, 4, 64, generator=gen).cuda().to(torch.bfloat16) for n in (300, 90, 90))
     q, k = q.requires_grad_(), k.requires_grad_()
 
-    def step(q, k, v):
-        out, mass = of.cross_attention(q, k, v, kv_grad_scale=0.9, return_key_mass=return_key_mass, backend="triton")
-        grads = torch.autograd.grad(out.float().square().sum(), (q, k))
-        return out, mass, grads
+    def attend(q, k, v):
+        return of.cross_attention(q, k, v, kv_grad_scale=0.9, return_key_mass=return_key_mass, backend="triton")
 
-    _compiled_matches_eager(step, q, k, v)
+    _compiled_matches_eager(attend, q, k, v, wrt=(q, k))
 
 
 def test_compile_small_ops_on_cuda() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("environment", "tests", "attention", "nft_loss", "ltx2_block", "omninft_step", "tiles")
+SECTIONS = ("environment", "tests", "attention", "nft_loss", "ltx2_block", "omninft_step", "tiles", "block_profile")
 
 
 def _env() -> dict:

@@ -147,6 +147,23 @@ def test_backward_rescales_saved_gradient(backend: str) -> None:
         torch.testing.assert_close(nft_loss(theta, beta=0.5, backend=backend, **kw).double(), ref_loss)
 
 
+@needs_triton
+def test_triton_rescale_in_place_once() -> None:
+    """The Triton backend scales its saved gradient in place (no host read of grad_output): a gradient of 1 leaves
+    it bit-identical to the forward's, and a second backward through the same graph is refused."""
+    from omninft_fast.kernels.nft_loss import scale_gradient_
+
+    grad = torch.randn(3, 7, 5)
+    assert torch.equal(scale_gradient_(grad.clone(), torch.ones(1)), grad)
+    assert torch.equal(scale_gradient_(grad.clone(), torch.full((1,), -0.5)), grad * -0.5)
+    kw = _inputs((2, 9, 33), torch.float32, "between", seed=4)
+    theta = kw.pop("v_theta").clone().requires_grad_()
+    loss = nft_loss(theta, beta=0.5, backend="triton", **kw)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagates once per forward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bit_identical_on_repeat(backend: str, dtype: torch.dtype) -> None:

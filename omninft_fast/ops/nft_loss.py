@@ -184,6 +184,7 @@ def nft_loss_reference(
 # A fused forward op: (v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale,
 # kl_weight) -> (loss (), dloss/dv_theta (B, N, C)).
 FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Rescale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def nft_loss_fused_fake(
@@ -210,6 +211,7 @@ class _FusedNFTLoss(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         fused_forward: FusedForward,
+        rescale_: Rescale | None,
         v_theta: torch.Tensor,
         v_old: torch.Tensor,
         target: torch.Tensor,
@@ -225,6 +227,8 @@ class _FusedNFTLoss(torch.autograd.Function):
             v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
         )
         ctx.save_for_backward(grad)
+        ctx.rescale_ = rescale_
+        ctx.rescaled = False
         return loss
 
     @staticmethod
@@ -232,12 +236,20 @@ class _FusedNFTLoss(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        # Skipping the rescale for the usual grad_output == 1 reads its value: done for CPU tensors in eager mode
-        # only (a GPU would synchronise, a compiled graph would break).
-        skip = grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_output == 1)
-        if not skip:
+        if ctx.rescale_ is not None and not torch.compiler.is_compiling():
+            # In place and without reading grad_output on the host: no sync, no pass over the gradient when it is 1.
+            if ctx.rescaled:
+                raise RuntimeError(
+                    "nft_loss: this backend scales its stored gradient in place, so it backpropagates once per "
+                    "forward; call the loss again instead of backward(retain_graph=True) twice"
+                )
+            ctx.rescaled = True
+            grad = ctx.rescale_(grad, grad_output.detach().reshape(1))
+        elif not (grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_output == 1)):
+            # Skipping the usual grad_output == 1 reads its value: done for CPU tensors in eager mode only (a GPU
+            # would synchronise, a compiled graph would break).
             grad = grad * grad_output.to(grad.dtype)
-        return None, grad, None, None, None, None, None, None, None, None, None
+        return None, None, grad, None, None, None, None, None, None, None, None, None
 
 
 class FusedNFTLossBackend:
@@ -251,13 +263,16 @@ class FusedNFTLossBackend:
         op_name: ``"namespace::name"`` of a registered op with ``FusedForward``'s schema.
         eager: a plain function with the op's signature that runs instead of the op outside ``torch.compile``
             (it skips the dispatcher's overhead); None always runs the op.
+        rescale_: ``(grad, grad_output (1,)) -> grad`` multiplying the saved gradient in place without a host read
+            (eager mode; the loss then backpropagates once per forward); None multiplies out of place.
     """
 
-    def __init__(self, op_name: str, eager: FusedForward | None = None) -> None:
+    def __init__(self, op_name: str, eager: FusedForward | None = None, rescale_: Rescale | None = None) -> None:
         torch.library.register_fake(op_name)(nft_loss_fused_fake)
         namespace, name = op_name.split("::")
         self.op = getattr(getattr(torch.ops, namespace), name).default
         self.eager = eager
+        self.rescale_ = rescale_
 
     def _forward(self, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
         forward = self.op if self.eager is None or torch.compiler.is_compiling() else self.eager
@@ -280,6 +295,7 @@ class FusedNFTLossBackend:
         """Scalar loss in float32 (float64 for float64 ``v_theta``); its gradient flows to ``v_theta`` only."""
         return _FusedNFTLoss.apply(
             self._forward,
+            self.rescale_,
             v_theta,
             v_old.detach(),
             target.detach(),
