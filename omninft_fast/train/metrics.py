@@ -1,4 +1,5 @@
-"""Metrics sinks (JSONL, TensorBoard, wandb) and end-of-run artifacts (reward-curve PNG, GIF + WAV samples)."""
+"""Metrics sinks (JSONL, TensorBoard, wandb), progress bars and end-of-run artifacts (reward-curve PNG, GIF + WAV
+samples)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 
 class MetricsLogger:
@@ -75,6 +77,11 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool) -> tqdm:
+    """A transient tqdm bar (cleared when closed); silent when not ``enabled``."""
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 _PALETTE = ((220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152))
