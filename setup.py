@@ -18,6 +18,7 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
     "dist": ["deepspeed>=0.15"],
     "ltx2": ["ltx-core==1.0.0", "diffusers==0.42.1", "einops", "safetensors"],
+    "train": ["matplotlib>=3.8", "tensorboard", "peft"],
     "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
 }
 
@@ -45,7 +46,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["omninft_fast", "omninft_fast.*"]), "omninft_fast.kernels"],
     package_dir={"omninft_fast.kernels": "kernels"},
-    install_requires=["torch>=2.5", "nvtx", "pyyaml"],
+    install_requires=["torch>=2.5", "nvtx", "omegaconf>=2.4", "ruamel.yaml>=0.18"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("ltx_core")
 
@@ -45,6 +46,8 @@ def test_smoke_two_iterations_from_the_cli(tmp_path: Path, capsys: pytest.Captur
         assert all(torch.isfinite(torch.tensor(line[key])) for line in lines), key
     for name in (CHECKPOINT, "reward_curve.png", "eval_table.md", "config.yaml"):
         assert (tmp_path / name).is_file(), name
+    with Image.open(tmp_path / "reward_curve.png") as curve:
+        assert curve.format == "PNG" and curve.size == (640, 400)
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((tmp_path / "tensorboard").iterdir())
     assert list((tmp_path / "samples" / "after").glob("*.gif")) and list((tmp_path / "samples" / "after").glob("*.wav"))

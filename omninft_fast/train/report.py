@@ -11,8 +11,9 @@ import torch
 
 from omninft_fast.rewards import RewardModel
 from omninft_fast.train.config import TrainConfig
-from omninft_fast.train.metrics import plot_curves, progress_bar, write_gif, write_wav
+from omninft_fast.train.metrics import progress_bar, write_gif, write_wav
 from omninft_fast.train.model import AVTask, AVVelocityModel
+from omninft_fast.train.plotting import plot_curves
 from omninft_fast.train.stages import Rollout, rollout, score
 
 
@@ -112,4 +113,4 @@ def write_reward_curves(path: Path, history: list[dict[str, float]]) -> None:
         return
     keys = [k for k in history[0] if k.startswith("reward/") and k.endswith("/mean")]
     curves = {k[len("reward/") : -len("/mean")]: [h[k] for h in history] for k in keys}
-    plot_curves(path, curves)
+    plot_curves(path, [int(h["iteration"]) for h in history], curves)
