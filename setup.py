@@ -1,6 +1,7 @@
 """Build and install omninft-fast.
 
-``kernels/`` installs as ``omninft_fast.kernels``. Where a C++ compiler is present, the CPU extension in
+``kernels/`` installs as ``omninft_fast.kernels``; the tiny base policy of the CPU default
+(``omninft_fast/checkpoints/``) installs with the package. Where a C++ compiler is present, the CPU extension in
 ``csrc/`` builds as ``omninft_fast._C``; without one (or with ``OMNINFT_NO_EXTENSION=1``) the package installs
 without it and the PyTorch reference runs instead.
 """
@@ -46,6 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["omninft_fast", "omninft_fast.*"]), "omninft_fast.kernels"],
     package_dir={"omninft_fast.kernels": "kernels"},
+    package_data={"omninft_fast": ["checkpoints/*.safetensors"]},
     install_requires=["torch>=2.5", "nvtx", "omegaconf>=2.4", "ruamel.yaml>=0.18"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,

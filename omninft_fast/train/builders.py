@@ -1,4 +1,8 @@
-"""What a run is made of, built from a ``TrainConfig``: task, prompts, rewards, policies and optimiser."""
+"""What a run is made of, built from a ``TrainConfig``: task, prompts, rewards, policies and optimiser.
+
+Relative paths in a config (``model.checkpoint``, ``prompt_file``, ...) are read from the working directory, else
+from the files shipped inside the package (the tiny base policy ``checkpoints/tiny_t2av_base.safetensors``).
+"""
 
 from __future__ import annotations
 
@@ -18,16 +22,18 @@ from omninft_fast.train.lora import OLD, AdapterView, LoraAdapters
 from omninft_fast.train.ltx_pipeline import GemmaPromptEncoder, LTX2Pipeline, text_cache_prompts
 from omninft_fast.train.model import AVTask, AVVelocityModel, LTXAVModel
 
+PACKAGE_DIR = Path(omninft_fast.__file__).resolve().parent
 STREAMS = ("video", "audio", "cross_modal")
 
 
 def resolve_path(path: str) -> Path:
-    """``path`` as given when it exists, else relative to the repository root (where the committed files live)."""
+    """``path`` as given when it is absolute or exists, else the file of that name shipped in the package (when
+    there is one)."""
     given = Path(path)
     if given.is_absolute() or given.exists():
         return given
-    in_repo = Path(omninft_fast.__file__).resolve().parents[1] / given
-    return in_repo if in_repo.exists() else given
+    shipped = PACKAGE_DIR / given
+    return shipped if shipped.exists() else given
 
 
 def build_task(config: TrainConfig) -> AVTask:
