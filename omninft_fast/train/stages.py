@@ -116,12 +116,12 @@ def rollout(
     sampling: SamplingConfig,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
-    capture: Any = None,
+    handle: Any = None,
     last_steps: int = 1,
     on_step: Callable[[int], None] | None = None,
 ) -> Rollout:
-    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2); with a ``capture`` handle (an
-    ``ltx2.patch`` handle) also record the ``(B, Nv)`` Eq 10 scores of the last ``last_steps`` steps."""
+    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2); with the ``ltx2.patch`` ``handle`` of the
+    sampling model also capture the ``(B, Nv)`` Eq 10 scores of the last ``last_steps`` steps."""
     cond = condition(task, texts, device)
     noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device)
     kwargs: dict[str, Any] = {
@@ -130,12 +130,12 @@ def rollout(
         "autocast_dtype": autocast_dtype,
         "on_step": on_step,
     }
-    if capture is None:
+    if handle is None:
         video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
         return Rollout(texts, video, audio, None)
-    with capture.capture_region_scores(num_steps=sampling.num_steps, last_steps=last_steps) as scores:
-        video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=scores, **kwargs)
-        return Rollout(texts, video, audio, scores.scores().float())
+    with handle.capture_region_scores(num_steps=sampling.num_steps, last_steps=last_steps) as capture:
+        video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=capture, **kwargs)
+        return Rollout(texts, video, audio, capture.scores().float())
 
 
 def score(task: AVTask, rewards: list[RewardModel], batch: Rollout) -> Scores:

@@ -121,7 +121,7 @@ class Trainer:
                 sampling=cfg.sampling,
                 device=self.device,
                 autocast_dtype=self.autocast_dtype,
-                capture=p.old_handle,
+                handle=p.old_handle,
                 last_steps=cfg.reweight.last_steps,
                 on_step=lambda _: bar.update(),
             )
