@@ -1,6 +1,7 @@
 """Build and install omninft-fast.
 
-``kernels/`` installs as ``omninft_fast.kernels``. Where a C++ compiler is present, the CPU extension in
+``kernels/`` installs as ``omninft_fast.kernels``; the tiny base policy of the CPU default
+(``omninft_fast/checkpoints/``) installs with the package. Where a C++ compiler is present, the CPU extension in
 ``csrc/`` builds as ``omninft_fast._C``; without one (or with ``OMNINFT_NO_EXTENSION=1``) the package installs
 without it and the PyTorch reference runs instead.
 """
@@ -18,6 +19,7 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
     "dist": ["deepspeed>=0.15"],
     "ltx2": ["ltx-core==1.0.0", "diffusers==0.42.1", "einops", "safetensors"],
+    "train": ["matplotlib>=3.8", "tensorboard", "peft"],
     "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
 }
 
@@ -45,7 +47,8 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["omninft_fast", "omninft_fast.*"]), "omninft_fast.kernels"],
     package_dir={"omninft_fast.kernels": "kernels"},
-    install_requires=["torch>=2.5", "nvtx", "pyyaml"],
+    package_data={"omninft_fast": ["checkpoints/*.safetensors"]},
+    install_requires=["torch>=2.5", "nvtx", "omegaconf>=2.4", "ruamel.yaml>=0.18"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,11 +1,20 @@
-"""The ``omninft-fast`` command line."""
+"""The ``omninft-fast`` command line. Each command imports its modules when it runs, so ``selfcheck`` needs only
+torch and the trainer's libraries are needed only by the trainer's commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from omninft_fast import evaluation
+
+if TYPE_CHECKING:
+    from omninft_fast.train.config import TrainConfig
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -20,68 +29,78 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import time
+def _user_error(error: Exception) -> str:
+    """One line for an error a user can fix (a ``KeyError``'s message without the quotes ``str`` adds)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
+
+def _load(args: argparse.Namespace) -> TrainConfig | None:
+    """The config of ``--config`` and the overrides; prints the error and returns ``None`` when it is bad."""
     from omninft_fast.train.config import ConfigError, load_config
-    from omninft_fast.train.trainer import Trainer, TrainingDiverged, format_table
 
-    start = time.perf_counter()
     try:
-        config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, resume=args.resume)
-        before, after = trainer.run()
+        return load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from omninft_fast.train import Trainer, TrainingDiverged, format_table
+
+    start = time.perf_counter()
+    config = _load(args)
+    if config is None:
         return 2
-    except NotImplementedError as error:
-        print(f"not available: {error}", file=sys.stderr)
+    try:
+        trainer = Trainer(config, resume=args.resume)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
+        print(f"train: {_user_error(error)}", file=sys.stderr)
         return 2
+    try:
+        before, after = trainer.run()
     except TrainingDiverged as error:
         print(f"training stopped: {error}; the last good checkpoint is kept in {config.output_dir}", file=sys.stderr)
         return 1
-    modalities = {name: reward.modality for name, reward in trainer.reward_of.items()}
     print(
         f"\nEvaluation on {after.count} samples (every task prompt x {config.eval.samples_per_prompt} seeds, "
         f"eval seed {config.eval.seed}), run seed {config.seed}:"
     )
-    print(format_table(before, after, modalities))
+    print(format_table(before, after))
     print(f"wall time {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}")
     return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from omninft_fast.task.pretrain import pretrain
-    from omninft_fast.train.config import ConfigError, load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 2
     output = args.output or config.model.checkpoint
     if not output:
         print("pretrain needs --output or model.checkpoint", file=sys.stderr)
         return 2
-    losses = pretrain(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed)
+    if Path(output).exists():
+        print(f"pretrain: {output} exists; choose another --output (nothing is overwritten)", file=sys.stderr)
+        return 2
+    try:
+        losses = pretrain(
+            config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed
+        )
+    except ValueError as error:
+        print(f"pretrain: {error}", file=sys.stderr)
+        return 2
     print(f"pretrained {args.steps} steps, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}; wrote {output}")
     return 0
 
 
 def _text_cache(args: argparse.Namespace) -> int:
-    from omninft_fast.train.config import ConfigError, load_config
-    from omninft_fast.train.ltx_pipeline import (
-        GemmaPromptEncoder,
-        MissingWeightsError,
-        precompute_text_cache,
-        text_cache_prompts,
-    )
-    from omninft_fast.train.trainer import load_prompts, resolve_path
+    from omninft_fast.train.builders import build_prompt_encoder, load_prompts
+    from omninft_fast.train.ltx_pipeline import MissingWeightsError, precompute_text_cache, text_cache_prompts
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 2
     x = config.ltx
     problems = [
@@ -97,14 +116,9 @@ def _text_cache(args: argparse.Namespace) -> int:
     output = args.output or x.text_cache
     try:
         prompts = load_prompts(config)
-        encoder = GemmaPromptEncoder.from_files(
-            resolve_path(config.model.checkpoint),
-            resolve_path(x.gemma_root),
-            device=x.text_encoder_device or config.device,
-            dtype=getattr(torch, x.dtype),
-        )
+        encoder = build_prompt_encoder(config)
     except (FileNotFoundError, MissingWeightsError) as error:
-        print(f"text-cache: {error}", file=sys.stderr)
+        print(f"text-cache: {_user_error(error)}", file=sys.stderr)
         return 2
     written = precompute_text_cache(encoder, prompts, output)
     print(f"encoded {len(text_cache_prompts(written))} distinct prompts; wrote {written}")
@@ -139,8 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", default=None, help="text cache file (default: ltx.text_cache)")
     cache.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. ltx.gemma_root=/models/gemma")
     cache.set_defaults(func=_text_cache)
-    from omninft_fast import evaluation
-
     evaluate = commands.add_parser(
         "eval",
         parents=[evaluation.build_parser()],

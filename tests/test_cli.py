@@ -1,9 +1,11 @@
-"""The command line: ``omninft-fast selfcheck`` checks every usable backend against the float64 oracles."""
+"""The command line: ``omninft-fast selfcheck`` checks every usable backend against the float64 oracles; no command
+overwrites what a user made."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,12 @@ def test_module_entry_point_reports_usage() -> None:
 def test_unknown_command_fails() -> None:
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_pretrain_never_overwrites_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    existing = tmp_path / "base.safetensors"
+    existing.write_bytes(b"weights")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+    assert main(["pretrain", "--config", config, "--output", str(existing), "--steps", "1"]) == 2
+    assert "exists; choose another --output" in capsys.readouterr().err
+    assert existing.read_bytes() == b"weights"

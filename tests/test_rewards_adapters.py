@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="transformers is not installed (requirements/rewards.txt)")
 pytest.importorskip("audiobox_aesthetics", reason="audiobox-aesthetics is not installed (requirements/rewards.txt)")
 
+from fixtures import tiny
+
 from omninft_fast.rewards import (
     RewardBatch,
     audiobox,
@@ -29,7 +31,6 @@ from omninft_fast.rewards import (
     hpsv3,
     imagebind,
     qwen2vl,
-    tiny,
     videoalign,
 )
 from omninft_fast.rewards._loading import CheckpointError, read_state_dict

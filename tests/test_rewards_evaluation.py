@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="transformers is not installed (requirements/rewards.txt)")
 pytest.importorskip("audiobox_aesthetics", reason="audiobox-aesthetics is not installed (requirements/rewards.txt)")
 
+from fixtures import tiny
+
 from omninft_fast import evaluation
-from omninft_fast.rewards import tiny
 
 
 def _raw_wav(path: Path, width: int, channels: int, frames: bytes, rate: int = 8000) -> None:

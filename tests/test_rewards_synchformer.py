@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import tiny
 
-from omninft_fast.rewards import RewardBatch, build_reward, synchformer, tiny
+from omninft_fast.rewards import RewardBatch, build_reward, synchformer
 from omninft_fast.rewards._loading import CheckpointError, read_state_dict
 from omninft_fast.rewards.synchformer import (
     RELEASE,

@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("ltx_core")
 
+from omninft_fast.train import stages
 from omninft_fast.train.config import load_config
 from omninft_fast.train.model import Condition
 from omninft_fast.train.trainer import Trainer
@@ -17,18 +18,25 @@ MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
 
 
 def micro(tmp_path: Path, *overrides: str) -> Trainer:
-    return Trainer(load_config(MICRO, [f"output_dir={tmp_path}", *overrides]))
+    """A micro trainer in a fresh folder under ``tmp_path`` (a run never overwrites another)."""
+    out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    return Trainer(load_config(MICRO, [f"output_dir={out}", *overrides]))
 
 
-def _scores(trainer: Trainer, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _scores(trainer: Trainer, gen: torch.Generator) -> stages.Scores:
     batch = trainer.config.prompts_per_iter * trainer.config.group_size
-    scores = {
+    values = {
         "colour": torch.randn(batch, generator=gen),
         "pitch": torch.rand(batch, generator=gen),
         "sync": torch.randn(batch, generator=gen),
     }
-    trainer.reward_of = {name: reward for name, reward in zip(scores, trainer.rewards, strict=True)}
-    return scores
+    rewards = dict(zip(values, trainer.rewards, strict=True))
+    return stages.Scores(values, {n: r.modality for n, r in rewards.items()}, {n: r.weight for n, r in rewards.items()})
+
+
+def _advantages(trainer: Trainer, gen: torch.Generator) -> stages.Advantages:
+    config = trainer.config
+    return stages.advantages(_scores(trainer, gen), config.prompts_per_iter, config.advantage, trainer.device)
 
 
 @pytest.mark.parametrize(
@@ -47,12 +55,12 @@ def test_ladder_presets(rung: str, routing: str, surgery: bool, reweight: bool) 
 
 def test_shared_routing_gives_both_branches_the_same_r(tmp_path: Path, gen: torch.Generator) -> None:
     shared = micro(tmp_path, "advantage.routing=shared")
-    adv = shared.advantages(_scores(shared, gen), 0)
-    torch.testing.assert_close(adv["r_video"], adv["r_audio"], rtol=0, atol=0)
+    adv = _advantages(shared, gen)
+    torch.testing.assert_close(adv.r_video, adv.r_audio, rtol=0, atol=0)
     gen.manual_seed(1234)
     routed = micro(tmp_path, "advantage.routing=modality")
-    adv = routed.advantages(_scores(routed, gen), 0)
-    assert not torch.equal(adv["r_video"], adv["r_audio"])
+    adv = _advantages(routed, gen)
+    assert not torch.equal(adv.r_video, adv.r_audio)
 
 
 def _a2v_kv_grads(trainer: Trainer) -> list[torch.Tensor]:
@@ -88,7 +96,7 @@ def test_surgery_scales_only_shallow_a2v_kv_gradients(tmp_path: Path) -> None:
 
 def test_surgery_off_leaves_gradients_unscaled(tmp_path: Path) -> None:
     off = micro(tmp_path, "surgery.enabled=false")
-    assert off.policy_handle is None
+    assert off.policies.policy_handle is None
     plain = _a2v_kv_grads(off)
     zero = _a2v_kv_grads(micro(tmp_path, "surgery.enabled=true", "surgery.alpha=0.0"))
     for a, b in zip(plain, zero, strict=True):

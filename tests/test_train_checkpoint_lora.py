@@ -35,17 +35,19 @@ def test_lora_checkpoint_holds_only_the_adapters(tmp_path: Path) -> None:
     path = tmp_path / CHECKPOINT
     stored = load_file(str(path))
     model_keys = _model_keys(path)
-    adapters = {f"lora.{key}" for key in trainer.adapters.named}
+    adapters = {f"lora.{key}" for key in trainer.policies.adapters.named}
     assert model_keys == adapters
     assert any(".lora_A.default." in key for key in model_keys) and any(".lora_B.old." in key for key in model_keys)
     base = {key for key in trainer.policy.model.state_dict() if ".lora_" not in key}
     assert base and not any(key.split(".", 1)[1] in base for key in model_keys)
     for key in adapters:
-        assert torch.equal(stored[key], trainer.adapters.named[key[len("lora.") :]])
-    adapter_bytes = sum(p.numel() * p.element_size() for p in trainer.adapters.named.values())
+        assert torch.equal(stored[key], trainer.policies.adapters.named[key[len("lora.") :]])
+    adapter_bytes = sum(p.numel() * p.element_size() for p in trainer.policies.adapters.named.values())
     base_bytes = sum(v.numel() * v.element_size() for k, v in trainer.policy.model.state_dict().items() if k in base)
     optim_bytes = sum(v.numel() * v.element_size() for k, v in stored.items() if k.startswith("optim."))
-    assert optim_bytes <= 2 * adapter_bytes + 64 * len(trainer.adapters.pairs)  # Adam moments of the trained adapter
+    assert optim_bytes <= 2 * adapter_bytes + 64 * len(
+        trainer.policies.adapters.pairs
+    )  # Adam moments of the trained adapter
     assert path.stat().st_size < adapter_bytes + optim_bytes + 64 * 1024 < base_bytes + adapter_bytes
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -69,8 +71,8 @@ def test_lora_resume_reproduces_the_next_iteration_bit_identically(tmp_path: Pat
     for key in third:
         if not key.startswith(("time/", "samples_per_second")):
             assert again[key] == third[key], key
-    for key, value in straight.adapters.state_dict().items():
-        assert torch.equal(resumed.adapters.state_dict()[key], value), key
+    for key, value in straight.policies.adapters.state_dict().items():
+        assert torch.equal(resumed.policies.adapters.state_dict()[key], value), key
     assert second["loss/video"] != third["loss/video"]
 
 
@@ -102,13 +104,13 @@ def test_full_finetune_checkpoint_keeps_every_weight(tmp_path: Path) -> None:
     trainer.save(0)
     expected = {
         f"{prefix}.{key}"
-        for prefix, module in (("policy", trainer.policy), ("old", trainer.old), ("ref", trainer.ref))
+        for prefix, module in (("policy", trainer.policy), ("old", trainer.policies.old), ("ref", trainer.policies.ref))
         for key in module.state_dict()
     }
     assert _model_keys(tmp_path / CHECKPOINT) == expected
     resumed = micro(tmp_path, "nft.kl_weight=0.01", resume=True)
-    for key, value in trainer.old.state_dict().items():
-        assert torch.equal(resumed.old.state_dict()[key], value), key
+    for key, value in trainer.policies.old.state_dict().items():
+        assert torch.equal(resumed.policies.old.state_dict()[key], value), key
 
 
 def _header(path: Path) -> dict[str, str]:

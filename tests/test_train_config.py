@@ -1,4 +1,4 @@
-"""Trainer config: YAML + overrides, and clear errors naming the bad key or value."""
+"""Trainer config: YAML + overrides through OmegaConf, and clear errors naming the bad key or value."""
 
 from __future__ import annotations
 
@@ -7,31 +7,58 @@ from pathlib import Path
 import pytest
 
 from omninft_fast.cli import main
-from omninft_fast.train.config import ConfigError, load_config
+from omninft_fast.train.config import ConfigError, TrainConfig, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["cpu_default.yaml", "micro.yaml", "ltx2_19b_example.yaml"])
-def test_shipped_configs_parse(name: str) -> None:
+def test_shipped_configs_parse_and_round_trip(name: str, tmp_path: Path) -> None:
     config = load_config(CONFIGS / name)
     assert config.rewards and config.iterations > 0
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
 
 
 def test_overrides_reach_nested_fields_and_lists() -> None:
     config = load_config(CONFIGS / "micro.yaml", ["nft.beta=0.25", "rewards.1.weight=2", "surgery.spec='0-1:0.3'"])
     assert config.nft.beta == 0.25 and config.rewards[1].weight == 2.0 and config.surgery.spec == "0-1:0.3"
     assert config.iterations == 2  # from the file
+    config = load_config(CONFIGS / "micro.yaml", ["rewards=[{name: synthetic_pitch}]", "task.frames=16"])
+    assert [r.name for r in config.rewards] == ["synthetic_pitch"] and config.task.frames == 16
+    assert config.task.patch == 2  # the rest of the section is the file's
+
+
+def test_values_follow_yaml_1_2_and_the_field_type() -> None:
+    config = load_config(CONFIGS / "micro.yaml", ["optim.lr=1e-4", "surgery.spec=1:0.5", "nft.kl_weight=1"])
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
+    assert config.surgery.spec == "1:0.5"  # YAML 1.1 would read base 60 (60.5)
+    assert config.nft.kl_weight == 1.0 and isinstance(config.nft.kl_weight, float)
+
+
+def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "cpu_default.yaml", ["ladder=vanilla"])
+    assert config.ladder == "vanilla"
+    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == ("shared", False, False)
+    config.validate()
+    assert config.ladder == "vanilla" and config.surgery.enabled is False
+    save_config(config, tmp_path / "config.yaml")
+    assert "ladder: vanilla" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == config
+    with pytest.raises(ConfigError, match=r"ladder=vanilla sets .*'surgery.enabled': False"):
+        TrainConfig(ladder="vanilla")
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["nft.bta=1"], r"unknown config key 'nft.bta'"),
+        (["nft.bta=1"], r"unknown config key 'nft.bta' \(.*Did you mean: 'beta'"),
         (["learning_rate=1"], r"unknown config key 'learning_rate'"),
-        (["nft.beta=fast"], r"nft.beta must be a number, got 'fast'"),
-        (["group_size=2.5"], r"group_size must be an integer"),
-        (["surgery.enabled=maybe"], r"surgery.enabled must be true or false"),
+        (["rewards=[{nam: synthetic_pitch}]"], r"unknown config key 'rewards.nam'"),
+        (["nft.beta=fast"], r"nft.beta: Value 'fast' of type 'str' could not be converted to Float"),
+        (["group_size=2.5"], r"group_size: Value '2.5' of type 'float' could not be converted to Integer"),
+        (["surgery.enabled=maybe"], r"surgery.enabled: Value 'maybe' is not a valid bool"),
+        (["seed=null"], r"seed: "),
         (["advantage.routing=sum"], r"advantage.routing must be one of"),
         (["ladder=best"], r"ladder must be one of"),
         (["optim.lr=0"], r"optim.lr must be > 0"),
@@ -40,12 +67,14 @@ def test_overrides_reach_nested_fields_and_lists() -> None:
         (["reweight.last_steps=99"], r"reweight.last_steps \(99\) must be <= sampling.num_steps"),
         (["rewards.7.weight=1"], r"rewards.7: index must be in 0..2"),
         (["nft.beta.x=1"], r"nft.beta is a value, not a section"),
+        (["nft.beta=[1"], r"override 'nft.beta=\[1' is not valid YAML"),
         (["novalue"], r"must look like key=value"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         load_config(CONFIGS / "micro.yaml", overrides)
+    assert "\n" not in str(caught.value)
 
 
 def test_bad_file(tmp_path: Path) -> None:
@@ -55,8 +84,17 @@ def test_bad_file(tmp_path: Path) -> None:
     bad.write_text("nft:\n  betta: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'nft.betta'"):
         load_config(bad)
+    bad.write_text("nft:\n  beta: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line 3"):
+        load_config(bad)
+    bad.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"must hold a mapping, got list"):
+        load_config(bad)
 
 
-def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--config", str(CONFIGS / "micro.yaml"), "nft.beta=-1"]) == 2
-    assert "config error: nft.beta must be > 0" in capsys.readouterr().err
+    assert capsys.readouterr().err == "config error: nft.beta must be > 0, got -1.0\n"
+    assert main(["train", "--config", str(CONFIGS / "micro.yaml"), "nft.bta=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: unknown config key 'nft.bta'") and err.count("\n") == 1

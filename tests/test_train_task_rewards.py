@@ -90,8 +90,8 @@ def test_prompt_parsing() -> None:
 def test_pretrain_writes_loadable_weights(tmp_path: Path) -> None:
     pytest.importorskip("ltx_core")
     from omninft_fast.task.pretrain import pretrain
+    from omninft_fast.train.builders import build_policy, build_task
     from omninft_fast.train.config import load_config
-    from omninft_fast.train.trainer import build_policy, build_task
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
     out = tmp_path / "base.safetensors"

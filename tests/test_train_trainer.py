@@ -1,4 +1,5 @@
-"""Trainer: 2-iteration smoke run, bit-identical resume, NaN stop, and that every equation comes from the ops."""
+"""Trainer: 2-iteration smoke run, bit-identical resume, value checks once per iteration, no overwritten run, and
+that every equation comes from the ops."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("ltx_core")
 
 import omninft_fast
 from omninft_fast.cli import main
+from omninft_fast.train import stages
 from omninft_fast.train.config import load_config
-from omninft_fast.train.trainer import CHECKPOINT, Trainer, TrainingDiverged
+from omninft_fast.train.trainer import CHECKPOINT, Trainer
+from omninft_fast.train.validation import TrainingDiverged
 
 MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
 
@@ -42,6 +46,8 @@ def test_smoke_two_iterations_from_the_cli(tmp_path: Path, capsys: pytest.Captur
         assert all(torch.isfinite(torch.tensor(line[key])) for line in lines), key
     for name in (CHECKPOINT, "reward_curve.png", "eval_table.md", "config.yaml"):
         assert (tmp_path / name).is_file(), name
+    with Image.open(tmp_path / "reward_curve.png") as curve:
+        assert curve.format == "PNG" and curve.size == (640, 400)
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((tmp_path / "tensorboard").iterdir())
     assert list((tmp_path / "samples" / "after").glob("*.gif")) and list((tmp_path / "samples" / "after").glob("*.wav"))
@@ -67,25 +73,74 @@ def test_nan_reward_stops_with_iteration_and_source_and_keeps_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainer = micro(tmp_path, "iterations=3")
-    score, iteration = trainer.score, trainer.iteration
-    poison = {"on": False}
+    score, log = stages.score, trainer.logger.log
+    logged: list[int] = []
 
-    def poisoned(video: torch.Tensor, audio: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-        scores = score(video, audio, texts)
-        if poison["on"]:
-            scores["pitch"][1] = float("nan")
+    def poisoned(*args: object) -> stages.Scores:
+        scores = score(*args)
+        if logged == [0]:  # the rollout of iteration 1
+            scores.values["pitch"][1] = float("nan")
         return scores
 
-    def run_iteration(it: int) -> dict[str, float]:
-        poison["on"] = it == 1
-        return iteration(it)
+    def log_and_count(iteration: int, metrics: dict[str, float]) -> None:
+        logged.append(iteration)
+        log(iteration, metrics)
 
-    monkeypatch.setattr(trainer, "score", poisoned)
-    monkeypatch.setattr(trainer, "iteration", run_iteration)
-    with pytest.raises(TrainingDiverged, match=r"iteration 1: reward 'pitch' is not finite"):
+    monkeypatch.setattr(stages, "score", poisoned)
+    monkeypatch.setattr(trainer.logger, "log", log_and_count)
+    with pytest.raises(
+        TrainingDiverged, match=r"^iteration 1: rewards\['pitch'\]\[1\] is not finite \(nan\)$"
+    ) as caught:
         trainer.run()
+    assert isinstance(caught.value.__cause__, ValueError)
     saved = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "iterations=3"]), resume=True)
     assert saved.start_iteration == 1
+
+
+def _poison_advantages(adv: stages.Advantages) -> None:
+    adv.r_audio[2] = 1.5
+
+
+def _poison_weight(weight: torch.Tensor) -> None:
+    weight[0, 3] = float("inf")
+
+
+def _poison_weight_sum(weight: torch.Tensor) -> None:
+    weight[1] = 0.0
+
+
+@pytest.mark.parametrize(
+    ("stage", "poison", "message"),
+    [
+        ("advantages", _poison_advantages, r"r_audio\[2\] = 1.5 is outside \[0.0, 1.0\]"),
+        ("token_weights", _poison_weight, r"token_weight\[0, 3\] is not finite \(inf\)"),
+        ("token_weights", _poison_weight_sum, r"token_weight\[1\] sums to 0.0; each sample's weights must sum to > 0"),
+    ],
+)
+def test_bad_values_are_caught_once_per_iteration_with_the_ops_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, poison: object, message: str
+) -> None:
+    """The ops no longer check tensor values on every call: the trainer checks what it holds, once per iteration,
+    and names the value the way the ops' own checks do."""
+    original = getattr(stages, stage)
+
+    def poisoned(*args: object, **kwargs: object) -> object:
+        out = original(*args, **kwargs)
+        poison(out)
+        return out
+
+    monkeypatch.setattr(stages, stage, poisoned)
+    with pytest.raises(TrainingDiverged, match=rf"^iteration 0: {message}$") as caught:
+        micro(tmp_path).iteration(0)
+    assert isinstance(caught.value.__cause__, ValueError) and str(caught.value.__cause__) in str(caught.value)
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    micro(tmp_path)
+    with pytest.raises(FileExistsError, match=r"holds a run \(config.yaml, metrics.jsonl\); continue it with --resume"):
+        micro(tmp_path)
+    assert main(["train", "--config", MICRO, f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("train: output_dir")
 
 
 def test_trainer_calls_the_public_ops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,11 +185,12 @@ def test_lora_trains_only_the_adapter_and_blends_the_old_adapter(tmp_path: Path)
     trainer.iteration(0)  # eta = 0: the old adapter becomes the trained one
     changed = {k for k, v in named.items() if not torch.equal(v, before[k])}
     assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
-    for trained, old in trainer.adapters.pairs:
+    adapters = trainer.policies.adapters
+    for trained, old in adapters.pairs:
         assert torch.equal(trained, old)
-    trained_now = [t.detach().clone() for t, _ in trainer.adapters.pairs]
-    old_now = [o.detach().clone() for _, o in trainer.adapters.pairs]
+    trained_now = [t.detach().clone() for t, _ in adapters.pairs]
+    old_now = [o.detach().clone() for _, o in adapters.pairs]
     trainer.iteration(1)  # eta = 0.3
-    for (trained, old), o0 in zip(trainer.adapters.pairs, old_now, strict=True):
+    for (trained, old), o0 in zip(adapters.pairs, old_now, strict=True):
         torch.testing.assert_close(old, 0.3 * o0 + 0.7 * trained)
-    assert any(not torch.equal(t0, t) for t0, (t, _) in zip(trained_now, trainer.adapters.pairs, strict=True))
+    assert any(not torch.equal(t0, t) for t0, (t, _) in zip(trained_now, adapters.pairs, strict=True))

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from omninft_fast.task.synthetic import all_prompts
+from omninft_fast.train.builders import build_policy, build_task
 from omninft_fast.train.checkpoint import save_weights
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.model import Condition
@@ -30,9 +32,6 @@ def pretrain(
     Returns:
         The loss of every step.
     """
-    from omninft_fast.task.synthetic import all_prompts
-    from omninft_fast.train.trainer import build_policy, build_task
-
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"steps, batch_size and lr must be positive, got {steps}, {batch_size}, {lr}")
     if config.threads > 0:

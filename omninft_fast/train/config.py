@@ -1,25 +1,38 @@
-"""Typed trainer configuration: dataclasses loaded from YAML with ``key=value`` command-line overrides.
+"""Typed trainer configuration: OmegaConf structured configs built from dataclasses, YAML files and ``key=value``
+command-line overrides.
 
 Every option lives in ``TrainConfig``; nested sections are dataclasses, so ``nft.beta=0.5`` or
-``rewards.1.weight=2`` address one field. Unknown keys and values of the wrong type or outside their choices raise
-``ConfigError`` naming the dotted key.
+``rewards.1.weight=2`` address one field. Files and override values are read as YAML 1.2 (``1e-4`` is a float,
+``1:0.5`` a string) and converted to each field's type by OmegaConf. Unknown keys, values of the wrong type and
+values outside their choices raise ``ConfigError`` naming the dotted key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
 LADDER = ("vanilla", "routing", "surgery", "full")
+
+
+def ladder_preset(rung: str) -> dict[str, Any]:
+    """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting."""
+    index = LADDER.index(rung)
+    return {
+        "advantage.routing": "shared" if index == 0 else "modality",
+        "surgery.enabled": index >= 2,
+        "reweight.enabled": index >= 3,
+    }
 
 
 class ConfigError(ValueError):
@@ -229,7 +242,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check choices and ranges; apply the ``ladder`` preset (Table 3's rows) to the three flags."""
+        """Check choices, ranges and that the three flags agree with ``ladder`` (``load_config`` applies it)."""
         choices = {
             "ladder": (self.ladder, (None, *LADDER)),
             "autocast": (self.autocast, ("auto", "bf16", "off")),
@@ -314,148 +327,94 @@ class TrainConfig:
                 if value % 32:
                     raise ConfigError(f"{key} must be a multiple of 32, got {value}")
         if self.ladder is not None:
-            rung = LADDER.index(self.ladder)
-            self.advantage.routing = "shared" if rung == 0 else "modality"
-            self.surgery.enabled = rung >= 2
-            self.reweight.enabled = rung >= 3
-            self.ladder = None
+            flags = {
+                "advantage.routing": self.advantage.routing,
+                "surgery.enabled": self.surgery.enabled,
+                "reweight.enabled": self.reweight.enabled,
+            }
+            preset = ladder_preset(self.ladder)
+            if flags != preset:
+                raise ConfigError(f"ladder={self.ladder} sets {preset}, got {flags}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as nested plain dicts and lists."""
         return dataclasses.asdict(self)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_YAML = YAML(typ="safe", pure=True)
+_YAML.default_flow_style = False
+_YAML.representer.sort_base_mapping_type_on_output = False
+_ABSENT = object()
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (building nested dataclasses) and return it."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{key}.{i}", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {names}")
-        kwargs[key] = _coerce(dotted, value, hints[key])
+def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) -> DictConfig:
+    """``data`` merged onto ``schema``: keys and types checked against the dataclasses. Errors name the dotted key,
+    under ``where`` (an override's key) when OmegaConf names it relative to a value that ``where`` replaced."""
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+        return OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as error:
+        key = str(getattr(error, "full_key", "") or "")
+        if where and not key.startswith(where.split(".")[0]):
+            key = f"{where}.{key}" if key else where
+        message = str(getattr(error, "msg", None) or error).splitlines()[0]
+        if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+            raise ConfigError(f"unknown config key {key!r} ({message})") from None
+        raise ConfigError(f"{key}: {message}") from None
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data[a][b][...] = value`` for ``dotted = "a.b..."``; integer parts index lists."""
-    parts = dotted.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{where}: index must be in 0..{len(node) - 1}")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
+def _check_path(tree: DictConfig, key: str) -> None:
+    """Raise when ``key`` indexes a list out of range or descends into a value."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        where = ".".join(parts[:depth])
+        node = OmegaConf.select(tree, where, default=_ABSENT)
+        if node is _ABSENT:
+            return
+        if isinstance(node, ListConfig):
+            if not parts[depth].isdigit() or int(parts[depth]) >= len(node):
+                raise ConfigError(f"{where}.{parts[depth]}: index must be in 0..{len(node) - 1}")
+        elif not isinstance(node, DictConfig):
             raise ConfigError(f"{where} is a value, not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{dotted}: index must be in 0..{len(node) - 1}")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{'.'.join(parts[:-1])} is a value, not a section")
+
+
+def _read_yaml(text: str | Path, what: str) -> Any:
+    try:
+        return _YAML.load(text)
+    except YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if isinstance(text, Path) and mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path`` (YAML; defaults when ``None``) and apply ``key=value`` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = dataclasses.asdict(TrainConfig())
+    """Read ``path`` (YAML; defaults when ``None``), apply ``key=value`` overrides (values read as YAML), then the
+    ``ladder`` preset (Table 3's row sets the routing, surgery and reweighting flags)."""
+    schema = OmegaConf.structured(TrainConfig)
+    tree = schema
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
+        loaded = _read_yaml(path, f"config file {str(path)!r}")
+        if not isinstance(loaded, dict | None):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-        _merge(data, loaded, "")
+        tree = _typed(schema, loaded or {}, "")
     for item in overrides or []:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
-        _set(data, key.strip(), value)
-    return _build(TrainConfig, data)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str) -> None:
-    """Deep-merge ``update`` into ``base`` (sections merge, everything else replaces)."""
-    for key, value in update.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in base:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(base)}")
-        if isinstance(base[key], dict) and isinstance(value, dict) and key != "options":
-            _merge(base[key], value, dotted)
-        else:
-            base[key] = value
+        plain = OmegaConf.create(OmegaConf.to_container(tree))
+        _check_path(plain, key)
+        OmegaConf.update(plain, key, _read_yaml(text, f"override {item!r}"), merge=True)
+        tree = _typed(schema, plain, key)
+    if tree.ladder in LADDER:
+        for key, value in ladder_preset(tree.ladder).items():
+            OmegaConf.update(tree, key, value)
+    return OmegaConf.to_object(tree)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write ``config`` as YAML that ``load_config`` reads back to an equal configuration."""
+    _YAML.dump(config.to_dict(), Path(path))

@@ -1,4 +1,4 @@
-"""Metrics sinks (JSONL, TensorBoard, wandb) and end-of-run artifacts (reward-curve PNG, GIF + WAV samples)."""
+"""Metrics sinks (JSONL, TensorBoard, wandb), progress bars and sample files (GIF + WAV)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 
 class MetricsLogger:
@@ -77,36 +78,9 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-_PALETTE = ((220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152))
-
-
-def plot_curves(path: str | Path, curves: dict[str, list[float]], *, title: str = "reward mean per iteration") -> None:
-    """Line chart of several curves (each min-max scaled to the panel) as a PNG, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 640, 400, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, 10), title + " (each curve scaled to its own min..max)", fill="black")
-    draw.rectangle((margin, margin, width - margin, height - margin), outline="black")
-    for i, (name, values) in enumerate(curves.items()):
-        colour = _PALETTE[i % len(_PALETTE)]
-        if len(values) >= 2:
-            lo, hi = min(values), max(values)
-            span = hi - lo if hi > lo else 1.0
-            points = [
-                (
-                    margin + (width - 2 * margin) * k / (len(values) - 1),
-                    height - margin - (height - 2 * margin) * (v - lo) / span,
-                )
-                for k, v in enumerate(values)
-            ]
-            draw.line(points, fill=colour, width=2)
-            label = f"{name}: {values[0]:.3f} -> {values[-1]:.3f} (min {lo:.3f}, max {hi:.3f})"
-        else:
-            label = f"{name}: {values[0]:.3f}" if values else name
-        draw.text((margin + 8, margin + 6 + 14 * i), label, fill=colour)
-    image.save(path)
+def progress_bar(total: int, desc: str, *, enabled: bool) -> tqdm:
+    """A transient tqdm bar (cleared when closed); silent when not ``enabled``."""
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def write_gif(path: str | Path, frames: torch.Tensor, fps: float, *, scale: int = 8) -> None:

@@ -1,0 +1,250 @@
+"""What a run is made of, built from a ``TrainConfig``: task, prompts, rewards, policies and optimiser.
+
+Relative paths in a config (``model.checkpoint``, ``prompt_file``, ...) are read from the working directory, else
+from the files shipped inside the package (the tiny base policy ``checkpoints/tiny_t2av_base.safetensors``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import omninft_fast
+from omninft_fast.rewards import RewardModel, build_reward
+from omninft_fast.task.synthetic import SyntheticAVTask, all_prompts
+from omninft_fast.train.checkpoint import Stateful, load_weights
+from omninft_fast.train.config import TrainConfig
+from omninft_fast.train.lora import OLD, AdapterView, LoraAdapters
+from omninft_fast.train.ltx_pipeline import GemmaPromptEncoder, LTX2Pipeline, text_cache_prompts
+from omninft_fast.train.model import AVTask, AVVelocityModel, LTXAVModel
+
+PACKAGE_DIR = Path(omninft_fast.__file__).resolve().parent
+STREAMS = ("video", "audio", "cross_modal")
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given when it is absolute or exists, else the file of that name shipped in the package (when
+    there is one)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    shipped = PACKAGE_DIR / given
+    return shipped if shipped.exists() else given
+
+
+def build_task(config: TrainConfig) -> AVTask:
+    """The task of ``model.kind``: the synthetic task (``ltx_tiny``) or the released LTX-2's pipeline (``ltx``)."""
+    if config.model.kind == "ltx":
+        return build_ltx_pipeline(config)
+    spec = config.task
+    dims = (
+        config.model.video_heads * config.model.video_head_dim,
+        config.model.audio_heads * config.model.audio_head_dim,
+    )
+    if (spec.text_dim_video, spec.text_dim_audio) != dims:
+        raise ValueError(
+            f"task.text_dim_video/text_dim_audio {spec.text_dim_video, spec.text_dim_audio} must equal the model's "
+            f"video/audio widths {dims} (heads * head_dim)"
+        )
+    return SyntheticAVTask(spec)
+
+
+def build_prompt_encoder(config: TrainConfig) -> GemmaPromptEncoder:
+    """Gemma from ``ltx.gemma_root`` with the text connectors of ``model.checkpoint``."""
+    x = config.ltx
+    return GemmaPromptEncoder.from_files(
+        resolve_path(config.model.checkpoint or ""),
+        resolve_path(x.gemma_root or ""),
+        device=x.text_encoder_device or config.device,
+        dtype=getattr(torch, x.dtype),
+    )
+
+
+def build_ltx_pipeline(config: TrainConfig) -> AVTask:
+    """``LTX2Pipeline`` from ``model.checkpoint`` and the ``ltx`` section (text cache and/or Gemma, decoders)."""
+    x = config.ltx
+    return LTX2Pipeline(
+        resolve_path(config.model.checkpoint or ""),
+        frames=x.frames,
+        height=x.height,
+        width=x.width,
+        fps=x.fps,
+        text_cache=None if x.text_cache is None else resolve_path(x.text_cache),
+        prompt_encoder=None if x.gemma_root is None else build_prompt_encoder(config),
+        decoder_device=x.decoder_device or config.device,
+        decoder_dtype=getattr(torch, x.decoder_dtype),
+        decode_batch=x.decode_batch,
+        decode_tiling=x.decode_tiling,
+        decode_seed=x.decode_seed,
+    )
+
+
+def load_prompts(config: TrainConfig) -> list[str]:
+    """``prompts``, else the lines of ``prompt_file``, else the synthetic task's prompts or ``ltx.text_cache``'s."""
+    if config.prompts is not None:
+        return list(config.prompts)
+    if config.prompt_file is not None:
+        path = resolve_path(config.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
+        return prompts
+    if config.model.kind == "ltx":
+        return text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
+    return all_prompts()
+
+
+def build_rewards(config: TrainConfig) -> list[RewardModel]:
+    """One plugin per ``rewards`` entry, from the reward registry."""
+    return [
+        build_reward(
+            r.name,
+            device=r.device,
+            dtype=r.dtype,
+            micro_batch=r.micro_batch,
+            weight=r.weight,
+            checkpoint_dir=r.checkpoint_dir,
+            **r.options,
+        )
+        for r in config.rewards
+    ]
+
+
+def build_policy(config: TrainConfig, task: AVTask, *, load: bool = True) -> LTXAVModel:
+    """The policy of ``model.kind``: the tiny ltx-core LTX-2 of the synthetic task (loaded from ``model.checkpoint``
+    when ``load``), or the released transformer of ``task``'s checkpoint (on ``device``, in ``ltx.dtype``)."""
+    m = config.model
+    if m.kind == "ltx":
+        if not load:
+            raise ValueError("model.kind=ltx always loads the released weights (load=False is for ltx_tiny)")
+        model = task.policy(device=config.device, dtype=getattr(torch, config.ltx.dtype))
+    else:
+        s = task.spec
+        model = LTXAVModel.build(
+            frames=s.frames,
+            height=s.height,
+            width=s.width,
+            video_channels=s.video_channels,
+            audio_tokens=s.audio_tokens,
+            audio_channels=s.audio_channels,
+            fps=s.fps,
+            audio_token_seconds=s.audio_token_seconds,
+            num_layers=m.num_layers,
+            video_heads=m.video_heads,
+            video_head_dim=m.video_head_dim,
+            audio_heads=m.audio_heads,
+            audio_head_dim=m.audio_head_dim,
+            seed=m.init_seed,
+        )
+        if load and m.checkpoint:
+            load_weights(resolve_path(m.checkpoint), model.model)
+    model.model.set_gradient_checkpointing(m.gradient_checkpointing)
+    return model
+
+
+def stream_of(name: str) -> str:
+    """``cross_modal`` for A2V/V2A attention and their AdaLN, ``audio`` for the audio stream, else ``video``."""
+    parts = name.split(".")
+    if any(p in ("audio_to_video_attn", "video_to_audio_attn") or "av_ca_" in p or "a2v_ca_" in p for p in parts):
+        return "cross_modal"
+    return "audio" if any(p.startswith("audio_") for p in parts) else "video"
+
+
+@dataclass
+class Policies:
+    """The models Algorithm 1 runs and what the optimiser and checkpoints see.
+
+    Attributes:
+        policy: ``theta``, trained; carries the Eq 8 surgery when ``surgery.enabled``.
+        old: ``theta_old``, samples the rollouts (an EMA copy, or the policy through its ``old`` LoRA adapter).
+        ref: the KL reference (``nft.kl_weight > 0``), else ``None``.
+        adapters: the two LoRA adapters (``finetune.mode=lora``), else ``None``.
+        policy_handle: the policy's ``ltx2.patch`` handle when surgery is on.
+        old_handle: the handle that captures Eq 10 scores while ``old`` samples (``reweight.enabled``).
+        trainable: what the optimiser updates.
+        parameters: every parameter of the policy (gradient clipping takes those with a gradient).
+        streams: the same by stream (``STREAMS``), for per-stream gradient norms.
+    """
+
+    policy: LTXAVModel
+    old: AVVelocityModel
+    ref: AVVelocityModel | None
+    adapters: LoraAdapters | None
+    policy_handle: Any
+    old_handle: Any
+    trainable: list[torch.nn.Parameter]
+    parameters: list[torch.nn.Parameter]
+    streams: dict[str, list[torch.nn.Parameter]]
+
+    def checkpointed(self) -> dict[str, Stateful]:
+        """What a checkpoint holds: with LoRA both adapters only (the frozen base is rebuilt from
+        ``model.checkpoint``), else the policy, the old policy and the KL reference."""
+        if self.adapters is not None:
+            return {"lora": self.adapters}
+        modules: dict[str, Stateful] = {"policy": self.policy, "old": self.old}
+        if self.ref is not None:
+            modules["ref"] = self.ref
+        return modules
+
+
+def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> Policies:
+    """Policy, old policy, KL reference and the ``ltx2.patch`` handles for Eq 8 (``detach_schedule``, Eq 9) and
+    Eq 10 (``reweight.boundary`` onwards)."""
+    policy = build_policy(config, task).to(device)
+    layers = policy.num_layers
+    s, rw = config.surgery, config.reweight
+    alphas = None
+    if s.enabled:
+        alphas = omninft_fast.detach_schedule(layers, boundary=s.boundary, alpha=s.alpha, spec=s.spec)
+    region_layers = list(range(rw.boundary, layers))
+    if rw.enabled and not region_layers:
+        raise ValueError(f"reweight.boundary ({rw.boundary}) leaves no layer of {layers} for Eq 10")
+    adapters = None
+    if config.finetune.mode == "lora":
+        f = config.finetune
+        adapters = LoraAdapters(policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
+        old: AVVelocityModel = AdapterView(policy, adapters, OLD)
+        ref = AdapterView(policy, adapters, None) if config.nft.kl_weight > 0 else None
+        handle = policy.patch(detach=alphas, region_layers=region_layers) if s.enabled or rw.enabled else None
+        policy_handle = handle if s.enabled else None
+        old_handle = handle if rw.enabled else None
+        trainable = adapters.trainable_parameters()
+    else:
+        old = copy.deepcopy(policy).requires_grad_(False).eval()
+        ref = copy.deepcopy(old) if config.nft.kl_weight > 0 else None
+        policy_handle = policy.patch(detach=alphas) if s.enabled else None
+        old_handle = old.patch(region_layers=region_layers) if rw.enabled else None
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+    named = list(policy.named_parameters())
+    streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
+    parameters = [p for _, p in named]
+    return Policies(policy, old, ref, adapters, policy_handle, old_handle, trainable, parameters, streams)
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW: NVIDIA apex's FusedAdam when installed (``impl`` auto/apex), else torch's fused or foreach kernel."""
+    o = config.optim
+    kwargs: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+    if o.impl in ("auto", "apex") and device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            if o.impl == "apex":
+                raise
+        else:
+            return FusedAdam(params, adam_w_mode=True, **kwargs)
+    if o.impl == "apex" and device.type != "cuda":
+        raise ValueError("optim.impl=apex needs a CUDA device")
+    if o.impl == "plain":
+        return torch.optim.AdamW(params, foreach=False, **kwargs)
+    if o.impl == "foreach":
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+    return torch.optim.AdamW(params, fused=True, **kwargs)

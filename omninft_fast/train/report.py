@@ -1,0 +1,116 @@
+"""Evaluation on the fixed set and the run's report: before/after table, reward curves, GIF + WAV samples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omninft_fast.rewards import RewardModel
+from omninft_fast.train.config import TrainConfig
+from omninft_fast.train.metrics import progress_bar, write_gif, write_wav
+from omninft_fast.train.model import AVTask, AVVelocityModel
+from omninft_fast.train.plotting import plot_curves
+from omninft_fast.train.stages import Rollout, rollout, score
+
+
+@dataclass
+class EvalResult:
+    """Per-reward mean and standard error on the fixed evaluation set, and each reward's modality."""
+
+    mean: dict[str, float]
+    stderr: dict[str, float]
+    count: int
+    modality: dict[str, str] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(
+    model: AVVelocityModel,
+    task: AVTask,
+    rewards: list[RewardModel],
+    prompts: list[str],
+    config: TrainConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[EvalResult, Rollout]:
+    """Each reward's mean and standard error over every prompt x ``eval.samples_per_prompt`` samples drawn from
+    ``eval.seed``, sampled in chunks of one iteration's batch; also returns the samples."""
+    texts = [p for p in prompts for _ in range(config.eval.samples_per_prompt)]
+    generator = torch.Generator().manual_seed(config.eval.seed)
+    model.eval()
+    samples, scores = [], []
+    chunk = config.prompts_per_iter * config.group_size
+    for lo in range(0, len(texts), chunk):
+        part = texts[lo : lo + chunk]
+        bar = progress_bar(config.sampling.num_steps, f"sampling {len(part)}", enabled=config.progress)
+        with bar:
+            samples.append(
+                rollout(
+                    model,
+                    task,
+                    part,
+                    generator,
+                    sampling=config.sampling,
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                    on_step=lambda _, bar=bar: bar.update(),
+                )
+            )
+        scores.append(score(task, rewards, samples[-1]))
+    merged = {key: torch.cat([s.values[key] for s in scores]) for key in scores[0].values}
+    n = len(texts)
+    mean = {key: float(v.mean()) for key, v in merged.items()}
+    stderr = {key: float(v.std(correction=1)) / math.sqrt(n) for key, v in merged.items()}
+    video = torch.cat([s.video for s in samples])
+    audio = torch.cat([s.audio for s in samples])
+    return EvalResult(mean, stderr, n, scores[0].modality), Rollout(texts, video, audio, None)
+
+
+def format_table(before: EvalResult, after: EvalResult) -> str:
+    """Markdown table of each reward before/after with standard errors and the rise in combined standard errors."""
+    rows = [
+        "| reward | modality | before (mean ± SE) | after (mean ± SE) | change | change / SE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in before.mean:
+        delta = after.mean[name] - before.mean[name]
+        se = math.sqrt(before.stderr[name] ** 2 + after.stderr[name] ** 2)
+        z = delta / se if se > 0 else float("inf") * (1 if delta > 0 else -1)
+        rows.append(
+            f"| {name} | {after.modality[name]} | {before.mean[name]:.4f} ± {before.stderr[name]:.4f} | "
+            f"{after.mean[name]:.4f} ± {after.stderr[name]:.4f} | {delta:+.4f} | {z:+.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def write_samples(
+    folder: Path,
+    decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    samples: Rollout,
+    *,
+    samples_per_prompt: int,
+    count: int,
+    fps: float,
+    sample_rate: int,
+) -> None:
+    """``count`` evaluation prompts spread over the prompt list (first sample each) as GIF + WAV in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frames, waveform = decode(samples.video, samples.audio)
+    prompts = len(samples.texts) // samples_per_prompt
+    for k in [(7 * i % prompts) * samples_per_prompt for i in range(min(count, prompts))]:
+        stem = samples.texts[k].replace(" ", "_")
+        write_gif(folder / f"{stem}.gif", frames[k], fps)
+        write_wav(folder / f"{stem}.wav", waveform[k], sample_rate)
+
+
+def write_reward_curves(path: Path, history: list[dict[str, float]]) -> None:
+    """Each reward's per-iteration mean (``reward/<name>/mean`` of the metrics history) as a PNG line chart."""
+    if not history:
+        return
+    keys = [k for k in history[0] if k.startswith("reward/") and k.endswith("/mean")]
+    curves = {k[len("reward/") : -len("/mean")]: [h[k] for h in history] for k in keys}
+    plot_curves(path, [int(h["iteration"]) for h in history], curves)

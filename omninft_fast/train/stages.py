@@ -1,0 +1,354 @@
+"""The stages of Algorithm 1, each a function from explicit inputs to explicit outputs.
+
+- rollout with region capture: ``rollout`` (Eq 1-2 through ``euler_sample``; Eq 10 through the handle's capture)
+- scoring: ``score`` (the reward plugins)
+- advantages and routing: ``advantages`` (Eq 6 ``group_advantages``, ``optimality_probability``; Eq 7
+  ``route_advantages``)
+- region weights: ``token_weights`` (Eq 11 ``region_weights``)
+- NFT update: ``nft_update`` -> ``nft_step`` -> ``nft_losses`` (Eq 3-5 and Eq 12: ``nft_loss`` with the region
+  weights on the video stream, ``adaptive_x0_weight``)
+- old-policy update: ``update_old_policy`` (``theta_old <- eta theta_old + (1 - eta) theta``)
+
+What passes between stages is a small dataclass (``Rollout``, ``Scores``, ``Advantages``, ``UpdateBatch``), so a
+stage can be replaced on its own: batched guided rollouts return a ``Rollout``, a distributed step replaces
+``nft_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import omninft_fast
+from omninft_fast.rewards import RewardBatch, RewardModel
+from omninft_fast.train.builders import STREAMS, Policies
+from omninft_fast.train.config import AdvantageConfig, NFTConfig, SamplingConfig
+from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
+from omninft_fast.train.sampler import euler_sample, time_grid
+from omninft_fast.train.validation import check_finite
+
+MODALITIES = ("video", "audio", "av")
+
+
+@dataclass
+class Rollout:
+    """Samples of the old policy.
+
+    Attributes:
+        texts: ``B`` prompts, ``G`` consecutive samples per prompt.
+        video, audio: ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` clean latents ``x0``.
+        region_scores: ``(B, Nv)`` Eq 10 scores captured while sampling, or ``None``.
+    """
+
+    texts: list[str]
+    video: torch.Tensor
+    audio: torch.Tensor
+    region_scores: torch.Tensor | None
+
+
+@dataclass
+class Scores:
+    """Named ``(B,)`` float32 rewards with the modality and advantage weight of the plugin that gave each."""
+
+    values: dict[str, torch.Tensor]
+    modality: dict[str, str]
+    weight: dict[str, float]
+
+
+@dataclass
+class Advantages:
+    """Eq 6-7 per sample.
+
+    Attributes:
+        video, audio: ``(B,)`` weighted sums of the group advantages of each modality's rewards (before routing).
+        r_video, r_audio: ``(B,)`` optimality probabilities of the routed video and audio branches, on the device.
+    """
+
+    video: torch.Tensor
+    audio: torch.Tensor
+    r_video: torch.Tensor
+    r_audio: torch.Tensor
+
+
+@dataclass
+class UpdateBatch:
+    """What the NFT update trains on: the rollout's latents and condition with their ``r`` and video token weights.
+
+    Attributes:
+        cond: condition of the ``B`` samples.
+        video, audio: ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` clean latents.
+        r_video, r_audio: ``(B,)`` optimality probabilities.
+        token_weight: ``(B, Nv)`` Eq 11 video token weights, or ``None`` (uniform).
+    """
+
+    cond: Condition
+    video: torch.Tensor
+    audio: torch.Tensor
+    r_video: torch.Tensor
+    r_audio: torch.Tensor
+    token_weight: torch.Tensor | None
+
+
+def draw_noise(
+    spec: LatentSpec, batch: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, Nv, Cv)`` video then ``(B, Na, Ca)`` audio standard normal noise (separate per modality)."""
+    video = torch.randn((batch, spec.video_tokens, spec.video_channels), generator=generator)
+    audio = torch.randn((batch, spec.audio_tokens, spec.audio_channels), generator=generator)
+    return video.to(device), audio.to(device)
+
+
+def condition(task: AVTask, texts: list[str], device: torch.device) -> Condition:
+    """The task's text condition of ``texts`` on ``device``."""
+    return Condition(*task.encode(texts)).to(device)
+
+
+def rollout(
+    model: AVVelocityModel,
+    task: AVTask,
+    texts: list[str],
+    generator: torch.Generator,
+    *,
+    sampling: SamplingConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    handle: Any = None,
+    last_steps: int = 1,
+    on_step: Callable[[int], None] | None = None,
+) -> Rollout:
+    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2); with the ``ltx2.patch`` ``handle`` of the
+    sampling model also capture the ``(B, Nv)`` Eq 10 scores of the last ``last_steps`` steps."""
+    cond = condition(task, texts, device)
+    noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device)
+    kwargs: dict[str, Any] = {
+        "num_steps": sampling.num_steps,
+        "shift": sampling.shift,
+        "autocast_dtype": autocast_dtype,
+        "on_step": on_step,
+    }
+    if handle is None:
+        video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
+        return Rollout(texts, video, audio, None)
+    with handle.capture_region_scores(num_steps=sampling.num_steps, last_steps=last_steps) as capture:
+        video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=capture, **kwargs)
+        return Rollout(texts, video, audio, capture.scores().float())
+
+
+def score(task: AVTask, rewards: list[RewardModel], batch: Rollout) -> Scores:
+    """Decode the rollout and score it with every reward plugin."""
+    frames, waveform = task.decode(batch.video, batch.audio)
+    media = RewardBatch(frames, task.spec.fps, waveform, task.spec.sample_rate, batch.texts)
+    scores = Scores({}, {}, {})
+    for reward in rewards:
+        for key, value in reward(media).items():
+            if key in scores.values:
+                raise ValueError(f"two rewards return a score named {key!r}")
+            scores.values[key] = value
+            scores.modality[key] = reward.modality
+            scores.weight[key] = reward.weight
+    return scores
+
+
+def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: torch.device) -> Advantages:
+    """Eq 6-7: one group advantage per reward (``groups`` prompts), summed per modality with the reward weights,
+    routed to the video and audio branches and turned into optimality probabilities ``r``."""
+    size = len(next(iter(scores.values.values()))) // groups
+    per_modality = {m: torch.zeros(groups, size) for m in MODALITIES}
+    for name, value in scores.values.items():
+        adv = omninft_fast.group_advantages(value.view(groups, -1), std=config.std, eps=config.eps)
+        modality = scores.modality[name]
+        per_modality[modality] = per_modality[modality] + scores.weight[name] * adv
+    adv_v, adv_a, adv_av = per_modality["video"], per_modality["audio"], per_modality["av"]
+    routed_v, routed_a = omninft_fast.route_advantages(adv_v, adv_a, adv_av, mode=config.routing)
+    return Advantages(
+        adv_v.flatten(),
+        adv_a.flatten(),
+        omninft_fast.optimality_probability(routed_v, clip=config.clip).flatten().to(device),
+        omninft_fast.optimality_probability(routed_a, clip=config.clip).flatten().to(device),
+    )
+
+
+def token_weights(region_scores: torch.Tensor | None, lam: float, device: torch.device) -> torch.Tensor | None:
+    """Eq 11: ``(B, Nv)`` min-max region weights of the Eq 10 scores (``None`` without reweighting)."""
+    if region_scores is None:
+        return None
+    return omninft_fast.region_weights(region_scores, lam=lam).to(device)
+
+
+def training_times(
+    batch: int, generator: torch.Generator, nft: NFTConfig, sampling: SamplingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B * K,)`` sample indices and flow times: ``K`` distinct sampler-grid times per sample (shuffled) or
+    ``K`` uniform times in the grid's range, in a random order."""
+    k, steps = nft.timesteps_per_sample, sampling.num_steps
+    grid = time_grid(steps, shift=sampling.shift)[:-1]
+    if nft.timesteps == "grid_shuffled":
+        picks = torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(batch)])
+        times = grid[picks]
+    else:
+        lo = float(grid[-1])
+        times = lo + (1.0 - lo) * torch.rand((batch, k), generator=generator)
+    index = torch.arange(batch)[:, None].expand(batch, k).flatten()
+    order = torch.randperm(batch * k, generator=generator)
+    return index[order], times.flatten()[order]
+
+
+def nft_losses(
+    policies: Policies,
+    batch: UpdateBatch,
+    index: torch.Tensor,
+    t: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+    nft: NFTConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, torch.Tensor]:
+    """Eq 12 on one mini-batch: the region-weighted video NFT loss and the unweighted audio NFT loss (Eq 3-5).
+
+    Args:
+        policies: ``policy`` (trained), ``old`` and the optional KL ``ref``.
+        batch: the iteration's update batch.
+        index: ``(b,)`` samples of ``batch`` in this mini-batch, on the device.
+        t: ``(b,)`` flow times, on the device.
+        noise: ``(b, Nv, Cv)`` video and ``(b, Na, Ca)`` audio noise.
+        nft: beta, adaptive weight, KL weight.
+        autocast: the run's autocast context.
+
+    Returns:
+        ``{"video": loss, "audio": loss}``, scalar tensors.
+    """
+    x0_video, x0_audio = batch.video[index], batch.audio[index]
+    noise_video, noise_audio = noise
+    tb = t[:, None, None]
+    xt_video = (1 - tb) * x0_video + tb * noise_video
+    xt_audio = (1 - tb) * x0_audio + tb * noise_audio
+    c = batch.cond[index]
+    with torch.no_grad(), autocast():
+        old_video, old_audio = policies.old(xt_video, xt_audio, t, c)
+        ref = policies.ref(xt_video, xt_audio, t, c) if policies.ref is not None else (None, None)
+    with autocast():
+        v_video, v_audio = policies.policy(xt_video, xt_audio, t, c)
+    streams = (
+        ("video", v_video, old_video, noise_video - x0_video, xt_video, x0_video, batch.r_video, batch.token_weight),
+        ("audio", v_audio, old_audio, noise_audio - x0_audio, xt_audio, x0_audio, batch.r_audio, None),
+    )
+    losses = {}
+    for (name, v, v_old, target, xt, x0, r, weight), v_ref in zip(streams, ref, strict=True):
+        v, v_old = v.float(), v_old.float()
+        sample_weight = None
+        if nft.adaptive_weight:
+            v_pos = (1 - nft.beta) * v_old + nft.beta * v.detach()
+            sample_weight = omninft_fast.adaptive_x0_weight(xt, x0, v_pos, t)
+        losses[name] = omninft_fast.nft_loss(
+            v,
+            v_old,
+            target,
+            r[index],
+            beta=nft.beta,
+            token_weight=None if weight is None else weight[index],
+            sample_weight=sample_weight,
+            inverse_beta_scale=nft.inverse_beta_scale,
+            kl_weight=nft.kl_weight,
+            v_ref=None if v_ref is None else v_ref.float(),
+        )
+        check_finite(f"{name} loss", losses[name])
+    return losses
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of the gradients of ``params`` (0 for none)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def nft_step(
+    policies: Policies,
+    optimizer: torch.optim.Optimizer,
+    batch: UpdateBatch,
+    index: torch.Tensor,
+    t: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+    *,
+    nft: NFTConfig,
+    grad_clip: float,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """One optimiser step on one mini-batch's Eq 12 loss (video + audio), with gradient clipping; returns its
+    losses and gradient norms (total and per stream)."""
+    losses = nft_losses(policies, batch, index, t, noise, nft, autocast)
+    loss = losses["video"] + losses["audio"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = {f"grad_norm/{stream}_params": _grad_norm(policies.streams[stream]) for stream in STREAMS}
+    with_grad = [p for p in policies.parameters if p.grad is not None]
+    grad_total = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip)
+    check_finite("gradient norm", grad_total)
+    optimizer.step()
+    return {
+        "loss/video": losses["video"].item(),
+        "loss/audio": losses["audio"].item(),
+        "grad_norm/total": float(grad_total),
+        **norms,
+    }
+
+
+def nft_update(
+    policies: Policies,
+    optimizer: torch.optim.Optimizer,
+    batch: UpdateBatch,
+    generator: torch.Generator,
+    spec: LatentSpec,
+    *,
+    nft: NFTConfig,
+    sampling: SamplingConfig,
+    grad_clip: float,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """The NFT update of one iteration: ``K`` training times per sample, shuffled into mini-batches of
+    ``nft.mini_batch``, one ``nft_step`` each; returns the metrics averaged over the mini-batches."""
+    index, times = training_times(len(batch.video), generator, nft, sampling)
+    steps = []
+    for lo in range(0, len(index), nft.mini_batch):
+        part = index[lo : lo + nft.mini_batch]
+        noise = draw_noise(spec, len(part), generator, device)
+        t = times[lo : lo + nft.mini_batch].to(device)
+        steps.append(
+            nft_step(
+                policies,
+                optimizer,
+                batch,
+                part.to(device),
+                t,
+                noise,
+                nft=nft,
+                grad_clip=grad_clip,
+                autocast=autocast,
+            )
+        )
+        if on_step is not None:
+            on_step()
+    return {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
+
+
+def old_policy_eta(iteration: int, nft: NFTConfig) -> float:
+    """``eta = min(eta_rate * iteration, eta_max)``: how much of ``theta_old`` an update keeps."""
+    return min(nft.eta_rate * iteration, nft.eta_max)
+
+
+@torch.no_grad()
+def update_old_policy(policies: Policies, eta: float) -> None:
+    """``theta_old <- eta theta_old + (1 - eta) theta`` (the EMA copy in full fine-tuning, the ``old`` adapter
+    with LoRA)."""
+    if policies.adapters is not None:
+        policies.adapters.blend_old(eta)
+        return
+    old = list(policies.old.parameters())
+    new = [p.detach() for p in policies.policy.parameters()]
+    torch._foreach_lerp_(old, new, 1.0 - eta)
