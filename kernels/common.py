@@ -51,31 +51,25 @@ class TileConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-# Short key axes (A2V: 126 or 251 audio keys) walk narrower key tiles in the forward.
-SHORT_KEYS = 256
+def tile_config(head_dim: int, dtype: torch.dtype, kernel: str = "attention") -> TileConfig:
+    """The launch configuration of ``kernel`` (``attention``: forward, dQ and dK/dV; ``key_mass``) per head dim and
+    dtype: a fixed table, so results never depend on timing.
 
-
-def tile_config(head_dim: int, dtype: torch.dtype, kernel: str = "attention", n_k: int | None = None) -> TileConfig:
-    """The launch configuration of ``kernel`` (``attention``: dQ and dK/dV, ``forward``, ``key_mass``) per head dim,
-    dtype and key length: a fixed table, so results never depend on timing.
-
-    Half types: 64 x 64 tiles, 2 stages, 8 warps above head dim 64. Two entries come from the tile sweep of the
-    GPU check on an H200 (``benchmarks/results/gpu_h200_2026-11-26.md``, bf16, head dim 64): the key mass takes
-    128 x 64 tiles with 3 stages (all 126 audio queries in one tile; 0.079 vs 0.158 ms at V2A 126 x 6144; 128 x 32
-    was 0.074 ms but spills registers), and a
-    forward over at most ``SHORT_KEYS`` keys takes 64 x 32 tiles with 3 stages (0.038 vs 0.045 ms at A2V 6144 x 126).
+    Half types: 64 x 64 tiles, 2 stages, 8 warps above head dim 64. The key mass at head dims up to 64 takes
+    128 x 64 tiles with 3 stages (all 126 audio queries in one tile): the GPU check's tile sweep on an H200
+    (``benchmarks/results/gpu_h200_2026-11-26*.md``, bf16, V2A 126 x 6144) timed it at 0.079 ms against 0.158 ms for
+    64 x 64 in both runs (128 x 32 was 0.074 ms but spills registers). The forward and backward at B = 1 are
+    launch-bound (40-150 us kernels) and their sweep times moved up to 2x between runs, so they keep the default.
     float32 inputs (three TF32 products per dot, twice the bytes per tile) take 32 x 32 single-stage tiles and 8 warps
     above head dim 32; half types compile without spills, float32 still spills a little at head dims 32 and 128
     (``benchmarks/results/cross_attention_cpu.md``). Every launcher also takes an explicit ``tile=``.
     """
-    if kernel not in ("attention", "forward", "key_mass"):
-        raise ValueError(f"kernel must be 'attention', 'forward' or 'key_mass', got {kernel!r}")
+    if kernel not in ("attention", "key_mass"):
+        raise ValueError(f"kernel must be 'attention' or 'key_mass', got {kernel!r}")
     if dtype == torch.float32:
         return TileConfig(32, 32, 8 if head_dim > 32 else 4, 1)
     if head_dim <= 64 and kernel == "key_mass":
         return TileConfig(128, 64, 4, 3)
-    if head_dim <= 64 and kernel == "forward" and n_k is not None and n_k <= SHORT_KEYS:
-        return TileConfig(64, 32, 4, 3)
     return TileConfig(64, 64, 8 if head_dim > 64 else 4, 2)
 
 

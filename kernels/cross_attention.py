@@ -16,7 +16,6 @@ from omninft_fast.kernels import cross_attention_bwd as bwd_kernels
 from omninft_fast.kernels import cross_attention_fwd as fwd_kernels
 from omninft_fast.kernels import key_mass as key_mass_kernels
 from omninft_fast.kernels.common import (
-    SHORT_KEYS,
     SUPPORTED_DTYPES,
     TileConfig,
     check_inputs,
@@ -151,23 +150,19 @@ def sm90_kernel_specs(
             def tiled(tile: TileConfig, blocks: dict = blocks, dtype: torch.dtype = dtype) -> dict:
                 return {**blocks, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "PRECISION": dot_precision(dtype)}
 
-            backward = tile_config(head_dim, dtype)
-            forwards = {tile_config(head_dim, dtype, "forward", n_k) for n_k in (None, SHORT_KEYS)}
+            tile = tile_config(head_dim, dtype)
             mass = tile_config(head_dim, dtype, "key_mass")
             kernels = [
-                (bwd_kernels._attn_bwd_delta_kernel, {**blocks, "BLOCK_M": backward.block_m}, {"num_warps": 4}),
-                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(backward), "SPLIT": False}, backward.launch),
-                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(backward), "SPLIT": True}, backward.launch),
-                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(backward), "SPLIT": False}, backward.launch),
-                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(backward), "SPLIT": True}, backward.launch),
+                (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": False}, tile.launch),
+                (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": True}, tile.launch),
+                (fwd_kernels._attn_combine_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
+                (bwd_kernels._attn_bwd_delta_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
+                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(tile), "SPLIT": False}, tile.launch),
+                (bwd_kernels._attn_bwd_dq_kernel, {**tiled(tile), "SPLIT": True}, tile.launch),
+                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(tile), "SPLIT": False}, tile.launch),
+                (bwd_kernels._attn_bwd_dkdv_kernel, {**tiled(tile), "SPLIT": True}, tile.launch),
                 (key_mass_kernels._key_mass_kernel, tiled(mass), mass.launch),
             ]
-            for tile in sorted(forwards, key=str):
-                kernels += [
-                    (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": False}, tile.launch),
-                    (fwd_kernels._attn_fwd_kernel, {**tiled(tile), "SPLIT": True}, tile.launch),
-                    (fwd_kernels._attn_combine_kernel, {**blocks, "BLOCK_M": tile.block_m}, {"num_warps": 4}),
-                ]
             if head_dim == head_dims[0]:
                 block = {"BLOCK": bwd_kernels.SPLIT_SUM_BLOCK}
                 kernels.append((bwd_kernels._split_sum_kernel, block, {"num_warps": 4}))

@@ -184,14 +184,14 @@ def attention_forward(
         softmax_scale: logit scale.
         split: key chunks (flash-decoding); ``None`` picks ``choose_split``; 1 disables the combine kernel.
         out, lse: optional preallocated ``(B, Nq, H, D)`` (q's dtype, contiguous) and ``(B, H, Nq)`` float32.
-        tile: launch configuration; ``None`` takes ``tile_config(D, dtype, "forward", Nk)``.
+        tile: launch configuration; ``None`` takes ``tile_config(D, dtype)``.
 
     Returns:
         ``out (B, Nq, H, D)`` in q's dtype and ``lse (B, H, Nq)`` float32, natural log.
     """
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
-    tile = tile_config(head_dim, q.dtype, "forward", n_k) if tile is None else tile
+    tile = tile_config(head_dim, q.dtype) if tile is None else tile
     block_m, block_n = tile.block_m, tile.block_n
     q_blocks = triton.cdiv(n_q, block_m)
     if split is None:

@@ -89,7 +89,7 @@ def test_nan_reward_stops_with_iteration_and_source_and_keeps_the_checkpoint(
     monkeypatch.setattr(stages, "score", poisoned)
     monkeypatch.setattr(trainer.logger, "log", log_and_count)
     with pytest.raises(
-        TrainingDiverged, match=r"^iteration 1: rewards\['pitch'\]\[1\] is not finite \(nan\)$"
+        TrainingDiverged, match=r"^iteration 1: reward 'pitch': rewards\[1\] is not finite \(nan\)$"
     ) as caught:
         trainer.run()
     assert isinstance(caught.value.__cause__, ValueError)
@@ -112,9 +112,13 @@ def _poison_weight_sum(weight: torch.Tensor) -> None:
 @pytest.mark.parametrize(
     ("stage", "poison", "message"),
     [
-        ("advantages", _poison_advantages, r"r_audio\[2\] = 1.5 is outside \[0.0, 1.0\]"),
-        ("token_weights", _poison_weight, r"token_weight\[0, 3\] is not finite \(inf\)"),
-        ("token_weights", _poison_weight_sum, r"token_weight\[1\] sums to 0.0; each sample's weights must sum to > 0"),
+        ("advantages", _poison_advantages, r"r_audio: r\[2\] = 1.5 is outside \[0.0, 1.0\]"),
+        ("token_weights", _poison_weight, r"r_video: token_weight\[0, 3\] is not finite \(inf\)"),
+        (
+            "token_weights",
+            _poison_weight_sum,
+            r"r_video: token_weight\[1\] sums to 0.0; each sample's weights must sum to > 0",
+        ),
     ],
 )
 def test_bad_values_are_caught_once_per_iteration_with_the_ops_errors(

@@ -28,7 +28,7 @@ from omninft_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from omninft_fast.train.config import TrainConfig, save_config
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
-from omninft_fast.train.validation import TrainingDiverged, check_optimality, check_rewards, check_token_weights
+from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, check_rewards
 
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT)
@@ -131,9 +131,8 @@ class Trainer:
         scores = stages.score(self.task, self.rewards, samples)
         check_rewards(scores.values)
         adv = stages.advantages(scores, cfg.prompts_per_iter, cfg.advantage, self.device)
-        check_optimality(adv.r_video, adv.r_audio)
         token_weight = stages.token_weights(samples.region_scores, cfg.reweight.lam, self.device)
-        check_token_weights(token_weight)
+        check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
         timer["rewards"] = time.perf_counter() - mark
 
         mark = time.perf_counter()

@@ -1,8 +1,8 @@
 """Value checks the trainer runs once per iteration on what it already holds.
 
 The ops check shapes and arguments but not tensor values (a value check is a host sync on a GPU), so the trainer
-checks rewards, optimality probabilities and region weights here, once per iteration, with the ops' own checks
-(``omninft_fast._checks``): a bad value raises ``TrainingDiverged`` carrying the ops' ``ValueError`` naming the
+checks rewards, optimality probabilities and region weights here, once per iteration, with the ops' public value
+checks (``of.check_*_values``): a bad value raises ``TrainingDiverged`` carrying the ops' ``ValueError`` naming the
 value and its first bad element.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from omninft_fast._checks import check_finite_tensor, check_range
+import omninft_fast as of
 
 
 class TrainingDiverged(RuntimeError):
@@ -20,12 +20,12 @@ class TrainingDiverged(RuntimeError):
     out of range)."""
 
 
-def _diverged(check: Callable[..., None], *args: object) -> None:
-    """Run ``check(*args)``; turn its ``ValueError`` into ``TrainingDiverged`` (the cause keeps the original)."""
+def _diverged(label: str | None, check: Callable[..., None], *args: object, **kwargs: object) -> None:
+    """Run ``check``; turn its ``ValueError`` into ``TrainingDiverged`` (prefixed by ``label``, the cause kept)."""
     try:
-        check(*args)
+        check(*args, **kwargs)
     except ValueError as error:
-        raise TrainingDiverged(str(error)) from error
+        raise TrainingDiverged(f"{label}: {error}" if label else str(error)) from error
 
 
 def check_finite(source: str, value: torch.Tensor) -> None:
@@ -35,29 +35,13 @@ def check_finite(source: str, value: torch.Tensor) -> None:
 
 
 def check_rewards(values: dict[str, torch.Tensor]) -> None:
-    """Every ``(B,)`` reward is finite (``rewards['name'][i]`` names the first bad one)."""
+    """Every ``(B,)`` reward is finite (the message names the reward and its first bad element)."""
     for name, value in values.items():
-        _diverged(check_finite_tensor, f"rewards[{name!r}]", value)
+        _diverged(f"reward {name!r}", of.check_group_advantages_values, value)
 
 
-def check_optimality(r_video: torch.Tensor, r_audio: torch.Tensor) -> None:
-    """Both ``(B,)`` optimality probabilities are finite and in [0, 1]."""
-    for name, r in (("r_video", r_video), ("r_audio", r_audio)):
-        _diverged(check_finite_tensor, name, r)
-        _diverged(check_range, name, r, 0.0, 1.0)
-
-
-def _check_positive_sums(name: str, weight: torch.Tensor) -> None:
-    sums = weight.sum(dim=1)
-    if bool((sums <= 0).any()):
-        b = int((sums <= 0).nonzero()[0])
-        raise ValueError(f"{name}[{b}] sums to {sums[b].item()}; each sample's weights must sum to > 0")
-
-
-def check_token_weights(weight: torch.Tensor | None) -> None:
-    """``(B, Nv)`` region weights are finite and non-negative, and each sample's sum to more than 0."""
-    if weight is None:
-        return
-    _diverged(check_finite_tensor, "token_weight", weight)
-    _diverged(check_range, "token_weight", weight, 0.0, float("inf"))
-    _diverged(_check_positive_sums, "token_weight", weight)
+def check_loss_inputs(r_video: torch.Tensor, r_audio: torch.Tensor, token_weight: torch.Tensor | None) -> None:
+    """What the NFT losses take: both ``(B,)`` optimality probabilities in [0, 1]; the ``(B, Nv)`` region weights
+    finite and non-negative with each sample's sum above 0 (``of.check_nft_loss_values``)."""
+    _diverged("r_video", of.check_nft_loss_values, r_video, token_weight=token_weight)
+    _diverged("r_audio", of.check_nft_loss_values, r_audio)
