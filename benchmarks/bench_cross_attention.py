@@ -26,6 +26,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from timing import device_ms
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -138,18 +139,6 @@ TILE_CANDIDATES = [
 ]
 
 
-def _bench(fn, dry_run: bool) -> float:
-    """Median ms: CUDA events via ``triton.testing.do_bench`` on a GPU, one host-timed call on a dry run."""
-    if dry_run:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def _setting(dry_run: bool) -> dict:
     """Shapes, heads, head dim, dtype and device of the comparison (tiny float32 CPU ones for a dry run)."""
     if dry_run:
@@ -229,14 +218,16 @@ def _shape_rows(batch: int, n_q: int, n_k: int, kv_grad_scale: float, setting: d
                 reference = out.float()
             error = float((out.float() - reference).abs().max()) if name != "triton" else None
             if name == "triton":
-                fwd = _bench(lambda: attention_forward(qd, kd, vd, scale), dry_run)
-                bwd = _bench(lambda: attention_backward(grad, qd, kd, vd, out_t, lse, scale, kv_grad_scale), dry_run)
+                fwd = device_ms(lambda: attention_forward(qd, kd, vd, scale), dry_run)
+                bwd = device_ms(lambda: attention_backward(grad, qd, kd, vd, out_t, lse, scale, kv_grad_scale), dry_run)
             else:
                 with torch.no_grad():
-                    fwd = _bench(fn, dry_run)
+                    fwd = device_ms(fn, dry_run)
                 live = fn()
-                bwd = _bench(lambda live=live: torch.autograd.grad(live, (q, k, v), grad, retain_graph=True), dry_run)
-            both = _bench(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad), dry_run)
+                bwd = device_ms(
+                    lambda live=live: torch.autograd.grad(live, (q, k, v), grad, retain_graph=True), dry_run
+                )
+            both = device_ms(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad), dry_run)
         except Exception as exc:  # a backend that cannot run this shape is a row, not a crash
             rows.append({"impl": name, "phase": "fwd", "ms": None, "error": f"{type(exc).__name__}: {exc}"[:160]})
             continue
@@ -271,7 +262,7 @@ def _shape_rows(batch: int, n_q: int, n_k: int, kv_grad_scale: float, setting: d
                 {
                     "impl": name,
                     "phase": "fwd+key mass",
-                    "ms": _bench(fn, dry_run),
+                    "ms": device_ms(fn, dry_run),
                     "key_mass_extra_bytes": _extra_bytes(alone, dry_run),
                 }
             )
@@ -325,9 +316,11 @@ def _tile_row(tile: TileConfig, q, k, v, grad, ref, ref_grads, dry_run: bool) ->
     try:
         out, lse = attention_forward(qd, kd, vd, scale, tile=tile)
         grads = attention_backward(grad, qd, kd, vd, out, lse, scale, 1.0, tile=tile)
-        row["fwd_ms"] = _bench(lambda: attention_forward(qd, kd, vd, scale, tile=tile), dry_run)
-        row["bwd_ms"] = _bench(lambda: attention_backward(grad, qd, kd, vd, out, lse, scale, 1.0, tile=tile), dry_run)
-        row["key_mass_ms"] = _bench(lambda: attention_key_mass(qd, kd, lse, scale, tile=tile), dry_run)
+        row["fwd_ms"] = device_ms(lambda: attention_forward(qd, kd, vd, scale, tile=tile), dry_run)
+        row["bwd_ms"] = device_ms(
+            lambda: attention_backward(grad, qd, kd, vd, out, lse, scale, 1.0, tile=tile), dry_run
+        )
+        row["key_mass_ms"] = device_ms(lambda: attention_key_mass(qd, kd, lse, scale, tile=tile), dry_run)
         row["err_out"] = float((out.float() - ref.float()).abs().max())
         for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
             row[f"err_{name}"] = float((got.float() - want.float()).abs().max())

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import device_ms
 
 from omninft_fast.ops.nft_loss import nft_loss_reference
 
@@ -158,14 +159,14 @@ def gpu_comparison(dry_run: bool = False, copy_bytes_per_s: float | None = None)
         weight = torch.rand(shape[:2], generator=g, device=device) + 0.5
         nbytes = theta.numel() * theta.element_size()
         dst = torch.empty_like(theta)
-        times = {"copy": _device_ms(lambda dst=dst, theta=theta: dst.copy_(theta), dry_run)}
+        times = {"copy": device_ms(lambda dst=dst, theta=theta: dst.copy_(theta), dry_run)}
         for name, impl in impls.items():
 
             def step(impl=impl, theta=theta, old=old, target=target, r=r, weight=weight) -> None:
                 theta.grad = None
                 impl(theta, old, target, r, beta=1.0, token_weight=weight).backward()
 
-            times[name] = _device_ms(step, dry_run)
+            times[name] = device_ms(step, dry_run)
         row = {"case": label, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "MiB": nbytes / 2**20}
         row |= {f"{name}_ms": ms for name, ms in times.items()}
         fused_bw = 4 * nbytes / (times["triton"] * 1e-3)
@@ -179,15 +180,6 @@ def gpu_comparison(dry_run: bool = False, copy_bytes_per_s: float | None = None)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def _device_ms(fn: Callable[[], object], dry_run: bool) -> float:
-    """Median ms via CUDA events (``triton.testing.do_bench``), or the best of three host-timed calls."""
-    if dry_run:
-        return _best(fn, 3) * 1e3
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _format_row(row: dict) -> str:

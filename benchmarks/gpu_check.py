@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
+
+from timing import device_ms
 
 REPO = Path(__file__).resolve().parent.parent
 # Section name -> the most seconds it may take (the run's budget left caps it further).
@@ -51,18 +52,6 @@ SECTIONS: dict[str, int] = {
     "block_profile": 90,
 }
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
-
-
-def _bench(fn: Callable[[], object], dry_run: bool) -> float:
-    """Median milliseconds of ``fn``: CUDA events through ``triton.testing.do_bench`` (L2 flushed), or a host timer."""
-    if dry_run:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _ceilings(work: Path) -> dict:
@@ -118,11 +107,11 @@ def section_environment(work: Path, dry_run: bool) -> dict:
             info["nvidia_smi"] = f"not available ({exc})"
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src), dry_run)
+    ms = device_ms(lambda: dst.copy_(src), dry_run)
     info["copy_bytes_per_s"] = 2 * src.numel() * 4 / (ms * 1e-3)
     a = torch.randn(gemm, gemm, device=device, dtype=dtype)
     b = torch.randn(gemm, gemm, device=device, dtype=dtype)
-    ms = _bench(lambda: a @ b, dry_run)
+    ms = device_ms(lambda: a @ b, dry_run)
     info["bf16_gemm_flops"] = 2 * gemm**3 / (ms * 1e-3)
     info["copy_TB_per_s"] = round(info["copy_bytes_per_s"] / 1e12, 3)
     info["bf16_gemm_TFLOP_per_s"] = round(info["bf16_gemm_flops"] / 1e12, 1)
