@@ -16,5 +16,6 @@ if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
 fi
 OMNINFT_NO_EXTENSION=1 pip_target --no-build-isolation .
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-# -P: the working tree's omninft_fast/ (which lacks the kernels subpackage) must not shadow the built one.
-exec "$python" -P benchmarks/gpu_check.py --out "$out" "$@"
+# A script's own folder (benchmarks/) heads sys.path, so the working tree's omninft_fast/ (which lacks the kernels
+# subpackage) does not shadow the built one; the pytest section runs with -P for the same reason.
+exec "$python" benchmarks/gpu_check.py --out "$out" "$@"
