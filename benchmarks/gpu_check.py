@@ -18,6 +18,7 @@ and the others still run; a CUDA fault cannot poison the rest):
    data for the tuned tile table.
 8. ``block_profile``: ``torch.profiler`` of the LTX-2 block, unpatched vs patched: top kernels, device time and
    host-device synchronisations per step.
+9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise): fwd+bwd and rollout forward.
 
 ``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
@@ -50,6 +51,7 @@ SECTIONS: dict[str, int] = {
     "omninft_step": 120,
     "tiles": 150,
     "block_profile": 90,
+    "fp8": 90,
 }
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
 
@@ -179,6 +181,12 @@ def section_block_profile(work: Path, dry_run: bool) -> dict:
     from bench_ltx2_step import block_profile
 
     return block_profile(dry_run)
+
+
+def section_fp8(work: Path, dry_run: bool) -> dict:
+    from bench_fp8 import fp8_comparison
+
+    return fp8_comparison(dry_run)
 
 
 def section_tiles(work: Path, dry_run: bool) -> dict:

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("environment", "tests", "attention", "nft_loss", "ltx2_block", "omninft_step", "tiles", "block_profile")
+SECTIONS = (
+    "environment",
+    "tests",
+    "attention",
+    "nft_loss",
+    "ltx2_block",
+    "omninft_step",
+    "tiles",
+    "block_profile",
+    "fp8",
+)
 
 
 def _env() -> dict:
@@ -44,6 +54,10 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
     assert all(row["max_rel_diff_vs_unpatched"] < 1e-5 for row in results["ltx2_block"]["rows"])
     assert results["omninft_step"]["loss_relative_difference"] < 1e-4
     assert all("error" not in row and row["err_out"] < 1e-5 for row in results["tiles"]["rows"])
+    fp8_rows = results["fp8"]["rows"]
+    assert fp8_rows[0]["scaled_mm_per_forward"] == 0
+    assert all(row["scaled_mm_per_forward"] == row["fp8_layers"] > 0 for row in fp8_rows[1:])
+    assert all(row["velocity_rel_error_vs_bf16"] < 0.15 for row in fp8_rows)
 
 
 def test_shell_entry_and_refusals(tmp_path: Path) -> None:

@@ -1,0 +1,76 @@
+"""FP8 linear layers in one LTX-2 block: bf16 vs ``omninft_fast.fp8`` (PyTorch's scaled FP8 GEMMs, rowwise and
+tensorwise), forward + backward and a no-grad rollout forward.
+
+On a GPU (the GPU check's ``fp8`` section): one block at the 19B model's widths (video 4096 with a 16384 FFN, audio
+2048), 6144 video / 126 audio tokens, bf16 autocast, timed with CUDA events; targets >= 1.3x block fwd+bwd and
+>= 1.5x rollout forward against bf16 on an H100. On a CPU (``--dry-run``, or ``python benchmarks/bench_fp8.py``): a
+toy block, for correctness (velocity error against bf16) and the FP8 GEMM count per forward only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from bench_ltx2_step import LTX2_19B, TOY, _block_step
+from timing import device_ms
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from omninft_fast import fp8
+
+
+class _CountScaledMM(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten._scaled_mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def fp8_comparison(dry_run: bool) -> dict:
+    """Per variant: fwd+bwd and rollout-forward ms, FP8 GEMMs per forward, velocity error against the bf16 block."""
+    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    rows, reference = [], None
+    for name, recipe in (("bf16", None), ("fp8 rowwise", "rowwise"), ("fp8 tensorwise", "tensorwise")):
+        step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run)
+        layers = 0 if recipe is None else len(fp8.patch(model, recipe=recipe).layers)
+
+        def rollout(model=model, data=data) -> list[torch.Tensor]:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
+                return [x.float() for x in model(**data["inputs"])]
+
+        with _CountScaledMM() as counter:
+            velocities = rollout()
+        reference = velocities if reference is None else reference
+        error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
+        rows.append(
+            {
+                "variant": name,
+                "fp8_layers": layers,
+                "scaled_mm_per_forward": counter.calls,
+                "velocity_rel_error_vs_bf16": error,
+                "fwd+bwd_ms": device_ms(step, dry_run),
+                "rollout_fwd_ms": device_ms(rollout, dry_run),
+            }
+        )
+        del model
+    for row in rows:
+        row["fwd+bwd_speedup"] = rows[0]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
+        row["rollout_speedup"] = rows[0]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
+    precision = "float32 (dry run)" if dry_run else "bf16 autocast"
+    return {"config": f"1 block, {size.describe()}, batch 1, {precision}", "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="toy block on the CPU (correctness and counts)")
+    args = parser.parse_args()
+    dry_run = args.dry_run or not torch.cuda.is_available()
+    print(json.dumps(fp8_comparison(dry_run), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""FP8 linear layers for LTX-2: ``patch(model)`` runs the transformer blocks' projections through scaled FP8 GEMMs.
+
+``backend="torch"`` uses PyTorch's own FP8 (casts to ``float8_e4m3fn`` / ``float8_e5m2`` and ``torch._scaled_mm``),
+which runs on CPUs and on H100s with a stock torch. Forward: activations and weights in e4m3 with per-tensor
+(``tensorwise``) or per-row (``rowwise``: one scale per token and one per output channel) current scaling. Backward:
+the output gradient in e5m2, every operand with one scale per tensor (a scale along a GEMM's contraction axis cannot
+be factored out of the sum). Amax and scales stay on the device: nothing syncs with the host.
+
+Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out projections of the self-, text- and
+cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
+scale-shift, timestep and caption projections and the norms keep their precision. A layer whose in or out features
+are not multiples of 16 stays as it is (logged). Quantised weights are cached per weight version: a frozen base
+weight (LoRA) is quantised once per update, not per forward; a LoRA branch around a patched base layer stays in its
+own precision.
+
+Error bound (tests): e4m3 keeps 3 mantissa bits, so each quantised value is within a factor ``1 +- 2**-4`` of the
+scaled original (away from the subnormal range), and each product in the forward GEMM within ``(1 + 2**-4)**2 - 1
+< 0.13`` of the exact one: ``|y - y_exact| <= 0.13 * (|x| @ |w|^T)`` elementwise, plus the output's own rounding.
+e5m2 keeps 2 bits, so a gradient GEMM is within ``(1 + 2**-3) * (1 + 2**-4) - 1 < 0.2`` of ``|g| @ |w|``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from omninft_fast.dispatch import BackendError
+
+LOG = logging.getLogger(__name__)
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3_MAX, E5M2_MAX = float(torch.finfo(E4M3).max), float(torch.finfo(E5M2).max)
+RECIPES = ("tensorwise", "rowwise")
+BACKENDS = ("torch", "te")
+# Linear layers of a transformer block that run in FP8 (ltx-core and diffusers name them alike).
+DEFAULT_MODULES = r"transformer_blocks\.\d+\..*\.(to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)(\.base_layer)?$"
+_MARK = "_omninft_fp8_handle"
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x``: ``q`` in the FP8 ``dtype``, ``scale`` float32 of shape
+    ``(rows, 1)`` when ``rowwise`` else ``()``, chosen so the largest magnitude maps to the format's largest value."""
+    top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
+    amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
+    scale = (amax.float() / top).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).clamp(-top, top).to(dtype), scale
+
+
+def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """``x`` with zero rows appended up to a multiple of ``multiple`` (a GEMM's contraction length must be one)."""
+    extra = -x.shape[0] % multiple
+    return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
+
+
+def _column_major(x: torch.Tensor) -> torch.Tensor:
+    """The same matrix laid out column-major (``torch._scaled_mm``'s layout for its second operand)."""
+    return x.t().contiguous().t()
+
+
+class _WeightCache:
+    """One quantised copy of a weight per (storage, version, recipe): rebuilt only after the weight changes."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, weight: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
+        if key != self.key:
+            self.key, self.value = key, quantize(weight.detach(), E4M3, rowwise)
+        return self.value
+
+
+class _FP8Linear(torch.autograd.Function):
+    """``x @ weight^T + bias`` with FP8 GEMMs in forward and backward (see the module docstring for the scaling)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rowwise: bool, cache: _WeightCache):
+        x2d = x.reshape(-1, x.shape[-1])
+        xq, sx = quantize(x2d, E4M3, rowwise)
+        wq, sw = cache.get(weight, rowwise)
+        out = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.t() if rowwise else sw, out_dtype=x.dtype)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        ctx.save_for_backward(x2d, weight)
+        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, weight.shape[0])
+        gq, sg = quantize(g2d, E5M2, rowwise=False)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            wq, sw = quantize(weight.detach(), E4M3, rowwise=False)
+            grad_x = torch._scaled_mm(gq, _column_major(wq), scale_a=sg, scale_b=sw, out_dtype=torch.float32)
+            grad_x = grad_x.to(x2d.dtype).reshape(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            xq, sx = quantize(_pad_rows(x2d), E4M3, rowwise=False)
+            gq_t = _pad_rows(gq.float()).to(E5M2).t().contiguous()
+            grad_w = torch._scaled_mm(gq_t, _column_major(xq), scale_a=sg, scale_b=sx, out_dtype=torch.float32)
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.float().sum(0).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, recipe: str = "rowwise"
+) -> torch.Tensor:
+    """``F.linear`` through FP8 GEMMs (``backend="torch"``).
+
+    Args:
+        x: ``(..., K)`` activations; weight: ``(N, K)``; bias: ``(N,)`` or None. ``K`` and ``N`` multiples of 16.
+        recipe: ``rowwise`` (a scale per token and per output channel) or ``tensorwise`` (one scale each).
+
+    Returns:
+        ``(..., N)`` in ``x``'s dtype.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    return _FP8Linear.apply(x, weight, bias, recipe == "rowwise", _WeightCache())
+
+
+def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FP8Linear.apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
+
+
+@dataclass
+class FP8Handle:
+    """What ``patch`` changed: the FP8 layers by name, the layers left as they were and why; ``unpatch`` undoes it."""
+
+    model: nn.Module
+    backend: str
+    recipe: str
+    layers: dict[str, nn.Linear] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def unpatch(self) -> None:
+        """Give every patched layer its own forward back (weights were never touched)."""
+        for layer in self.layers.values():
+            del layer.forward, layer._omninft_fp8_rowwise, layer._omninft_fp8_cache
+        self.layers.clear()
+        delattr(self.model, _MARK)
+
+
+def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]:
+    regex = re.compile(pattern)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and regex.search(name) and "lora_" not in name:
+            yield name, module
+
+
+def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", modules: str = DEFAULT_MODULES):
+    """Run the transformer blocks' linear layers of an LTX-2 (ltx-core or diffusers) in FP8, in place.
+
+    Args:
+        model: any module; the layers patched are the ``nn.Linear`` whose qualified names match ``modules`` (by
+            default the blocks' attention projections and feed-forward layers; adapters' LoRA layers never).
+        backend: ``torch`` (PyTorch's scaled FP8 GEMMs, CPU and H100) or ``te`` (Transformer Engine, where it
+            imports).
+        recipe: ``rowwise`` or ``tensorwise`` current scaling of the forward GEMM.
+        modules: regular expression searched in each layer's qualified name.
+
+    Returns:
+        ``FP8Handle`` listing the patched and the skipped layers; ``handle.unpatch()`` restores the model.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if backend == "te":
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+        except ImportError as error:
+            raise BackendError(
+                f"backend: 'te' needs Transformer Engine, which does not import here ({error})"
+            ) from error
+        raise BackendError("backend: 'te' is not available yet in this version; use backend='torch'")
+    if getattr(model, _MARK, None) is not None:
+        raise RuntimeError(f"this {type(model).__name__} is already patched by omninft_fast.fp8; unpatch() it first")
+    handle = FP8Handle(model, backend, recipe)
+    for name, layer in _selected(model, modules):
+        if layer.in_features % 16 or layer.out_features % 16:
+            handle.skipped[name] = f"{layer.in_features} -> {layer.out_features} features are not multiples of 16"
+            LOG.info("fp8: %s stays in %s (%s)", name, layer.weight.dtype, handle.skipped[name])
+            continue
+        layer._omninft_fp8_rowwise = recipe == "rowwise"
+        layer._omninft_fp8_cache = _WeightCache()
+        layer.forward = types.MethodType(_fp8_forward, layer)
+        handle.layers[name] = layer
+    if not handle.layers:
+        raise ValueError(f"modules: no nn.Linear of this {type(model).__name__} matches {modules!r}")
+    setattr(model, _MARK, handle)
+    return handle
