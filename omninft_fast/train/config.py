@@ -10,10 +10,12 @@ values outside their choices raise ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from ruamel.yaml import YAML
@@ -23,6 +25,7 @@ from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
 LADDER = ("vanilla", "routing", "surgery", "full")
+TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_channels", "fps", "sample_rate")
 
 
 def ladder_preset(rung: str) -> dict[str, Any]:
@@ -258,6 +261,13 @@ class TrainConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        for key, value in _floats(self.to_dict()):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be finite, got {value!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must name a torch device such as cpu or cuda:0, got {self.device!r}") from None
         positive = {
             "iterations": self.iterations,
             "prompts_per_iter": self.prompts_per_iter,
@@ -278,6 +288,7 @@ class TrainConfig:
             "ltx.width": self.ltx.width,
             "ltx.fps": self.ltx.fps,
             "ltx.decode_batch": self.ltx.decode_batch,
+            **{f"task.{name}": getattr(self.task, name) for name in TASK_SIZES},
         }
         for key, value in positive.items():
             if not value > 0:
@@ -345,6 +356,15 @@ _YAML = YAML(typ="safe", pure=True)
 _YAML.default_flow_style = False
 _YAML.representer.sort_base_mapping_type_on_output = False
 _ABSENT = object()
+
+
+def _floats(tree: Any, where: str = "") -> list[tuple[str, float]]:
+    """Every float of a nested dict/list tree with its dotted key."""
+    if isinstance(tree, dict):
+        return [item for key, value in tree.items() for item in _floats(value, f"{where}.{key}" if where else key)]
+    if isinstance(tree, list):
+        return [item for index, value in enumerate(tree) for item in _floats(value, f"{where}.{index}")]
+    return [(where, tree)] if isinstance(tree, float) else []
 
 
 def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) -> DictConfig:
