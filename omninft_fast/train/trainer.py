@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -56,6 +57,13 @@ def _flat(tree: Any, where: str = "") -> dict[str, Any]:
     for key, value in items:
         out.update(_flat(value, f"{where}.{key}" if where else str(key)))
     return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def move_aside(folder: Path) -> Path:
@@ -149,7 +157,14 @@ class Trainer:
             (self.out / ".write-test").unlink()
         except OSError as error:
             raise PermissionError(f"output_dir {str(self.out)!r} is not writable ({error.strerror})") from None
-        changes = resume_changes(checkpoint_metadata(self.out / CHECKPOINT)["config"], config) if resume else {}
+        from_checkpoint = resume and (self.out / CHECKPOINT).exists()
+        if resume and not from_checkpoint:
+            if not held:
+                raise FileNotFoundError(f"output_dir {str(self.out)!r} holds no run to resume")
+            print(f"note: {str(self.out)!r} holds no checkpoint yet; the run starts again from iteration 0")
+        changes = (
+            resume_changes(checkpoint_metadata(self.out / CHECKPOINT)["config"], config) if from_checkpoint else {}
+        )
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
@@ -166,7 +181,7 @@ class Trainer:
         self.policy = self.policies.policy
         self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
         self.start_iteration = 0
-        if resume:
+        if from_checkpoint:
             meta = load_checkpoint(
                 self.out / CHECKPOINT,
                 modules=self.policies.checkpointed(),
@@ -183,7 +198,7 @@ class Trainer:
                 with (self.out / "resume.log").open("a") as handle:
                     handle.write(f"iteration {self.start_iteration}: {'; '.join(lines)}\n")
         save_config(config, self.out / "config.yaml")
-        self.saved_iteration: int | None = self.start_iteration - 1 if resume else None
+        self.saved_iteration: int | None = self.start_iteration - 1 if from_checkpoint else None
         self.logger = MetricsLogger(
             self.out,
             tensorboard=config.tensorboard,
@@ -345,8 +360,8 @@ class Trainer:
         before_path = self.out / "eval_before.json"
         if self.start_iteration == 0 or not before_path.exists():
             before, samples = self.evaluate()
-            before_path.write_text(json.dumps(before.__dict__))
             self._write_samples("before", samples)
+            _write_text(before_path, json.dumps(before.__dict__))
         else:
             before = EvalResult(**json.loads(before_path.read_text()))
         bar = tqdm(
@@ -361,9 +376,9 @@ class Trainer:
                 self.save(it)
         self._stop_point(stop, cfg.iterations)
         after, samples = self.evaluate()
-        (self.out / "eval_after.json").write_text(json.dumps(after.__dict__))
+        _write_text(self.out / "eval_after.json", json.dumps(after.__dict__))
         self._write_samples("after", samples)
         write_reward_curves(self.out / "reward_curve.png", self.logger.history())
         self.logger.close()
-        (self.out / "eval_table.md").write_text(format_table(before, after) + "\n")
+        _write_text(self.out / "eval_table.md", format_table(before, after) + "\n")
         return before, after
