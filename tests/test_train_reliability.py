@@ -267,3 +267,26 @@ def test_sigkill_at_random_points_then_resume_ends_bit_identical(tmp_path: Path)
     assert metrics(out) == metrics(tmp_path / "straight")
     for name in ("eval_before.json", "eval_after.json"):
         assert (out / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+
+
+def test_on_nonfinite_drop_leaves_out_the_groups_and_names_the_reward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    score, calls = stages.score, []
+
+    def poisoned(*args: object) -> stages.Scores:
+        scores = score(*args)
+        calls.append(1)
+        if len(calls) == 1:  # the rollout of iteration 0
+            scores.values["pitch"][5] = float("inf")
+        return scores
+
+    monkeypatch.setattr(stages, "score", poisoned)
+    assert train(tmp_path, "on_nonfinite=drop") == 0
+    assert "warning: iteration 0: non-finite rewards (pitch on 1 samples); dropped 1 of 2 groups" in (
+        capsys.readouterr().err
+    )
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["dropped_groups"] for line in lines] == [1.0, 0.0]
+    assert train(tmp_path / "bad", "on_nonfinite=skip") == 2
+    assert "on_nonfinite must be one of ['stop', 'drop'], got 'skip'" in capsys.readouterr().err

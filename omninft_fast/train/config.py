@@ -205,6 +205,8 @@ class TrainConfig:
 
     ``prompts`` (a list) or ``prompt_file`` (one prompt a line) set the prompts drawn each iteration and evaluated;
     by default the synthetic task's prompts (``ltx_tiny``) or those of ``ltx.text_cache`` (``ltx``).
+    ``on_nonfinite``: a NaN or infinite reward stops the run (``stop``), or its samples' groups are left out of that
+    iteration's update with a warning naming the reward (``drop``).
     """
 
     seed: int = 0
@@ -216,6 +218,7 @@ class TrainConfig:
     output_dir: str = "runs/cpu_default"
     checkpoint_every: int = 5
     autocast: str = "auto"
+    on_nonfinite: str = "stop"
     threads: int = 0
     progress: bool = True
     tensorboard: bool = True
@@ -249,6 +252,7 @@ class TrainConfig:
         choices = {
             "ladder": (self.ladder, (None, *LADDER)),
             "autocast": (self.autocast, ("auto", "bf16", "off")),
+            "on_nonfinite": (self.on_nonfinite, ("stop", "drop")),
             "model.kind": (self.model.kind, ("ltx_tiny", "ltx")),
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -247,8 +248,22 @@ class Trainer:
 
         mark = time.perf_counter()
         scores = stages.score(self.task, self.rewards, samples)
+        groups, dropped = cfg.prompts_per_iter, {}
+        if cfg.on_nonfinite == "drop":
+            samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
+            if dropped:
+                texts = samples.texts
+                groups = len(texts) // cfg.group_size
+                named = ", ".join(f"{name} on {count}" for name, count in dropped.items())
+                print(
+                    f"warning: iteration {iteration}: non-finite rewards ({named} samples); "
+                    f"dropped {cfg.prompts_per_iter - groups} of {cfg.prompts_per_iter} groups",
+                    file=sys.stderr,
+                )
+                if not groups:
+                    raise TrainingDiverged("every group holds a non-finite reward")
         check_rewards(scores.values)
-        adv = stages.advantages(scores, cfg.prompts_per_iter, cfg.advantage, self.device)
+        adv = stages.advantages(scores, groups, cfg.advantage, self.device)
         token_weight = stages.token_weights(samples.region_scores, cfg.reweight.lam, self.device)
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
         timer["rewards"] = time.perf_counter() - mark
@@ -295,6 +310,7 @@ class Trainer:
         metrics["advantage/r_audio_mean"] = float(adv.r_audio.mean())
         metrics.update(update)
         metrics["eta"] = eta
+        metrics["dropped_groups"] = float(cfg.prompts_per_iter - groups)
         for phase, seconds in timer.items():
             metrics[f"time/{phase}"] = seconds
         metrics["time/iteration"] = total
