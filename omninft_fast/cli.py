@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: {_user_error(error)}", file=sys.stderr)
         return 2
+    except SystemExit as error:  # a command's own usage message
+        if not isinstance(error.code, str):
+            raise
+        print(f"{args.command}: {error.code}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

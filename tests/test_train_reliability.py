@@ -23,7 +23,7 @@ from omninft_fast.cli import main
 from omninft_fast.train import stages
 from omninft_fast.train.checkpoint import save_weights
 from omninft_fast.train.config import load_config
-from omninft_fast.train.report import write_samples
+from omninft_fast.train.report import EvalResult, format_table, write_samples
 from omninft_fast.train.trainer import CHECKPOINT, Trainer
 
 MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
@@ -290,3 +290,11 @@ def test_on_nonfinite_drop_leaves_out_the_groups_and_names_the_reward(
     assert [line["dropped_groups"] for line in lines] == [1.0, 0.0]
     assert train(tmp_path / "bad", "on_nonfinite=skip") == 2
     assert "on_nonfinite must be one of ['stop', 'drop'], got 'skip'" in capsys.readouterr().err
+
+
+def test_a_reward_that_does_not_change_shows_a_change_of_zero() -> None:
+    same = EvalResult({"colour": 1.0}, {"colour": 0.0}, 4, {"colour": "video"})
+    assert (
+        format_table(same, same).splitlines()[-1]
+        == "| colour | video | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | +0.0000 | +0.00 |"
+    )
