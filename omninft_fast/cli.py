@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: {_user_error(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as error:  # a command's own usage message
         if not isinstance(error.code, str):
             raise

@@ -171,6 +171,23 @@ def test_bad_values_are_refused_at_load(
     assert not tmp_path.joinpath("config.yaml").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path, "device=cuda:0") == 2
+    assert capsys.readouterr().err == "train: device 'cuda:0' is not available on this machine (no CUDA device)\n"
+
+
+def test_an_interrupt_while_building_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("omninft_fast.train.trainer.build_policies", interrupted)
+    assert train(tmp_path) == 130
+    assert capsys.readouterr().err == "train: interrupted\n"
+
+
 def test_malformed_yaml_names_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("seed: 0\nnft: {beta: 1\n")
