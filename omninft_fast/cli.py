@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str) -> None:
+    """``ValueError`` unless ``--device`` names a torch device."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must name a torch device such as cpu or cuda:0, got {device!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error prints one line to stderr and returns 2 (the traceback only with ``--debug``)."""
     parser = build_parser()
@@ -181,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
+        if hasattr(args, "device"):
+            _check_device(args.device)
         return args.func(args)
     except USER_ERRORS as error:
         if args.debug:

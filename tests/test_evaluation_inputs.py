@@ -74,6 +74,9 @@ def test_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     folder = make_folder(tmp_path / "s", [A, B])
     assert "--checkpoint expects NAME=VALUE, got 'clap'" in eval_error(folder, capsys, "--checkpoint", "clap")
     assert "unknown rewards ['nope']" in eval_error(folder, capsys, "--checkpoint", f"nope={tmp_path}")
+    assert "--device must name a torch device such as cpu or cuda:0, got 'gpu0'" in eval_error(
+        folder, capsys, "--device", "gpu0"
+    )
 
 
 def test_non_finite_scores_never_reach_the_table_or_json_as_numbers(
