@@ -116,13 +116,19 @@ def head_dim_block(head_dim: int) -> int:
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """What these kernels add to ``cross_attention``'s checks: dtype, head dim and device."""
+    """What these kernels add to ``cross_attention``'s checks: dtype, head dim and device; bfloat16 is refused under
+    the interpreter, whose ``tl.dot`` multiplies bfloat16's raw bits (its results would be garbage)."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q: the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"q: the triton backend takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError("q: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError(
+            "q: the Triton interpreter (TRITON_INTERPRET=1) multiplies bfloat16 raw bits; give float32 or float16 "
+            "CPU tensors, another backend, or CUDA tensors"
+        )
 
 
 @triton.jit

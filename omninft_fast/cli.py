@@ -29,9 +29,13 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError)
+
+
 def _user_error(error: Exception) -> str:
     """One line for an error a user can fix (a ``KeyError``'s message without the quotes ``str`` adds)."""
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split())
 
 
 def _load(args: argparse.Namespace) -> TrainConfig | None:
@@ -47,21 +51,21 @@ def _load(args: argparse.Namespace) -> TrainConfig | None:
 
 def _train(args: argparse.Namespace) -> int:
     from omninft_fast.train import Trainer, TrainingDiverged, format_table
+    from omninft_fast.train.trainer import TrainingInterrupted
 
     start = time.perf_counter()
     config = _load(args)
     if config is None:
         return 2
-    try:
-        trainer = Trainer(config, resume=args.resume)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
-        print(f"train: {_user_error(error)}", file=sys.stderr)
-        return 2
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     try:
         before, after = trainer.run()
     except TrainingDiverged as error:
         print(f"training stopped: {error}; the last good checkpoint is kept in {config.output_dir}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:
+        print(f"train: {error} (output_dir {config.output_dir})", file=sys.stderr)
+        return 130
     print(
         f"\nEvaluation on {after.count} samples (every task prompt x {config.eval.samples_per_prompt} seeds, "
         f"eval seed {config.eval.seed}), run seed {config.seed}:"
@@ -84,20 +88,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     if Path(output).exists():
         print(f"pretrain: {output} exists; choose another --output (nothing is overwritten)", file=sys.stderr)
         return 2
-    try:
-        losses = pretrain(
-            config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed
-        )
-    except ValueError as error:
-        print(f"pretrain: {error}", file=sys.stderr)
-        return 2
+    losses = pretrain(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed)
     print(f"pretrained {args.steps} steps, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}; wrote {output}")
     return 0
 
 
 def _text_cache(args: argparse.Namespace) -> int:
     from omninft_fast.train.builders import build_prompt_encoder, load_prompts
-    from omninft_fast.train.ltx_pipeline import MissingWeightsError, precompute_text_cache, text_cache_prompts
+    from omninft_fast.train.ltx_pipeline import precompute_text_cache, text_cache_prompts
 
     config = _load(args)
     if config is None:
@@ -114,12 +112,8 @@ def _text_cache(args: argparse.Namespace) -> int:
             print(f"text-cache {message}", file=sys.stderr)
             return 2
     output = args.output or x.text_cache
-    try:
-        prompts = load_prompts(config)
-        encoder = build_prompt_encoder(config)
-    except (FileNotFoundError, MissingWeightsError) as error:
-        print(f"text-cache: {_user_error(error)}", file=sys.stderr)
-        return 2
+    prompts = load_prompts(config)
+    encoder = build_prompt_encoder(config)
     written = precompute_text_cache(encoder, prompts, output)
     print(f"encoded {len(text_cache_prompts(written))} distinct prompts; wrote {written}")
     return 0
@@ -127,17 +121,32 @@ def _text_cache(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omninft-fast", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("selfcheck", help="run every op on every usable backend against float64 oracles")
+    check = commands.add_parser(
+        "selfcheck", parents=[common], help="run every op on every usable backend against float64 oracles"
+    )
     check.add_argument("--device", default="cpu", help="device for the inputs (default: cpu)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_selfcheck)
-    train = commands.add_parser("train", help="run OmniNFT (Algorithm 1) from a YAML config")
+    train = commands.add_parser("train", parents=[common], help="run OmniNFT (Algorithm 1) from a YAML config")
     train.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.safetensors")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from output_dir/checkpoint.safetensors (overrides such as optim.lr=1e-4 apply from there)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move a run already in output_dir aside to <output_dir>.replaced-<n> and start afresh",
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nft.beta=0.5 advantage.routing=shared")
     train.set_defaults(func=_train)
-    pre = commands.add_parser("pretrain", help="flow-matching pre-training of the tiny base policy on the task")
+    pre = commands.add_parser(
+        "pretrain", parents=[common], help="flow-matching pre-training of the tiny base policy on the task"
+    )
     pre.add_argument("--config", default=None, help="YAML config (task and model sections are used)")
     pre.add_argument("--steps", type=int, default=600)
     pre.add_argument("--batch-size", type=int, default=32)
@@ -147,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", help="key=value config overrides")
     pre.set_defaults(func=_pretrain)
     cache = commands.add_parser(
-        "text-cache", help="encode the prompts with Gemma once into ltx.text_cache (model.kind=ltx)"
+        "text-cache", parents=[common], help="encode the prompts with Gemma once into ltx.text_cache (model.kind=ltx)"
     )
     cache.add_argument("--config", default=None, help="YAML config (model, ltx and prompt sections are used)")
     cache.add_argument("--output", default=None, help="text cache file (default: ltx.text_cache)")
@@ -155,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=_text_cache)
     evaluate = commands.add_parser(
         "eval",
-        parents=[evaluation.build_parser()],
+        parents=[evaluation.build_parser(), common],
         add_help=False,
         help="JavisBench-style metrics over a folder of generated samples",
     )
@@ -163,9 +172,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str) -> None:
+    """``ValueError`` unless ``--device`` names a torch device."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must name a torch device such as cpu or cuda:0, got {device!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run a command; a user error prints one line to stderr and returns 2 (the traceback only with ``--debug``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    try:
+        if hasattr(args, "device"):
+            _check_device(args.device)
+        return args.func(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"{args.command}: {_user_error(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as error:  # a command's own usage message
+        if not isinstance(error.code, str):
+            raise
+        print(f"{args.command}: {error.code}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ METRICS = (
 )
 NOT_CONFIGURED = "not configured"
 NOT_AVAILABLE = "not available"
+NOT_FINITE = "not finite"
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"clip_score": {"scale": 1.0}}  # JavisBench's CLIP is the cosine
 
 
@@ -94,10 +95,16 @@ class Sample:
 
 
 def read_wav(path: Path) -> tuple[torch.Tensor, int]:
-    """Mono ``(S,)`` float32 in [-1, 1] and the sample rate of an integer PCM WAV file."""
-    with wave.open(str(path), "rb") as f:
-        width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
-        raw = f.readframes(f.getnframes())
+    """Mono ``(S,)`` float32 in [-1, 1] and the sample rate of an integer PCM WAV file (``ValueError`` naming the
+    file when it is unreadable or holds no samples)."""
+    try:
+        with wave.open(str(path), "rb") as f:
+            width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+            raw = f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as error:
+        raise ValueError(f"{path}: not a readable PCM WAV file ({error or 'it ends early'})") from None
+    if not raw:
+        raise ValueError(f"{path}: holds no audio samples")
     if width == 1:
         data = np.frombuffer(raw, dtype=np.uint8).astype(np.float32) / 128.0 - 1.0
     elif width == 3:
@@ -162,14 +169,22 @@ def load_samples(folder: str | Path, fps: float | None = None) -> list[Sample]:
     listing = folder / "prompts.jsonl"
     if not listing.exists():
         raise FileNotFoundError(f"{listing} does not exist (see the folder format in omninft_fast.evaluation)")
-    samples = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+    samples, seen = [], {}
+    for number, line in enumerate(listing.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
-        entry = json.loads(line)
-        if "id" not in entry or "prompt" not in entry:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{listing}:{number}: not a JSON line ({error.msg})") from None
+        if not isinstance(entry, dict) or "id" not in entry or "prompt" not in entry:
             raise ValueError(f"{listing}:{number}: each line needs 'id' and 'prompt'")
         sample_id = str(entry["id"])
+        if Path(sample_id).name != sample_id or sample_id in ("", ".", ".."):
+            raise ValueError(f"{listing}:{number}: id {sample_id!r} must be a file name inside the folder")
+        if sample_id in seen:
+            raise ValueError(f"{listing}:{number}: id {sample_id!r} repeats line {seen[sample_id]}")
+        seen[sample_id] = number
         video, video_fps = read_video(folder, sample_id, entry.get("fps", fps))
         audio, rate = read_wav(folder / f"{sample_id}.wav")
         samples.append(
@@ -231,7 +246,7 @@ def evaluate(
     missing = sorted(set(checkpoints) - set(available_rewards()))
     if missing:
         raise ValueError(f"rewards {missing} have no adapter in this package yet")
-    per_sample: dict[str, dict[str, float]] = {s.id: {} for s in samples}
+    per_sample: dict[str, dict[str, float | None]] = {s.id: {} for s in samples}
     for name, directory in checkpoints.items():
         settings = {**DEFAULT_OPTIONS.get(name, {}), **options.get(name, {})}
         reward = build_reward(
@@ -241,7 +256,7 @@ def evaluate(
             scores = reward(_batch([samples[i] for i in group]))
             for key, values in scores.items():
                 for i, value in zip(group, values.tolist(), strict=True):
-                    per_sample[samples[i].id][f"{name}.{key}"] = value
+                    per_sample[samples[i].id][f"{name}.{key}"] = value if math.isfinite(value) else None
     table = {}
     for metric in METRICS:
         column = f"{metric.reward}.{metric.key}"
@@ -250,10 +265,16 @@ def evaluate(
             table[metric.name] = {"value": None, "status": status, "source": column}
             continue
         values = [scores[column] for scores in per_sample.values() if column in scores]
-        value = sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
+        bad = sum(v is None for v in values)
+        value = sum(values) / len(values) if values and not bad else None
         if value is not None and metric.negate:
             value = -value
-        table[metric.name] = {"value": value, "status": "ok", "source": column, "higher_is_better": metric.higher}
+        table[metric.name] = {
+            "value": value,
+            "status": f"{NOT_FINITE} on {bad} of {len(values)} samples" if bad else "ok",
+            "source": column,
+            "higher_is_better": metric.higher,
+        }
     return {"samples": len(samples), "metrics": table, "per_sample": per_sample}
 
 
@@ -269,7 +290,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         if entry["status"] in (NOT_CONFIGURED, NOT_AVAILABLE):
             lines.append(f"| {name} | {entry['status']} | | {entry['source']} |")
         else:
-            value = "nan" if entry["value"] is None else f"{entry['value']:.4f}"
+            value = entry["status"] if entry["value"] is None else f"{entry['value']:.4f}"
             better = "higher" if entry["higher_is_better"] else "lower"
             lines.append(f"| {name} | {value} | {better} | {entry['source']} |")
     return "\n".join(lines) + "\n"
@@ -325,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(result)
     (out / "results.md").write_text(markdown, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
     print(markdown, end="")
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0

@@ -104,7 +104,9 @@ def cross_attention_reference(
     kv_grad_scale: float,
     return_key_mass: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PyTorch reference: SDPA in float32 (float64 for float64 inputs) on partially detached K/V.
+    """PyTorch reference: SDPA in float32 (float64 for float64 inputs) on partially detached K/V. A row whose
+    scores hold a NaN or an infinity has no softmax: its output is NaN, as in the Triton kernels (SDPA alone
+    would give zeros).
 
     Returns ``(out (B, Nq, H, D), key_mass (B, Nk) float32 or None)``.
     """
@@ -117,9 +119,22 @@ def cross_attention_reference(
         v_s.to(acc).transpose(1, 2),
         scale=softmax_scale,
     )
-    out = out.transpose(1, 2).to(q.dtype)
+    out = torch.where(_undefined_rows(q, k, softmax_scale)[..., None], torch.nan, out.transpose(1, 2)).to(q.dtype)
     key_mass = attention_key_mass_reference(q, k, softmax_scale) if return_key_mass else None
     return out, key_mass
+
+
+@torch.no_grad()
+def _undefined_rows(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """``(B, Nq, H)`` bool: query rows whose scores' log-sum-exp is not finite (a NaN, an infinity or all
+    ``-inf``), in query tiles of ``KEY_MASS_QUERY_TILE``."""
+    acc = compute_dtype(q.dtype)
+    kt = k.to(acc).permute(0, 2, 3, 1)  # (B, H, D, Nk)
+    rows = []
+    for start in range(0, q.shape[1], KEY_MASS_QUERY_TILE):
+        q_tile = q[:, start : start + KEY_MASS_QUERY_TILE].to(acc).transpose(1, 2)  # (B, H, t, D)
+        rows.append(~torch.isfinite(torch.logsumexp(torch.matmul(q_tile, kt) * softmax_scale, dim=-1)))
+    return torch.cat(rows, dim=2).transpose(1, 2)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -25,6 +26,56 @@ def _names(keys: list[str], limit: int = 8) -> str:
     """``"3 (a, b, c)"``: the count and the first ``limit`` keys."""
     shown = ", ".join(keys[:limit])
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a temporary file, flush it to disk, give it the user's umask, then rename it over ``path``: a kill at
+    any point leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _header(path: Path, what: str) -> dict[str, str]:
+    """The header metadata of a safetensors file; ``ValueError`` naming ``path`` if it is unreadable or truncated."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({error})") from None
+
+
+def _tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; ``ValueError`` naming ``path`` if it is unreadable or truncated."""
+    _header(path, what)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({error})") from None
+
+
+def _check_shapes(path: Path, what: str, prefix: str, module: Stateful, stored: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the first key whose stored shape differs from the model's, with both shapes."""
+    for key, value in module.state_dict().items():
+        if key in stored and stored[key].shape != value.shape:
+            name = f"{prefix}.{key}" if prefix else key
+            raise ValueError(
+                f"{what} {str(path)!r} fit another model size: {name} is {tuple(stored[key].shape)} there, "
+                f"{tuple(value.shape)} in this model"
+            )
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -58,11 +109,9 @@ def save_checkpoint(
     generator: torch.Generator,
     metadata: dict[str, Any],
 ) -> None:
-    """Write ``path`` atomically (a temporary file renamed over it): every module's state dict under its prefix,
-    the optimiser state, the trainer generator's and torch's RNG states, and JSON ``metadata``. Pass a module's
-    ``LoraAdapters`` instead of the module to store only the adapters."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``path`` atomically (a temporary file flushed to disk and renamed over it): every module's state dict
+    under its prefix, the optimiser state, the trainer generator's and torch's RNG states, and JSON ``metadata``.
+    Pass a module's ``LoraAdapters`` instead of the module to store only the adapters."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
         for key, value in module.state_dict().items():
@@ -72,9 +121,7 @@ def save_checkpoint(
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"metadata": json.dumps(metadata), "optimizer": json.dumps(optim_meta)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    _write_atomically(Path(path), tensors, meta)
 
 
 def load_checkpoint(
@@ -84,16 +131,17 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote (strict keys: a clear ``KeyError`` names missing and unexpected ones);
-    returns the JSON metadata."""
-    from safetensors import safe_open
+    """Restore what ``save_checkpoint`` wrote; returns the JSON metadata.
 
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is unreadable or truncated, or a stored shape differs from the model's (both named).
+        KeyError: stored keys differ from the model's (missing and unexpected ones named).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-    tensors = load_file(str(path))
+    metadata = checkpoint_metadata(path)
+    header = _header(path, "checkpoint")
+    tensors = _tensors(path, "checkpoint")
     for prefix, module in modules.items():
         own = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
         if not own and module.state_dict():
@@ -102,6 +150,7 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} holds no {prefix!r} weights (it holds {stored}; was it written with "
                 "another finetune.mode?)"
             )
+        _check_shapes(path, "checkpoint", prefix, module, own)
         missing, unexpected = module.load_state_dict(own, strict=False)
         if missing or unexpected:
             raise KeyError(
@@ -111,17 +160,22 @@ def load_checkpoint(
     optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
+    return metadata
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a ``save_checkpoint`` file (its header only: nothing else is read)."""
+    path = Path(path)
+    header = _header(path, "checkpoint")
+    if "metadata" not in header or "optimizer" not in header:
+        raise ValueError(f"checkpoint {str(path)!r} was not written by the trainer (no metadata in its header)")
     return json.loads(header["metadata"])
 
 
 def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, Any] | None = None) -> None:
     """Write a module's state dict atomically as safetensors (the committed base policy uses this)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"metadata": json.dumps(metadata or {})})
-    os.replace(tmp, path)
+    _write_atomically(Path(path), tensors, {"metadata": json.dumps(metadata or {})})
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:
@@ -129,6 +183,8 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights {str(path)!r} do not exist (run `omninft-fast pretrain` to create them)")
-    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    tensors = _tensors(path, "weights")
+    _check_shapes(path, "weights", "", module, tensors)
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise KeyError(f"weights {str(path)!r} do not match the model: missing {missing}, unexpected {unexpected}")

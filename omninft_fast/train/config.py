@@ -10,10 +10,12 @@ values outside their choices raise ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from ruamel.yaml import YAML
@@ -23,6 +25,7 @@ from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
 LADDER = ("vanilla", "routing", "surgery", "full")
+TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_channels", "fps", "sample_rate")
 
 
 def ladder_preset(rung: str) -> dict[str, Any]:
@@ -202,6 +205,8 @@ class TrainConfig:
 
     ``prompts`` (a list) or ``prompt_file`` (one prompt a line) set the prompts drawn each iteration and evaluated;
     by default the synthetic task's prompts (``ltx_tiny``) or those of ``ltx.text_cache`` (``ltx``).
+    ``on_nonfinite``: a NaN or infinite reward stops the run (``stop``), or its samples' groups are left out of that
+    iteration's update with a warning naming the reward (``drop``).
     """
 
     seed: int = 0
@@ -213,6 +218,7 @@ class TrainConfig:
     output_dir: str = "runs/cpu_default"
     checkpoint_every: int = 5
     autocast: str = "auto"
+    on_nonfinite: str = "stop"
     threads: int = 0
     progress: bool = True
     tensorboard: bool = True
@@ -246,6 +252,7 @@ class TrainConfig:
         choices = {
             "ladder": (self.ladder, (None, *LADDER)),
             "autocast": (self.autocast, ("auto", "bf16", "off")),
+            "on_nonfinite": (self.on_nonfinite, ("stop", "drop")),
             "model.kind": (self.model.kind, ("ltx_tiny", "ltx")),
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),
@@ -258,6 +265,13 @@ class TrainConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        for key, value in _floats(self.to_dict()):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be finite, got {value!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must name a torch device such as cpu or cuda:0, got {self.device!r}") from None
         positive = {
             "iterations": self.iterations,
             "prompts_per_iter": self.prompts_per_iter,
@@ -278,6 +292,7 @@ class TrainConfig:
             "ltx.width": self.ltx.width,
             "ltx.fps": self.ltx.fps,
             "ltx.decode_batch": self.ltx.decode_batch,
+            **{f"task.{name}": getattr(self.task, name) for name in TASK_SIZES},
         }
         for key, value in positive.items():
             if not value > 0:
@@ -345,6 +360,15 @@ _YAML = YAML(typ="safe", pure=True)
 _YAML.default_flow_style = False
 _YAML.representer.sort_base_mapping_type_on_output = False
 _ABSENT = object()
+
+
+def _floats(tree: Any, where: str = "") -> list[tuple[str, float]]:
+    """Every float of a nested dict/list tree with its dotted key."""
+    if isinstance(tree, dict):
+        return [item for key, value in tree.items() for item in _floats(value, f"{where}.{key}" if where else key)]
+    if isinstance(tree, list):
+        return [item for index, value in enumerate(tree) for item in _floats(value, f"{where}.{index}")]
+    return [(where, tree)] if isinstance(tree, float) else []
 
 
 def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) -> DictConfig:

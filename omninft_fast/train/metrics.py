@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import json
+import sys
 import wave
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``. A torn last line (a kill during its write) is dropped with a warning on stderr;
+    a bad line elsewhere raises ``ValueError`` naming the file and line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a JSON line") from None
+            print(f"warning: dropped the torn last line {number} of {path}", file=sys.stderr)
+    return records
 
 
 class MetricsLogger:
@@ -36,9 +54,8 @@ class MetricsLogger:
         if resume_iteration is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line)["iteration"] <= resume_iteration
-            ]
+            records = _read_records(self.path)
+            kept = [json.dumps(record) for record in records if record["iteration"] <= resume_iteration]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._tb = None
         if tensorboard:
@@ -69,7 +86,7 @@ class MetricsLogger:
             self._wandb.log(metrics, step=iteration)
 
     def history(self) -> list[dict[str, float]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return _read_records(self.path)
 
     def close(self) -> None:
         if self._tb is not None:

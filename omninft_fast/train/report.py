@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def format_table(before: EvalResult, after: EvalResult) -> str:
     for name in before.mean:
         delta = after.mean[name] - before.mean[name]
         se = math.sqrt(before.stderr[name] ** 2 + after.stderr[name] ** 2)
-        z = delta / se if se > 0 else float("inf") * (1 if delta > 0 else -1)
+        z = delta / se if se > 0 else math.copysign(math.inf, delta) if delta else 0.0
         rows.append(
             f"| {name} | {after.modality[name]} | {before.mean[name]:.4f} ± {before.stderr[name]:.4f} | "
             f"{after.mean[name]:.4f} ± {after.stderr[name]:.4f} | {delta:+.4f} | {z:+.2f} |"
@@ -97,14 +98,19 @@ def write_samples(
     fps: float,
     sample_rate: int,
 ) -> None:
-    """``count`` evaluation prompts spread over the prompt list (first sample each) as GIF + WAV in ``folder``."""
+    """``count`` evaluation prompts spread over the prompt list (first sample each) as ``<id>.gif`` +
+    ``<id>.wav`` in ``folder``, named by the prompt's index (never by its text), with the ``prompts.jsonl`` index
+    that ``omninft-fast eval`` reads."""
     folder.mkdir(parents=True, exist_ok=True)
     frames, waveform = decode(samples.video, samples.audio)
     prompts = len(samples.texts) // samples_per_prompt
-    for k in [(7 * i % prompts) * samples_per_prompt for i in range(min(count, prompts))]:
-        stem = samples.texts[k].replace(" ", "_")
+    index = []
+    for prompt in sorted({7 * i % prompts for i in range(min(count, prompts))}):
+        k, stem = prompt * samples_per_prompt, f"{prompt:04d}"
         write_gif(folder / f"{stem}.gif", frames[k], fps)
         write_wav(folder / f"{stem}.wav", waveform[k], sample_rate)
+        index.append(json.dumps({"id": stem, "prompt": samples.texts[k], "fps": fps}))
+    (folder / "prompts.jsonl").write_text("".join(line + "\n" for line in index), encoding="utf-8")
 
 
 def write_reward_curves(path: Path, history: list[dict[str, float]]) -> None:

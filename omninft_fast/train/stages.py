@@ -153,6 +153,26 @@ def score(task: AVTask, rewards: list[RewardModel], batch: Rollout) -> Scores:
     return scores
 
 
+def drop_nonfinite_groups(samples: Rollout, scores: Scores, groups: int) -> tuple[Rollout, Scores, dict[str, int]]:
+    """Remove every group (``groups`` prompts of ``B / groups`` consecutive samples) in which some reward is NaN or
+    infinite: a group's advantages need all its samples. Returns the kept samples and scores and, per reward, how
+    many samples it scored non-finite (empty when nothing was dropped). One host read of the rewards."""
+    bad = {name: ~torch.isfinite(value) for name, value in scores.values.items()}
+    counts = {name: int(mask.sum()) for name, mask in bad.items() if mask.any()}
+    if not counts:
+        return samples, scores, {}
+    keep_group = ~torch.stack(list(bad.values())).any(dim=0).view(groups, -1).any(dim=1)
+    keep = keep_group.repeat_interleave(len(samples.texts) // groups)
+    kept = Rollout(
+        [text for text, k in zip(samples.texts, keep.tolist(), strict=True) if k],
+        samples.video[keep.to(samples.video.device)],
+        samples.audio[keep.to(samples.audio.device)],
+        None if samples.region_scores is None else samples.region_scores[keep.to(samples.region_scores.device)],
+    )
+    values = {name: value[keep.to(value.device)] for name, value in scores.values.items()}
+    return kept, Scores(values, scores.modality, scores.weight), counts
+
+
 def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: torch.device) -> Advantages:
     """Eq 6-7: one group advantage per reward (``groups`` prompts), summed per modality with the reward weights,
     routed to the video and audio branches and turned into optimality probabilities ``r``."""

@@ -10,8 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +30,7 @@ from omninft_fast.train.builders import (
     load_prompts,
     make_optimizer,
 )
-from omninft_fast.train.checkpoint import load_checkpoint, save_checkpoint
+from omninft_fast.train.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from omninft_fast.train.config import TrainConfig, save_config
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
@@ -32,6 +38,89 @@ from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, c
 
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT)
+FIXED_ON_RESUME = ("model.", "task.", "finetune.")  # the checkpoint's weights and adapters depend on these
+NOT_COMPARED = ("output_dir",)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run; the message says which iteration ``--resume`` continues from."""
+
+
+def _flat(tree: Any, where: str = "") -> dict[str, Any]:
+    """A nested dict/list tree as ``{dotted key: leaf}``."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {where: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flat(value, f"{where}.{key}" if where else str(key)))
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to the first free ``<name>.replaced-<n>`` beside it (nothing is deleted); returns it."""
+    n = 1
+    while (target := folder.with_name(f"{folder.name}.replaced-{n}")).exists():
+        n += 1
+    folder.rename(target)
+    return target
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (checkpoint's value, new value)}`` for every setting ``config`` changes against the
+    checkpoint's ``saved`` config.
+
+    Raises:
+        ValueError: a changed key fixes the checkpoint's weights (model size, LoRA vs full, rank); names them all.
+    """
+    old, new = _flat(saved), _flat(config.to_dict())
+    changes = {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(NOT_COMPARED)
+    }
+    fixed = [
+        f"{key} ({a!r} in the checkpoint, {b!r} now)"
+        for key, (a, b) in changes.items()
+        if key.startswith(FIXED_ON_RESUME)
+    ]
+    if fixed:
+        raise ValueError(f"--resume cannot change {', '.join(fixed)}; start a new run for that")
+    return changes
+
+
+@contextlib.contextmanager
+def stop_on_signal(on_second: Callable[[str], None]) -> Iterator[dict[str, str]]:
+    """While inside, the first SIGINT or SIGTERM only records its name in the yielded dict (key ``"signal"``) for
+    the caller to stop at its next safe point; a second one calls ``on_second(name)`` at once (which raises). Outside
+    the main thread, signals keep their handlers."""
+    state: dict[str, str] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(number: int, _frame: object) -> None:
+        name = signal.Signals(number).name
+        if state:
+            on_second(name)
+        state["signal"] = name
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 class Trainer:
@@ -39,22 +128,44 @@ class Trainer:
 
     Args:
         config: the run configuration.
-        resume: continue from ``output_dir/checkpoint.safetensors``; without it ``output_dir`` must not hold a run.
+        resume: continue from ``output_dir/checkpoint.safetensors`` with ``config`` (optimiser settings and
+            the like may change; model, task and fine-tuning settings may not).
+        overwrite: move a run already in ``output_dir`` aside to ``<output_dir>.replaced-<n>`` and start afresh;
+            without it (or ``resume``) ``output_dir`` must not hold a run.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in output_dir and --overwrite moves it aside: give one")
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} is not available on this machine (no CUDA device)")
         self.out = Path(config.output_dir)
         held = [name for name in RUN_FILES if (self.out / name).exists()]
         if held and not resume:
-            raise FileExistsError(
-                f"output_dir {str(self.out)!r} already holds a run ({', '.join(held)}); continue it with --resume "
-                "or choose another output_dir"
-            )
-        self.out.mkdir(parents=True, exist_ok=True)
+            if not overwrite:
+                raise FileExistsError(
+                    f"output_dir {str(self.out)!r} already holds a run ({', '.join(held)}); continue it with "
+                    "--resume, or start afresh with --overwrite (moves the old run aside, deletes nothing)"
+                )
+            print(f"moved the run in {str(self.out)!r} to {str(move_aside(self.out))!r}")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / ".write-test").touch()
+            (self.out / ".write-test").unlink()
+        except OSError as error:
+            raise PermissionError(f"output_dir {str(self.out)!r} is not writable ({error.strerror})") from None
+        from_checkpoint = resume and (self.out / CHECKPOINT).exists()
+        if resume and not from_checkpoint:
+            if not held:
+                raise FileNotFoundError(f"output_dir {str(self.out)!r} holds no run to resume")
+            print(f"note: {str(self.out)!r} holds no checkpoint yet; the run starts again from iteration 0")
+        changes = (
+            resume_changes(checkpoint_metadata(self.out / CHECKPOINT)["config"], config) if from_checkpoint else {}
+        )
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
@@ -71,7 +182,7 @@ class Trainer:
         self.policy = self.policies.policy
         self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
         self.start_iteration = 0
-        if resume:
+        if from_checkpoint:
             meta = load_checkpoint(
                 self.out / CHECKPOINT,
                 modules=self.policies.checkpointed(),
@@ -79,8 +190,16 @@ class Trainer:
                 generator=self.generator,
             )
             self.start_iteration = meta["iteration"] + 1
-        else:
-            save_config(config, self.out / "config.yaml")
+            o = config.optim
+            for group in self.optimizer.param_groups:
+                group.update(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+            if changes:
+                lines = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items()]
+                print(f"resume from iteration {self.start_iteration} changes {'; '.join(lines)}")
+                with (self.out / "resume.log").open("a") as handle:
+                    handle.write(f"iteration {self.start_iteration}: {'; '.join(lines)}\n")
+        save_config(config, self.out / "config.yaml")
+        self.saved_iteration: int | None = self.start_iteration - 1 if from_checkpoint else None
         self.logger = MetricsLogger(
             self.out,
             tensorboard=config.tensorboard,
@@ -129,8 +248,22 @@ class Trainer:
 
         mark = time.perf_counter()
         scores = stages.score(self.task, self.rewards, samples)
+        groups, dropped = cfg.prompts_per_iter, {}
+        if cfg.on_nonfinite == "drop":
+            samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
+            if dropped:
+                texts = samples.texts
+                groups = len(texts) // cfg.group_size
+                named = ", ".join(f"{name} on {count}" for name, count in dropped.items())
+                print(
+                    f"warning: iteration {iteration}: non-finite rewards ({named} samples); "
+                    f"dropped {cfg.prompts_per_iter - groups} of {cfg.prompts_per_iter} groups",
+                    file=sys.stderr,
+                )
+                if not groups:
+                    raise TrainingDiverged("every group holds a non-finite reward")
         check_rewards(scores.values)
-        adv = stages.advantages(scores, cfg.prompts_per_iter, cfg.advantage, self.device)
+        adv = stages.advantages(scores, groups, cfg.advantage, self.device)
         token_weight = stages.token_weights(samples.region_scores, cfg.reweight.lam, self.device)
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
         timer["rewards"] = time.perf_counter() - mark
@@ -177,6 +310,7 @@ class Trainer:
         metrics["advantage/r_audio_mean"] = float(adv.r_audio.mean())
         metrics.update(update)
         metrics["eta"] = eta
+        metrics["dropped_groups"] = float(cfg.prompts_per_iter - groups)
         for phase, seconds in timer.items():
             metrics[f"time/{phase}"] = seconds
         metrics["time/iteration"] = total
@@ -198,6 +332,7 @@ class Trainer:
             generator=self.generator,
             metadata={"iteration": iteration, "config": self.config.to_dict()},
         )
+        self.saved_iteration = iteration
 
     def _write_samples(self, tag: str, samples: stages.Rollout) -> None:
         spec = self.task.spec
@@ -212,28 +347,54 @@ class Trainer:
         )
 
     def run(self) -> tuple[EvalResult, EvalResult]:
-        """Evaluate, train ``iterations`` (from the checkpoint when resuming), evaluate; write the artifacts."""
+        """Evaluate, train ``iterations`` (from the checkpoint when resuming), evaluate; write the artifacts.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived. The first stops at the next iteration boundary after
+                checkpointing it; a second stops at once (the last complete checkpoint stays valid).
+        """
+
+        def at_once(name: str) -> None:
+            if self.saved_iteration is None:
+                raise TrainingInterrupted(f"stopped at once by a second {name} before the first checkpoint")
+            raise TrainingInterrupted(
+                f"stopped at once by a second {name}; --resume continues from iteration {self.saved_iteration + 1}"
+            )
+
+        with stop_on_signal(at_once) as stop:
+            return self._run(stop)
+
+    def _stop_point(self, stop: dict[str, str], iteration: int) -> None:
+        """Before ``iteration``: if a signal arrived, checkpoint the state after ``iteration - 1`` and stop."""
+        if stop:
+            if self.saved_iteration != iteration - 1:
+                self.save(iteration - 1)
+            raise TrainingInterrupted(f"stopped by {stop['signal']}; --resume continues from iteration {iteration}")
+
+    def _run(self, stop: dict[str, str]) -> tuple[EvalResult, EvalResult]:
         cfg = self.config
         before_path = self.out / "eval_before.json"
         if self.start_iteration == 0 or not before_path.exists():
             before, samples = self.evaluate()
-            before_path.write_text(json.dumps(before.__dict__))
             self._write_samples("before", samples)
+            _write_text(before_path, json.dumps(before.__dict__))
         else:
             before = EvalResult(**json.loads(before_path.read_text()))
         bar = tqdm(
             range(self.start_iteration, cfg.iterations), desc="OmniNFT", disable=not cfg.progress, dynamic_ncols=True
         )
         for it in bar:
+            self._stop_point(stop, it)
             metrics = self.iteration(it)
             self.logger.log(it, metrics)
             bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/mean")})
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 self.save(it)
+        self._stop_point(stop, cfg.iterations)
         after, samples = self.evaluate()
-        (self.out / "eval_after.json").write_text(json.dumps(after.__dict__))
+        _write_text(self.out / "eval_after.json", json.dumps(after.__dict__))
         self._write_samples("after", samples)
         write_reward_curves(self.out / "reward_curve.png", self.logger.history())
         self.logger.close()
-        (self.out / "eval_table.md").write_text(format_table(before, after) + "\n")
+        _write_text(self.out / "eval_table.md", format_table(before, after) + "\n")
         return before, after
