@@ -76,6 +76,10 @@ def _nft_loss_fwd_kernel(
     if HAS_TOKEN_WEIGHT:
         coef *= tl.load(token_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     grad_coef = (2.0 * beta * coef)[:, None]
+    if X0_NORM:
+        # Fold the row's factors into two (fewer live values per row): policy then sums 2 beta coef (...).
+        g_pos = grad_coef * w_pos
+        g_neg = grad_coef * w_neg
     policy = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     kl = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     row_start = rows.to(tl.int64)[:, None] * channels
@@ -88,8 +92,12 @@ def _nft_loss_fwd_kernel(
         target = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         pos = (1.0 - beta) * old + beta * theta - target  # v+ - target
         neg = (1.0 + beta) * old - beta * theta - target  # v- - target
-        policy += tl.sum(w_pos * pos * pos + w_neg * neg * neg, axis=1)
-        grad = grad_coef * (w_pos * pos - w_neg * neg)
+        if X0_NORM:
+            policy += tl.sum(g_pos * pos * pos + g_neg * neg * neg, axis=1)
+            grad = g_pos * pos - g_neg * neg
+        else:
+            policy += tl.sum(w_pos * pos * pos + w_neg * neg * neg, axis=1)
+            grad = grad_coef * (w_pos * pos - w_neg * neg)
         if HAS_REF:
             diff = theta - tl.load(ref_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             kl += tl.sum(diff * diff, axis=1)
@@ -98,7 +106,7 @@ def _nft_loss_fwd_kernel(
             else:
                 grad += (2.0 * kl_coef) * diff
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    partial = tl.sum(coef * policy, axis=0)
+    partial = tl.sum(policy, axis=0) / (2.0 * beta) if X0_NORM else tl.sum(coef * policy, axis=0)
     if HAS_REF:
         if KL_X0:
             partial += tl.sum(kl_row_coef * kl, axis=0)
