@@ -123,8 +123,10 @@ def _assert_close(dtype: torch.dtype, loss, grad, ref_loss, ref_grad) -> None:
     loss_rtol, grad_tol = TOLERANCES[dtype]
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype
+    # Small gradients are float16 subnormals (spacing 2**-24), rounded once on store.
+    floor = 2.0**-25 if dtype == torch.float16 else 0.0
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_rtol, atol=0.0)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=grad_tol * float(ref_grad.abs().max()))
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=grad_tol * float(ref_grad.abs().max()) + floor)
 
 
 CASES = [
@@ -338,7 +340,13 @@ def test_cpp_backend_compiles_into_one_graph() -> None:
     ref_loss, ref_grad = _oracle(0.5, **kw)
     theta = kw["v_theta"].clone().requires_grad_()
     args = (kw["v_old"], kw["target"], kw["r"])
-    options = {"token_weight": kw["token_weight"], "sample_weight": None, "v_ref": None}
+    options = {
+        "token_weight": kw["token_weight"],
+        "sample_weight": None,
+        "v_ref": None,
+        "x0_norm_t": None,
+        "kl_t": None,
+    }
     options |= {"beta": 0.5, "policy_scale": 1.0, "kl_weight": 0.0}
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
