@@ -188,7 +188,7 @@ def test_triton_rescale_in_place_once() -> None:
         loss.backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_x0_norm_floor(backend: str) -> None:
     """Flow times so small that ``t mean|v+- - target|`` falls under 1e-5: both normalisers are the floor."""
     kw = _inputs((2, 13, 40), torch.float32, "between", seed=12, token_weight=True, x0_norm_t=True)

@@ -60,9 +60,10 @@ def nft_loss(
     The regulariser is ``KL = kl_weight * mean (v_theta - v_ref)^2`` (``kl_space="velocity"``) or, in x0 space,
     ``KL = kl_weight * mean_b(t_b^2 mean_{i,c} (v_theta - v_ref)^2)`` (``kl_space="x0"``, ``t = x0_norm_t``).
 
-    Types, shapes, devices and the Python scalars are checked on every call. The values of ``r``, ``token_weight``
-    and ``sample_weight`` (``check_nft_loss_values``) are checked only when ``check_values`` is on: by default for
-    CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile`` traces.
+    Types, shapes, devices and the Python scalars are checked on every call. The values of ``r``, ``token_weight``,
+    ``sample_weight`` and ``x0_norm_t`` (``check_nft_loss_values``) are checked only when ``check_values`` is on: by
+    default for CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile``
+    traces.
 
     Args:
         v_theta: ``(B, N, C)`` velocity of the trained policy.
