@@ -62,7 +62,7 @@ def _inputs(tokens: int, device: str) -> tuple[torch.Tensor, tuple, dict]:
     old, target = (torch.randn(shape, generator=g, device=device) for _ in range(2))
     r = torch.rand(1, generator=g, device=device)
     token_weight = torch.rand(1, tokens, generator=g, device=device) + 0.5
-    options = {"token_weight": token_weight, "sample_weight": None, "v_ref": None}
+    options = {"token_weight": token_weight, "sample_weight": None, "v_ref": None, "x0_norm_t": None, "kl_t": None}
     return theta, (old, target, r), options | {"beta": 1.0, "policy_scale": 1.0, "kl_weight": 0.0}
 
 
@@ -93,7 +93,10 @@ def _cpu_case(label: str, tokens: int, repeats: int, threads: int) -> dict:
         "copy": _best(lambda: dst.copy_(x), reps),
         "cpp": _best(_step(nft_loss_cpp, theta, args, options), reps),
         "cpp_kernel": _best(
-            lambda: _C.nft_loss_forward_out(grad, x, old, target, r, token_weight, None, None, beta, 1.0, 0.0), reps
+            lambda: _C.nft_loss_forward_out(
+                grad, x, old, target, r, token_weight, None, None, None, None, beta, 1.0, 0.0
+            ),
+            reps,
         ),
     }
     if EAGER_EXTRA_BUFFERS * nbytes < 0.8 * _available_bytes():

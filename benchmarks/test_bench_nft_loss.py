@@ -33,7 +33,7 @@ def test_nft_loss_step(benchmark, impl, tokens: int) -> None:
 
     def step() -> None:
         theta.grad = None
-        options = {"token_weight": token_weight, "sample_weight": None, "v_ref": None}
+        options = {"token_weight": token_weight, "sample_weight": None, "v_ref": None, "x0_norm_t": None, "kl_t": None}
         impl(theta, old, target, r, beta=1.0, policy_scale=1.0, kl_weight=0.0, **options).backward()
 
     benchmark(step)

@@ -70,30 +70,35 @@ def _check_nft_loss(rows: list[CheckRow], generator: torch.Generator, device: to
     r = torch.rand(b, generator=generator).to(device)
     token_weight = of.region_weights(torch.rand(b, n, generator=generator)).to(device)
     sample_weight = torch.rand(b, generator=generator).to(device) + 0.5
-    leaf = v_theta.double().cpu().requires_grad_()
-    want = testing.explicit_nft_loss(
-        leaf, v_old.cpu(), target.cpu(), r.cpu(), beta, token_weight.cpu(), sample_weight.cpu()
-    )
-    (want_grad,) = torch.autograd.grad(want, leaf)
-    for backend in dispatch.available_backends("nft_loss", device):
-        theta = v_theta.clone().requires_grad_()
+    times = torch.rand(b, generator=generator).to(device) * 0.9 + 0.05
+    for x0_norm_t in (None, times):
+        leaf = v_theta.double().cpu().requires_grad_()
+        want = testing.explicit_nft_loss(
+            leaf, v_old.cpu(), target.cpu(), r.cpu(), beta, token_weight.cpu(), sample_weight.cpu(),
+            x0_norm_t=None if x0_norm_t is None else x0_norm_t.cpu(),
+        )  # fmt: skip
+        (want_grad,) = torch.autograd.grad(want, leaf)
+        case = f"B{b} N{n} C{c} weighted{'' if x0_norm_t is None else ' x0-normalised'} fwd+bwd"
+        for backend in dispatch.available_backends("nft_loss", device):
+            theta = v_theta.clone().requires_grad_()
 
-        def run(theta: torch.Tensor = theta, backend: str = backend) -> tuple:
-            loss = of.nft_loss(
-                theta,
-                v_old,
-                target,
-                r,
-                beta=beta,
-                token_weight=token_weight,
-                sample_weight=sample_weight,
-                backend=backend,
-            )
-            return loss, torch.autograd.grad(loss, theta)[0]
+            def run(theta: torch.Tensor = theta, backend: str = backend, t: torch.Tensor | None = x0_norm_t) -> tuple:
+                loss = of.nft_loss(
+                    theta,
+                    v_old,
+                    target,
+                    r,
+                    beta=beta,
+                    token_weight=token_weight,
+                    sample_weight=sample_weight,
+                    x0_norm_t=t,
+                    backend=backend,
+                )
+                return loss, torch.autograd.grad(loss, theta)[0]
 
-        (loss, grad), millis = _timed(run)
-        error = max(_max_error(loss.cpu(), want), _max_error(grad.cpu(), want_grad))
-        rows.append(CheckRow("nft_loss", backend, f"B{b} N{n} C{c} weighted fwd+bwd", error, 1e-5, millis))
+            (loss, grad), millis = _timed(run)
+            error = max(_max_error(loss.cpu(), want), _max_error(grad.cpu(), want_grad))
+            rows.append(CheckRow("nft_loss", backend, case, error, 1e-5, millis))
 
 
 def _check_small_ops(rows: list[CheckRow], generator: torch.Generator) -> None:

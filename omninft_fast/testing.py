@@ -42,27 +42,57 @@ def explicit_nft_loss(
     policy_scale: float = 1.0,
     kl_weight: float = 0.0,
     v_ref: torch.Tensor | None = None,
+    x0_norm_t: torch.Tensor | None = None,
+    kl_x0: bool = False,
 ) -> torch.Tensor:
-    """Eq 3-5 and 12 one sample at a time in float64, with the region weights normalised first."""
+    """Eq 3-5 and 12 one sample at a time in float64, with the region weights normalised first.
+
+    With ``x0_norm_t`` each term follows DiffusionNFT literally: from ``x_t = x0 + t * target`` (any ``x0``; here
+    ``v_old``) the denoised prediction ``x0(u) = x_t - t u`` of each velocity ``u``, and
+    ``weighted_mean((x0(u) - x0)^2) / max(weighted_mean |x0(u) - x0|, 1e-5)`` with the denominator detached.
+    ``kl_x0`` measures the regulariser between ``x0(v_theta)`` and ``x0(v_ref)`` (needs ``x0_norm_t``).
+    """
     theta = v_theta.double()
-    batch, tokens, channels = theta.shape
+    batch, tokens, _ = theta.shape
     total = theta.new_zeros(())
+    kl_total = theta.new_zeros(())
     for b in range(batch):
         v_plus = (1 - beta) * v_old[b].double() + beta * theta[b]
         v_minus = (1 + beta) * v_old[b].double() - beta * theta[b]
-        err_plus = ((v_plus - target[b].double()) ** 2).sum(dim=1) / channels
-        err_minus = ((v_minus - target[b].double()) ** 2).sum(dim=1) / channels
         w = torch.ones(tokens, dtype=torch.float64) if token_weight is None else token_weight[b].double()
         w_normalised = w / w.sum()
-        sample_loss = (
-            float(r[b]) * (w_normalised * err_plus).sum() + (1 - float(r[b])) * (w_normalised * err_minus).sum()
-        )
+
+        if x0_norm_t is None:
+            term_plus = _weighted_mean(w_normalised, (v_plus - target[b].double()) ** 2)
+            term_minus = _weighted_mean(w_normalised, (v_minus - target[b].double()) ** 2)
+        else:
+            t = float(x0_norm_t[b])
+            x0 = v_old[b].double()
+            x_t = x0 + t * target[b].double()
+            terms = []
+            for v in (v_plus, v_minus):
+                x0_error = (x_t - t * v) - x0
+                normaliser = max(float(_weighted_mean(w_normalised, x0_error.detach().abs())), 1e-5)
+                terms.append(_weighted_mean(w_normalised, x0_error**2) / normaliser)
+            term_plus, term_minus = terms
+        sample_loss = float(r[b]) * term_plus + (1 - float(r[b])) * term_minus
         sw = 1.0 if sample_weight is None else float(sample_weight[b])
         total = total + sw * sample_loss
+        if v_ref is not None and kl_weight > 0:
+            diff = theta[b] - v_ref[b].double()
+            if kl_x0:
+                t = float(x0_norm_t[b])
+                diff = (-t * theta[b]) - (-t * v_ref[b].double())  # x0(v_theta) - x0(v_ref), x_t cancels
+            kl_total = kl_total + (diff**2).sum()
     loss = policy_scale * total / batch
     if v_ref is not None and kl_weight > 0:
-        loss = loss + kl_weight * ((theta - v_ref.double()) ** 2).sum() / theta.numel()
+        loss = loss + kl_weight * kl_total / theta.numel()
     return loss
+
+
+def _weighted_mean(w_normalised: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eq 12's token mean of the channel mean of ``x`` ``(N, C)`` with normalised weights ``(N,)``."""
+    return (w_normalised * x.sum(dim=1) / x.shape[1]).sum()
 
 
 def explicit_group_advantages(rewards: torch.Tensor, std: str = "group", eps: float = 1e-6) -> torch.Tensor:

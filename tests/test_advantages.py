@@ -89,6 +89,11 @@ def test_optimality_probability_by_hand() -> None:
     torch.testing.assert_close(optimality_probability(adv), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
     # DiffusionNFT's convention: clip at 5, so A = 2.5 gives r = 0.75.
     torch.testing.assert_close(optimality_probability(torch.tensor([2.5, -10.0]), clip=5.0), torch.tensor([0.75, 0.0]))
+    # The release's r = 1/2 + clip(A, -5, 5) / 10 on both sides of and beyond the clip.
+    adv = torch.tensor([-7.0, -5.0, -1.0, 0.0, 1.0, 4.0, 5.0, 6.0])
+    want = 0.5 + adv.clamp(-5.0, 5.0) / 10.0
+    torch.testing.assert_close(optimality_probability(adv, clip=5.0), want)
+    torch.testing.assert_close(want, torch.tensor([0.0, 0.0, 0.4, 0.5, 0.6, 0.9, 1.0, 1.0]))
 
 
 def test_optimality_probability_bad_clip() -> None:

@@ -30,6 +30,7 @@ def _velocities(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> dict[s
     kw["r"] = torch.rand(batch, generator=gen)
     kw["token_weight"] = torch.rand(batch, tokens, generator=gen) + 0.1
     kw["sample_weight"] = torch.rand(batch, generator=gen) * 2
+    kw["x0_norm_t"] = torch.rand(batch, generator=gen) * 0.9 + 0.05
     return kw
 
 
@@ -49,6 +50,10 @@ OPTION_SETS = {
     "weights": (("token_weight", "sample_weight"), {}),
     "kl": (("token_weight", "sample_weight", "v_ref"), {"kl_weight": 0.3}),
     "inverse_beta": ((), {"inverse_beta_scale": True}),
+    "x0": (
+        ("token_weight", "sample_weight", "v_ref", "x0_norm_t"),
+        {"kl_weight": 0.3, "kl_space": "x0", "inverse_beta_scale": True, "policy_scale": 5.0},
+    ),
 }
 CASES = list(itertools.product(DTYPES, (0.1, 1.0), OPTION_SETS))
 

@@ -50,10 +50,58 @@ def test_gradient_by_hand() -> None:
     assert float(grad) == pytest.approx(2 * 0.5 * (0.25 * 1.5 - 0.75 * 0.5), rel=1e-15)
 
 
+def test_x0_norm_by_hand_one_token() -> None:
+    """v_theta = 2, v_old = 1, target = 0, beta = 0.5, t = 0.5: v+ - v = 1.5, v- - v = 0.5.
+
+    pos = t^2 1.5^2 / (t 1.5) = 0.75 and neg = t 0.5 = 0.25; with the normalisers held constant
+    d pos / d v_theta = t^2 2 (1.5) beta / 0.75 = 0.5 and d neg / d v_theta = t^2 2 (0.5) (-beta) / 0.25 = -0.5
+    (through the normaliser the gradients would be halved: d(t |v+ - v|) = 0.25).
+    """
+    v_theta = torch.tensor([[[2.0]]], dtype=torch.float64, requires_grad=True)
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0.5], dtype=torch.float64)
+    for r, want, want_grad in ((1.0, 0.75, 0.5), (0.0, 0.25, -0.5), (0.25, 0.375, -0.25)):
+        r_b = torch.tensor([r], dtype=torch.float64)
+        loss = nft_loss(v_theta, one, 0 * one, r_b, beta=0.5, x0_norm_t=t, **REF)
+        (grad,) = torch.autograd.grad(loss, v_theta)
+        assert float(loss.detach()) == pytest.approx(want, rel=1e-15)
+        assert float(grad) == pytest.approx(want_grad, rel=1e-15)
+    # The release's scale: x5 (adv_clip_max) / beta.
+    scaled = nft_loss(
+        v_theta, one, 0 * one, torch.ones(1, dtype=torch.float64), beta=0.5, x0_norm_t=t, inverse_beta_scale=True,
+        policy_scale=5.0, **REF,
+    )  # fmt: skip
+    assert float(scaled.detach()) == pytest.approx(0.75 * 5 / 0.5, rel=1e-15)
+
+
+def test_x0_norm_uses_each_terms_own_normaliser(gen: torch.Generator) -> None:
+    """Unlike ``adaptive_x0_weight`` (v+'s error for both terms), the negative term divides by v-'s error."""
+    v_theta, v_old, target = _inputs(gen, 2, 9, 4)
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    beta = 0.7
+    neg = (1 + beta) * v_old - beta * v_theta - target
+    zero = torch.zeros(2, dtype=torch.float64)
+    got = nft_loss(v_theta, v_old, target, zero, beta=beta, x0_norm_t=t, **REF)
+    want = (t**2 * neg.square().mean(dim=(1, 2)) / (t * neg.abs().mean(dim=(1, 2)))).mean()
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0.0)
+
+
+def test_x0_space_kl_by_hand(gen: torch.Generator) -> None:
+    v_theta, v_old, target = _inputs(gen, 2, 5, 3)
+    v_ref = v_theta + torch.tensor([1.0, 2.0], dtype=torch.float64)[:, None, None]  # distances 1 and 2
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    kw = {"beta": 0.4, "x0_norm_t": t, "v_ref": v_ref, **REF}
+    base = nft_loss(v_theta, v_old, target, torch.ones(2, dtype=torch.float64), **kw)
+    velocity = nft_loss(v_theta, v_old, target, torch.ones(2, dtype=torch.float64), kl_weight=0.1, **kw)
+    x0 = nft_loss(v_theta, v_old, target, torch.ones(2, dtype=torch.float64), kl_weight=0.1, kl_space="x0", **kw)
+    assert float(velocity - base) == pytest.approx(0.1 * (1 + 4) / 2, rel=1e-12)
+    assert float(x0 - base) == pytest.approx(0.1 * (0.25 * 1 + 0.0625 * 4) / 2, rel=1e-12)
+
+
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 @pytest.mark.parametrize("r_kind", ["zero", "one", "mixed"])
 @pytest.mark.parametrize("weights", [False, True])
-@pytest.mark.parametrize("options", ["none", "inverse_beta", "kl"])
+@pytest.mark.parametrize("options", ["none", "inverse_beta", "kl", "x0", "x0_kl"])
 def test_matches_per_sample_loop(beta: float, r_kind: str, weights: bool, options: str, gen: torch.Generator) -> None:
     b, n, c = 3, 17, 5
     v_theta, v_old, target = _inputs(gen, b, n, c)
@@ -61,17 +109,20 @@ def test_matches_per_sample_loop(beta: float, r_kind: str, weights: bool, option
     token_weight = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1 if weights else None
     sample_weight = torch.rand(b, generator=gen, dtype=torch.float64) + 0.5 if weights else None
     v_ref = torch.randn(b, n, c, generator=gen, dtype=torch.float64)
-    kl_weight = 0.3 if options == "kl" else 0.0
-    inverse = options == "inverse_beta"
+    kl_weight = 0.3 if options in ("kl", "x0_kl") else 0.0
+    inverse = options in ("inverse_beta", "x0_kl")
+    t = torch.rand(b, generator=gen, dtype=torch.float64) + 0.05 if options.startswith("x0") else None
+    kl_space = "x0" if options == "x0_kl" else "velocity"
     theta = v_theta.clone().requires_grad_()
     got = nft_loss(
         theta, v_old, target, r, beta=beta, token_weight=token_weight, sample_weight=sample_weight,
-        inverse_beta_scale=inverse, kl_weight=kl_weight, v_ref=v_ref, **REF,
+        inverse_beta_scale=inverse, kl_weight=kl_weight, v_ref=v_ref, x0_norm_t=t, kl_space=kl_space, **REF,
     )  # fmt: skip
     leaf = v_theta.clone().requires_grad_()
     want = explicit_nft_loss(
-        leaf, v_old, target, r, beta, token_weight, sample_weight, 1 / beta if inverse else 1.0, kl_weight, v_ref
-    )
+        leaf, v_old, target, r, beta, token_weight, sample_weight, 1 / beta if inverse else 1.0, kl_weight, v_ref,
+        t, kl_space == "x0",
+    )  # fmt: skip
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, theta)[0], torch.autograd.grad(want, leaf)[0])
 
@@ -138,6 +189,12 @@ def _valid(gen: torch.Generator) -> dict:
         ({"v_theta": torch.ones(2, 3, 4, dtype=torch.int64)}, TypeError, "v_theta must have a floating dtype"),
         ({"v_old": torch.ones(2, 3, 4, device="meta")}, ValueError, "v_old is on meta but v_theta is on cpu"),
         ({"inverse_beta_scale": 1}, TypeError, "inverse_beta_scale must be a bool"),
+        ({"x0_norm_t": torch.ones(3)}, ValueError, "x0_norm_t must have shape"),
+        ({"x0_norm_t": torch.tensor([0.5, -0.1])}, ValueError, r"x0_norm_t\[1\] = -0.1\d* must be > 0"),
+        ({"x0_norm_t": torch.tensor([0.5, float("nan")])}, ValueError, r"x0_norm_t\[1\] is not finite"),
+        ({"kl_space": "x0", "kl_weight": 0.1, "v_ref": torch.ones(2, 3, 4)}, ValueError, "x0_norm_t must be given"),
+        ({"kl_space": "x1"}, ValueError, "kl_space='x1' must be"),
+        ({"policy_scale": -1.0}, ValueError, "policy_scale must be > 0"),
         ({"backend": "cuda"}, RuntimeError, "backend='cuda' is not one of"),
     ],
 )

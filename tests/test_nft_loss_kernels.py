@@ -35,6 +35,16 @@ OPTIONS = {
     "inverse_beta": {"inverse_beta_scale": True},
     "kl": {"kl_weight": 0.3},
     "all": {"token_weight": True, "sample_weight": True, "inverse_beta_scale": True, "kl_weight": 0.7},
+    "x0_norm": {"x0_norm_t": True},
+    "x0_all": {
+        "x0_norm_t": True,
+        "token_weight": True,
+        "sample_weight": True,
+        "inverse_beta_scale": True,
+        "policy_scale": 5.0,
+        "kl_weight": 0.7,
+        "kl_space": "x0",
+    },
 }
 # (loss rtol, gradient tolerance relative to its largest entry) per dtype: float32 accumulation everywhere except
 # float64 in the C++ extension; half-precision gradients are rounded once on store.
@@ -69,7 +79,17 @@ def _inputs(shape: tuple[int, int, int], dtype: torch.dtype, r_mode: str, seed: 
     if options.get("kl_weight"):
         kwargs["kl_weight"] = options["kl_weight"]
         kwargs["v_ref"] = velocity()
+    if options.get("x0_norm_t"):
+        kwargs["x0_norm_t"] = torch.rand(batch, generator=g) * 0.9 + 0.05
+    for name in ("policy_scale", "kl_space"):
+        if name in options:
+            kwargs[name] = options[name]
     return kwargs
+
+
+def _policy_scale(beta: float, kw: dict) -> float:
+    scale = kw.get("policy_scale", 1.0)
+    return scale / beta if kw.get("inverse_beta_scale") else scale
 
 
 def _oracle(beta: float, **kw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +102,11 @@ def _oracle(beta: float, **kw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         beta,
         kw.get("token_weight"),
         kw.get("sample_weight"),
-        1.0 / beta if kw.get("inverse_beta_scale") else 1.0,
+        _policy_scale(beta, kw),
         kw.get("kl_weight", 0.0),
         kw.get("v_ref"),
+        kw.get("x0_norm_t"),
+        kw.get("kl_space") == "x0",
     )
     (grad,) = torch.autograd.grad(loss, theta)
     return loss.detach(), grad
@@ -101,8 +123,10 @@ def _assert_close(dtype: torch.dtype, loss, grad, ref_loss, ref_grad) -> None:
     loss_rtol, grad_tol = TOLERANCES[dtype]
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype
+    # Small gradients are float16 subnormals (spacing 2**-24), rounded once on store.
+    floor = 2.0**-25 if dtype == torch.float16 else 0.0
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_rtol, atol=0.0)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=grad_tol * float(ref_grad.abs().max()))
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=grad_tol * float(ref_grad.abs().max()) + floor)
 
 
 CASES = [
@@ -164,10 +188,24 @@ def test_triton_rescale_in_place_once() -> None:
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_x0_norm_floor(backend: str) -> None:
+    """Flow times so small that ``t mean|v+- - target|`` falls under 1e-5: both normalisers are the floor."""
+    kw = _inputs((2, 13, 40), torch.float32, "between", seed=12, token_weight=True, x0_norm_t=True)
+    kw["x0_norm_t"] = torch.tensor([1e-7, 2e-7])
+    loss, grad = _run(backend, 0.5, **kw)
+    _assert_close(torch.float32, loss, grad, *_oracle(0.5, **kw))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bit_identical_on_repeat(backend: str, dtype: torch.dtype) -> None:
-    kw = _inputs((3, 301, 96), dtype, "between", seed=11, token_weight=True, sample_weight=True, kl_weight=0.1)
+@pytest.mark.parametrize("x0", [False, True])
+def test_bit_identical_on_repeat(backend: str, dtype: torch.dtype, x0: bool) -> None:
+    kw = _inputs(
+        (3, 301, 96), dtype, "between", seed=11, token_weight=True, sample_weight=True, kl_weight=0.1, x0_norm_t=x0
+    )
+    if x0:
+        kw["kl_space"] = "x0"
     first = _run(backend, 0.1, **kw)
     threads = torch.get_num_threads()
     try:
@@ -179,27 +217,32 @@ def test_bit_identical_on_repeat(backend: str, dtype: torch.dtype) -> None:
         torch.set_num_threads(threads)
 
 
+def _op_args(kw: dict, beta: float) -> tuple:
+    """The fused ops' arguments after ``v_theta``'s gradient buffer: ``FusedForward``'s order."""
+    kl_t = kw.get("x0_norm_t") if kw.get("kl_space") == "x0" else None
+    return (
+        kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"),
+        kw.get("v_ref"), kw.get("x0_norm_t"), kl_t, beta, _policy_scale(beta, kw), kw.get("kl_weight", 0.0),
+    )  # fmt: skip
+
+
 def _forward_into(backend: str, grad: torch.Tensor, kw: dict, beta: float) -> torch.Tensor:
     """Call a backend's first stage on caller-provided (poisoned) output buffers; returns the loss."""
-    args = (kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"))
-    scale = 1.0 / beta if kw.get("inverse_beta_scale") else 1.0
     if backend == "cpp":
         from omninft_fast import _C
 
-        return _C.nft_loss_forward_out(grad, *args, kw.get("v_ref"), beta, scale, kw.get("kl_weight", 0.0))
+        return _C.nft_loss_forward_out(grad, *_op_args(kw, beta))
     from omninft_fast.kernels import nft_loss as triton_nft
 
     partials = torch.full((triton_nft.num_programs(kw["v_theta"]),), float("nan"))
     loss = torch.full((), float("nan"))
-    triton_nft.nft_loss_triton_forward_into(
-        grad, partials, loss, *args, kw.get("v_ref"), beta, scale, kw.get("kl_weight", 0.0)
-    )
+    triton_nft.nft_loss_triton_forward_into(grad, partials, loss, *_op_args(kw, beta))
     assert torch.isfinite(partials).all()
     return loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("option", ["plain", "all", "x0_all"])
 def test_poisoned_outputs_are_fully_written(backend: str, option: str) -> None:
     kw = _inputs((3, 29, 50), torch.float32, "between", seed=5, **OPTIONS[option])
     grad = torch.full_like(kw["v_theta"], float("nan"))
@@ -209,15 +252,14 @@ def test_poisoned_outputs_are_fully_written(backend: str, option: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("option", ["plain", "all", "x0_all"])
 def test_opcheck(backend: str, option: str) -> None:
     if backend == "cpp":
         from omninft_fast.ops.nft_loss_cpp import nft_loss_cpp_forward as op
     else:
         from omninft_fast.ops.nft_loss_triton import nft_loss_triton_forward as op
     kw = _inputs((2, 7, 12), torch.float32, "between", seed=2, **OPTIONS[option])
-    args = (kw["v_theta"], kw["v_old"], kw["target"], kw["r"], kw.get("token_weight"), kw.get("sample_weight"))
-    torch.library.opcheck(op, (*args, kw.get("v_ref"), 0.3, 2.0, kw.get("kl_weight", 0.0)))
+    torch.library.opcheck(op, _op_args(kw, 0.3))
 
 
 BAD_INPUTS = [
@@ -234,6 +276,11 @@ BAD_INPUTS = [
     ("sample_weight", lambda kw: kw.update(sample_weight=torch.ones(2, device="meta"))),
     ("beta", lambda kw: kw.update(beta=0.0)),
     ("kl_weight", lambda kw: kw.update(kl_weight=-1.0)),
+    ("x0_norm_t", lambda kw: kw.update(x0_norm_t=torch.ones(3))),
+    ("x0_norm_t", lambda kw: kw.update(x0_norm_t=torch.tensor([0.5, 0.0]))),
+    ("x0_norm_t", lambda kw: kw.update(kl_weight=0.1, v_ref=kw["v_theta"], kl_space="x0")),
+    ("kl_space", lambda kw: kw.update(kl_space="x1")),
+    ("policy_scale", lambda kw: kw.update(policy_scale=0.0)),
 ]
 
 
@@ -252,9 +299,10 @@ def test_extension_checks_name_the_argument() -> None:
     from omninft_fast import _C
 
     kw = _inputs((2, 6, 4), torch.float32, "between", seed=1)
-    args = [kw["v_theta"], kw["v_old"], kw["target"], kw["r"], None, None, None, 0.5, 1.0, 0.0]
+    args = [kw["v_theta"], kw["v_old"], kw["target"], kw["r"], None, None, None, None, None, 0.5, 1.0, 0.0]
     bad = {1: kw["v_old"][:, :3], 2: kw["target"].int(), 3: torch.ones(3), 4: torch.zeros(2, 6), 5: torch.ones(3)}
-    names = {1: "v_old", 2: "target", 3: "r", 4: "token_weight", 5: "sample_weight"}
+    bad[7] = torch.ones(3)
+    names = {1: "v_old", 2: "target", 3: "r", 4: "token_weight", 5: "sample_weight", 7: "x0_norm_t"}
     for index, value in bad.items():
         with pytest.raises(RuntimeError, match=names[index]):
             _C.nft_loss_forward(*args[:index], value, *args[index + 1 :])
@@ -292,7 +340,13 @@ def test_cpp_backend_compiles_into_one_graph() -> None:
     ref_loss, ref_grad = _oracle(0.5, **kw)
     theta = kw["v_theta"].clone().requires_grad_()
     args = (kw["v_old"], kw["target"], kw["r"])
-    options = {"token_weight": kw["token_weight"], "sample_weight": None, "v_ref": None}
+    options = {
+        "token_weight": kw["token_weight"],
+        "sample_weight": None,
+        "v_ref": None,
+        "x0_norm_t": None,
+        "kl_t": None,
+    }
     options |= {"beta": 0.5, "policy_scale": 1.0, "kl_weight": 0.0}
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
@@ -305,18 +359,21 @@ def test_cpp_backend_compiles_into_one_graph() -> None:
 
 
 def test_kernels_compile_for_sm90_without_spills() -> None:
-    """Both stages on sm_90a: no spills; with 16-aligned channels (128 in LTX-2) at most 128 registers per thread."""
+    """Every stage on sm_90a: no spills; with 16-aligned channels (128 in LTX-2) at most 128 registers per thread."""
     from omninft_fast.kernels.compile_check import KernelSpec, compile_specs_for_sm90
 
     kernel = "omninft_fast.kernels.nft_loss:_nft_loss_fwd_kernel"
     velocities = ("theta_ptr", "old_ptr", "target_ptr", "ref_ptr", "grad_ptr")
-    small = ("r_ptr", "token_weight_ptr", "sample_coef_ptr", "partial_ptr")
+    small = ("r_ptr", "term_coef_ptr", "kl_t_ptr", "token_weight_ptr", "sample_coef_ptr", "partial_ptr")
     specs = []
-    for dtype, weighted, aligned in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True), (False, True)):
+    for dtype, weighted, x0, aligned in itertools.product(
+        ("*fp32", "*bf16", "*fp16"), (False, True), (False, True), (False, True)
+    ):
         signature = {name: dtype for name in velocities} | {name: "*fp32" for name in small}
         signature |= {"n_rows": "i32", "tokens": "i32", "channels": "i32", "beta": "fp32", "kl_coef": "fp32"}
-        constexprs = {"HAS_TOKEN_WEIGHT": weighted, "HAS_REF": weighted, "BLOCK_ROWS": 32, "BLOCK_C": 128}
-        label = f"{dtype} weighted={weighted} aligned={aligned}"
+        constexprs = {"HAS_TOKEN_WEIGHT": weighted, "HAS_REF": weighted, "X0_NORM": x0, "KL_X0": x0 and weighted}
+        constexprs |= {"BLOCK_ROWS": 32, "BLOCK_C": 128}
+        label = f"{dtype} weighted={weighted} x0={x0} aligned={aligned}"
         specs.append(
             KernelSpec(
                 kernel,
@@ -327,6 +384,19 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
                 aligned=[*velocities, *small, "channels"] if aligned else [*velocities, *small],
             )
         )
+    sums_kernel = "omninft_fast.kernels.nft_loss:_nft_x0_sums_kernel"
+    sums_inputs = ("theta_ptr", "old_ptr", "target_ptr")
+    for dtype, weighted, aligned in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True), (False, True)):
+        signature = {name: dtype for name in sums_inputs} | {"token_weight_ptr": "*fp32", "sums_ptr": "*fp32"}
+        signature |= {"tokens": "i32", "channels": "i32", "beta": "fp32"}
+        constexprs = {"HAS_TOKEN_WEIGHT": weighted, "BLOCK_ROWS": 32, "BLOCK_C": 128}
+        label = f"x0 sums {dtype} weighted={weighted} aligned={aligned}"
+        pointers = [*sums_inputs, "token_weight_ptr", "sums_ptr"]
+        aligned_args = [*pointers, "channels"] if aligned else pointers
+        specs.append(KernelSpec(sums_kernel, signature, constexprs, num_warps=8, label=label, aligned=aligned_args))
+    coef_signature = {name: "*fp32" for name in ("sums_ptr", "r_ptr", "t_ptr", "inv_count_ptr", "term_coef_ptr")}
+    coef_signature |= {"n_chunks": "i32", "min_error": "fp32"}
+    specs.append(KernelSpec("omninft_fast.kernels.nft_loss:_nft_x0_coef_kernel", coef_signature, {"BLOCK": 128}, 4))
     reduce_signature = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "n_partials": "i32"}
     specs.append(KernelSpec("omninft_fast.kernels.nft_loss:_sum_partials_kernel", reduce_signature, {"BLOCK": 1024}, 4))
     for spec, result in zip(specs, compile_specs_for_sm90(specs), strict=True):

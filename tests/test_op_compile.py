@@ -37,8 +37,8 @@ def _default_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_nft_loss(backend: str, weighted: bool) -> None:
+@pytest.mark.parametrize("weighted", [False, True, "x0"])
+def test_nft_loss(backend: str, weighted: bool | str) -> None:
     device = _device(backend)
     g = torch.Generator().manual_seed(3)
     theta, old, target, ref = (torch.randn(3, 7, 12, generator=g).to(device) for _ in range(4))
@@ -47,6 +47,8 @@ def test_nft_loss(backend: str, weighted: bool) -> None:
     if weighted:
         options |= {"token_weight": torch.rand(3, 7, generator=g).to(device) + 0.1, "kl_weight": 0.2, "v_ref": ref}
         options |= {"sample_weight": torch.rand(3, generator=g).to(device), "inverse_beta_scale": True}
+    if weighted == "x0":
+        options |= {"x0_norm_t": torch.rand(3, generator=g).to(device) + 0.1, "kl_space": "x0", "policy_scale": 5.0}
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         return 3.0 * of.nft_loss(x, old, target, r, **options)

@@ -69,6 +69,12 @@ def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path
         (["nft.beta.x=1"], r"nft.beta is a value, not a section"),
         (["nft.beta=[1"], r"override 'nft.beta=\[1' is not valid YAML"),
         (["novalue"], r"must look like key=value"),
+        (["nft.x0_norm=true"], r"nft.x0_norm replaces nft.adaptive_weight"),
+        (["nft.kl_space=x0"], r"nft.kl_space=x0 needs nft.x0_norm=true"),
+        (["nft.kl_space=x1"], r"nft.kl_space must be one of"),
+        (["nft.modality_reduction=max"], r"nft.modality_reduction must be one of"),
+        (["nft.policy_scale=0"], r"nft.policy_scale must be > 0"),
+        (["nft.video_weight=0", "nft.audio_weight=0"], r"nft.video_weight \+ nft.audio_weight must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:

@@ -198,3 +198,35 @@ def test_lora_trains_only_the_adapter_and_blends_the_old_adapter(tmp_path: Path)
     for (trained, old), o0 in zip(adapters.pairs, old_now, strict=True):
         torch.testing.assert_close(old, 0.3 * o0 + 0.7 * trained)
     assert any(not torch.equal(t0, t) for t0, (t, _) in zip(trained_now, adapters.pairs, strict=True))
+
+
+def test_released_loss_options_reach_nft_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nft.x0_norm`` passes each mini-batch's flow times as ``x0_norm_t`` (no adaptive weight), with the KL in
+    x0 space and the release's scale; the step's loss is the modality mean."""
+    seen: list[dict] = []
+    original = omninft_fast.nft_loss
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(omninft_fast, "nft_loss", recorded)
+    monkeypatch.setattr(omninft_fast, "adaptive_x0_weight", None)  # must not be called
+    overrides = ["nft.x0_norm=true", "nft.adaptive_weight=false", "nft.kl_space=x0", "nft.kl_weight=1e-4"]
+    overrides += ["nft.inverse_beta_scale=true", "nft.policy_scale=5", "nft.modality_reduction=mean"]
+    trainer = micro(tmp_path, *overrides, "advantage.clip=5")
+    trainer.iteration(0)
+    assert len(seen) == 4
+    for kwargs in seen:
+        t = kwargs["x0_norm_t"]
+        assert t is not None and bool((t > 0).all()) and bool((t <= 1).all())
+        assert kwargs["kl_space"] == "x0" and kwargs["policy_scale"] == 5.0 and kwargs["sample_weight"] is None
+
+
+def test_modality_loss_sum_or_weighted_mean() -> None:
+    from omninft_fast.train.config import NFTConfig
+
+    losses = {"video": torch.tensor(2.0), "audio": torch.tensor(5.0)}
+    assert float(stages.modality_loss(losses, NFTConfig())) == 7.0
+    mean = NFTConfig(video_weight=3.0, audio_weight=1.0, modality_reduction="mean")
+    assert float(stages.modality_loss(losses, mean)) == (3 * 2.0 + 5.0) / 4

@@ -50,6 +50,12 @@ CASES: list[tuple[str, Callable[..., object], Callable[[], None], str]] = [
         r"sample_weight\[1\] is not finite",
     ),
     (
+        "nft_loss x0_norm_t",
+        lambda **kw: of.nft_loss(**_nft_args(x0_norm_t=torch.tensor([0.5, 0.0])), **kw),
+        lambda: of.check_nft_loss_values(torch.full((2,), 0.5), x0_norm_t=torch.tensor([0.5, 0.0])),
+        r"x0_norm_t\[1\] = 0.0 must be > 0",
+    ),
+    (
         "cross_attention",
         lambda **kw: of.cross_attention(**_qkv("k"), backend="reference", **kw),
         lambda: of.check_cross_attention_values(**_qkv("k")),

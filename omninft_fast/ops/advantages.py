@@ -77,9 +77,9 @@ def check_group_advantages_values(rewards: torch.Tensor) -> None:
 
 
 def optimality_probability(adv: torch.Tensor, *, clip: float = 1.0) -> torch.Tensor:
-    """Eq 6: ``r = 1/2 + 1/2 * clamp(adv / clip, -1, 1)``, in ``[0, 1]``.
+    """Eq 6: ``r = 1/2 + 1/2 * clamp(adv / clip, -1, 1) = 1/2 + clamp(adv, -clip, clip) / (2 clip)``, in ``[0, 1]``.
 
-    ``clip = 1`` is the paper's form; DiffusionNFT clips advantages at 5 (``clip=5``).
+    ``clip = 1`` is the paper's form; DiffusionNFT and the authors' release clip advantages at 5 (``clip=5``).
 
     Args:
         adv: advantages of any shape.

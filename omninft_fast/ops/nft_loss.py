@@ -30,25 +30,40 @@ def nft_loss(
     token_weight: torch.Tensor | None = None,
     sample_weight: torch.Tensor | None = None,
     inverse_beta_scale: bool = False,
+    policy_scale: float = 1.0,
+    x0_norm_t: torch.Tensor | None = None,
     kl_weight: float = 0.0,
     v_ref: torch.Tensor | None = None,
+    kl_space: str = "velocity",
     backend: str | None = None,
     check_values: bool | None = None,
 ) -> torch.Tensor:
     """NFT loss of one modality stream; the gradient flows to ``v_theta`` only.
 
-    With ``v+ = (1 - beta) v_old + beta v_theta`` and ``v- = (1 + beta) v_old - beta v_theta`` (Eq 4-5)::
+    With ``v+ = (1 - beta) v_old + beta v_theta``, ``v- = (1 + beta) v_old - beta v_theta`` (Eq 4-5) and the
+    weighted token-and-channel mean ``M_b[x] = sum_i w[b, i] mean_c x[b, i, c] / sum_i w[b, i]`` (Eq 12)::
 
-        l[b, i] = r[b] * mean_c (v+ - target)^2 + (1 - r[b]) * mean_c (v- - target)^2        (Eq 3)
-        L[b]    = sum_i w[b, i] * l[b, i] / sum_i w[b, i]                                     (Eq 12)
-        loss    = s * mean_b(sample_weight[b] * L[b]) + kl_weight * mean (v_theta - v_ref)^2
+        L[b] = r[b] M_b[(v+ - target)^2] + (1 - r[b]) M_b[(v- - target)^2]                    (Eq 3)
+        loss = s * mean_b(sample_weight[b] * L[b]) + KL
 
-    where ``w = token_weight`` (1 when None) and ``s = 1 / beta`` if ``inverse_beta_scale`` (DiffusionNFT's
-    convention) else 1.
+    where ``w = token_weight`` (1 when None) and ``s = policy_scale / beta`` if ``inverse_beta_scale``
+    (DiffusionNFT's convention) else ``policy_scale``. With ``x0_norm_t = t`` each term is instead self-normalised
+    per sample in x0 space, as DiffusionNFT and the authors' release compute it (``x0(u) - x0 = -t (u - target)``)::
 
-    Types, shapes, devices and the Python scalars are checked on every call. The values of ``r``, ``token_weight``
-    and ``sample_weight`` (``check_nft_loss_values``) are checked only when ``check_values`` is on: by default for
-    CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile`` traces.
+        pos[b] = t_b^2 M_b[(v+ - target)^2] / max(t_b M_b[|v+ - target|], 1e-5)
+        neg[b] = t_b^2 M_b[(v- - target)^2] / max(t_b M_b[|v- - target|], 1e-5)
+        L[b]   = r[b] pos[b] + (1 - r[b]) neg[b]
+
+    with the normalisers (the denominators) under stop-gradient. The release is ``beta=1, inverse_beta_scale=True,
+    policy_scale=5`` (its ``adv_clip_max``) with ``r = optimality_probability(adv, clip=5)``.
+    ``adaptive_x0_weight`` is the older one-weight approximation (``v+``'s error normalises both terms).
+    The regulariser is ``KL = kl_weight * mean (v_theta - v_ref)^2`` (``kl_space="velocity"``) or, in x0 space,
+    ``KL = kl_weight * mean_b(t_b^2 mean_{i,c} (v_theta - v_ref)^2)`` (``kl_space="x0"``, ``t = x0_norm_t``).
+
+    Types, shapes, devices and the Python scalars are checked on every call. The values of ``r``, ``token_weight``,
+    ``sample_weight`` and ``x0_norm_t`` (``check_nft_loss_values``) are checked only when ``check_values`` is on: by
+    default for CPU tensors, never for CUDA tensors (the check would wait for the GPU) nor while ``torch.compile``
+    traces.
 
     Args:
         v_theta: ``(B, N, C)`` velocity of the trained policy.
@@ -59,8 +74,11 @@ def nft_loss(
         token_weight: ``(B, N)`` non-negative per-token weights, each sample's sum ``> 0`` (Eq 11-12).
         sample_weight: ``(B,)`` non-negative per-sample weights (e.g. ``adaptive_x0_weight``).
         inverse_beta_scale: divide the policy term by ``beta``.
+        policy_scale: factor on the policy term, ``> 0``.
+        x0_norm_t: ``(B,)`` flow time of each sample, ``> 0``: self-normalise each term in x0 space (above).
         kl_weight: weight of the regulariser towards ``v_ref``, ``>= 0``.
         v_ref: ``(B, N, C)`` reference velocity; required when ``kl_weight > 0``.
+        kl_space: ``velocity`` | ``x0`` (needs ``x0_norm_t``): where the regulariser measures the distance.
         backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
         check_values: check the values above (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if
             set, else on for CPU tensors. Always off while ``torch.compile`` traces.
@@ -80,7 +98,16 @@ def nft_loss(
     check_shape("target", target, v_theta.shape, "the shape of v_theta")
     check_shape("r", r, (batch,), "one per sample of v_theta")
     beta = check_scalar("beta", beta, low=0.0, low_inclusive=False)
+    policy_scale = check_scalar("policy_scale", policy_scale, low=0.0, low_inclusive=False)
     kl_weight = check_scalar("kl_weight", kl_weight, low=0.0)
+    if kl_space not in ("velocity", "x0"):
+        raise ValueError(f"kl_space={kl_space!r} must be 'velocity' or 'x0'")
+    if x0_norm_t is not None:
+        check_tensor("x0_norm_t", x0_norm_t, ndim=1)
+        check_same_device("v_theta", v_theta, x0_norm_t=x0_norm_t)
+        check_shape("x0_norm_t", x0_norm_t, (batch,), "one per sample of v_theta")
+    elif kl_space == "x0":
+        raise ValueError("x0_norm_t must be given when kl_space='x0'")
     if token_weight is not None:
         check_tensor("token_weight", token_weight, ndim=2)
         check_same_device("v_theta", v_theta, token_weight=token_weight)
@@ -98,7 +125,7 @@ def nft_loss(
     if not isinstance(inverse_beta_scale, bool):
         raise TypeError(f"inverse_beta_scale must be a bool, got {type(inverse_beta_scale).__name__}")
     if value_checks_on(check_values, v_theta.device):
-        check_nft_loss_values(r, token_weight=token_weight, sample_weight=sample_weight)
+        check_nft_loss_values(r, token_weight=token_weight, sample_weight=sample_weight, x0_norm_t=x0_norm_t)
     name, impl = dispatch.select("nft_loss", v_theta.device, backend)
     with nvtx_range(f"omninft.nft_loss.{name}"):
         return impl(
@@ -109,25 +136,32 @@ def nft_loss(
             token_weight=token_weight,
             sample_weight=sample_weight,
             v_ref=v_ref if kl_weight > 0 else None,
+            x0_norm_t=x0_norm_t,
+            kl_t=x0_norm_t if kl_space == "x0" and kl_weight > 0 else None,
             beta=beta,
-            policy_scale=1.0 / beta if inverse_beta_scale else 1.0,
+            policy_scale=policy_scale / beta if inverse_beta_scale else policy_scale,
             kl_weight=kl_weight,
         )
 
 
 def check_nft_loss_values(
-    r: torch.Tensor, *, token_weight: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None
+    r: torch.Tensor,
+    *,
+    token_weight: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
+    x0_norm_t: torch.Tensor | None = None,
 ) -> None:
     """The value checks of ``nft_loss``, for callers that run them once outside the hot path.
 
     Raises ``ValueError`` naming the first bad element: ``r`` outside ``[0, 1]``; ``token_weight`` not finite,
-    negative, or a sample's weights summing to ``<= 0``; ``sample_weight`` not finite or negative. Reads the
-    values, so it waits for a GPU to finish the work queued so far.
+    negative, or a sample's weights summing to ``<= 0``; ``sample_weight`` not finite or negative; ``x0_norm_t``
+    not finite or ``<= 0``. Reads the values, so it waits for a GPU to finish the work queued so far.
 
     Args:
         r: ``(B,)`` optimality probabilities.
         token_weight: ``(B, N)`` per-token weights or None.
         sample_weight: ``(B,)`` per-sample weights or None.
+        x0_norm_t: ``(B,)`` flow times or None.
     """
     check_range("r", r, 0.0, 1.0)
     if token_weight is not None:
@@ -140,6 +174,15 @@ def check_nft_loss_values(
     if sample_weight is not None:
         check_finite_tensor("sample_weight", sample_weight)
         check_range("sample_weight", sample_weight, 0.0, float("inf"))
+    if x0_norm_t is not None:
+        check_finite_tensor("x0_norm_t", x0_norm_t)
+        if bool((x0_norm_t <= 0).any()):
+            b = int((x0_norm_t <= 0).nonzero()[0])
+            raise ValueError(f"x0_norm_t[{b}] = {x0_norm_t[b].item()} must be > 0")
+
+
+# DiffusionNFT's floor on the x0-space mean absolute error that normalises each term.
+X0_NORM_MIN_ERROR = 1e-5
 
 
 def nft_loss_reference(
@@ -151,38 +194,55 @@ def nft_loss_reference(
     token_weight: torch.Tensor | None,
     sample_weight: torch.Tensor | None,
     v_ref: torch.Tensor | None,
+    x0_norm_t: torch.Tensor | None,
+    kl_t: torch.Tensor | None,
     beta: float,
     policy_scale: float,
     kl_weight: float,
 ) -> torch.Tensor:
     """PyTorch reference of ``nft_loss`` (inputs already validated), accumulating in float32 or float64.
 
-    Every ``nft_loss`` backend has this signature; ``policy_scale`` is ``s`` of ``nft_loss``'s formula and
-    ``v_ref`` is None unless ``kl_weight > 0``.
+    Every ``nft_loss`` backend has this signature; ``policy_scale`` is ``s`` of ``nft_loss``'s formula, ``v_ref``
+    is None unless ``kl_weight > 0`` and ``kl_t`` (``(B,)``) is ``x0_norm_t`` for the x0-space KL, else None.
     """
     acc = compute_dtype(v_theta.dtype)
     theta = v_theta.to(acc)
     old = v_old.detach().to(acc)
     tgt = target.detach().to(acc)
-    v_pos = (1.0 - beta) * old + beta * theta
-    v_neg = (1.0 + beta) * old - beta * theta
-    r_b = r.detach().to(acc)[:, None]
-    per_token = r_b * (v_pos - tgt).square().mean(dim=2) + (1.0 - r_b) * (v_neg - tgt).square().mean(dim=2)
+    pos = (1.0 - beta) * old + beta * theta - tgt
+    neg = (1.0 + beta) * old - beta * theta - tgt
     if token_weight is None:
-        per_sample = per_token.mean(dim=1)
+        w = torch.ones(theta.shape[:2], dtype=acc, device=theta.device)
     else:
         w = token_weight.detach().to(acc)
-        per_sample = (w * per_token).sum(dim=1) / w.sum(dim=1)
+    w = w / w.sum(dim=1, keepdim=True)
+
+    def sample_mean(x: torch.Tensor) -> torch.Tensor:
+        return (w * x.mean(dim=2)).sum(dim=1)
+
+    r_b = r.detach().to(acc)
+    pos_term, neg_term = sample_mean(pos.square()), sample_mean(neg.square())
+    if x0_norm_t is not None:
+        t = x0_norm_t.detach().to(acc)
+        with torch.no_grad():
+            pos_norm = (t * sample_mean(pos.abs())).clamp_min(X0_NORM_MIN_ERROR)
+            neg_norm = (t * sample_mean(neg.abs())).clamp_min(X0_NORM_MIN_ERROR)
+        pos_term = t.square() * pos_term / pos_norm
+        neg_term = t.square() * neg_term / neg_norm
+    per_sample = r_b * pos_term + (1.0 - r_b) * neg_term
     if sample_weight is not None:
         per_sample = sample_weight.detach().to(acc) * per_sample
     loss = policy_scale * per_sample.mean()
     if v_ref is not None:
-        loss = loss + kl_weight * (theta - v_ref.detach().to(acc)).square().mean()
+        kl = (theta - v_ref.detach().to(acc)).square().mean(dim=(1, 2))
+        if kl_t is not None:
+            kl = kl_t.detach().to(acc).square() * kl
+        loss = loss + kl_weight * kl.mean()
     return loss
 
 
-# A fused forward op: (v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale,
-# kl_weight) -> (loss (), dloss/dv_theta (B, N, C)).
+# A fused forward op: (v_theta, v_old, target, r, token_weight, sample_weight, v_ref, x0_norm_t, kl_t, beta,
+# policy_scale, kl_weight) -> (loss (), dloss/dv_theta (B, N, C)).
 FusedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Rescale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -195,6 +255,8 @@ def nft_loss_fused_fake(
     token_weight: torch.Tensor | None,
     sample_weight: torch.Tensor | None,
     v_ref: torch.Tensor | None,
+    x0_norm_t: torch.Tensor | None,
+    kl_t: torch.Tensor | None,
     beta: float,
     policy_scale: float,
     kl_weight: float,
@@ -219,12 +281,25 @@ class _FusedNFTLoss(torch.autograd.Function):
         token_weight: torch.Tensor | None,
         sample_weight: torch.Tensor | None,
         v_ref: torch.Tensor | None,
+        x0_norm_t: torch.Tensor | None,
+        kl_t: torch.Tensor | None,
         beta: float,
         policy_scale: float,
         kl_weight: float,
     ) -> torch.Tensor:
         loss, grad = fused_forward(
-            v_theta, v_old, target, r, token_weight, sample_weight, v_ref, beta, policy_scale, kl_weight
+            v_theta,
+            v_old,
+            target,
+            r,
+            token_weight,
+            sample_weight,
+            v_ref,
+            x0_norm_t,
+            kl_t,
+            beta,
+            policy_scale,
+            kl_weight,
         )
         ctx.save_for_backward(grad)
         ctx.rescale_ = rescale_
@@ -249,7 +324,7 @@ class _FusedNFTLoss(torch.autograd.Function):
             # Skipping the usual grad_output == 1 reads its value: done for CPU tensors in eager mode only (a GPU
             # would synchronise, a compiled graph would break).
             grad = grad * grad_output.to(grad.dtype)
-        return None, None, grad, None, None, None, None, None, None, None, None, None
+        return None, None, grad, *([None] * 11)
 
 
 class FusedNFTLossBackend:
@@ -288,6 +363,8 @@ class FusedNFTLossBackend:
         token_weight: torch.Tensor | None,
         sample_weight: torch.Tensor | None,
         v_ref: torch.Tensor | None,
+        x0_norm_t: torch.Tensor | None,
+        kl_t: torch.Tensor | None,
         beta: float,
         policy_scale: float,
         kl_weight: float,
@@ -303,6 +380,8 @@ class FusedNFTLossBackend:
             token_weight,
             sample_weight,
             None if v_ref is None else v_ref.detach(),
+            None if x0_norm_t is None else x0_norm_t.detach(),
+            None if kl_t is None else kl_t.detach(),
             beta,
             policy_scale,
             kl_weight,

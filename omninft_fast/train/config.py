@@ -154,15 +154,27 @@ class ReweightConfig:
 
 @dataclass
 class NFTConfig:
-    """The DiffusionNFT objective and old-policy update."""
+    """The DiffusionNFT objective and old-policy update.
+
+    ``x0_norm`` self-normalises each term per sample in x0 space (``nft_loss(x0_norm_t=t)``, DiffusionNFT's and
+    the authors' form; it replaces ``adaptive_weight``); ``policy_scale`` multiplies the policy term (the release:
+    5); ``kl_space`` is ``velocity`` or ``x0``. The step's loss is ``video_weight * video + audio_weight * audio``,
+    divided by ``video_weight + audio_weight`` with ``modality_reduction: mean`` (the release: weights 1, mean).
+    """
 
     beta: float = 1.0
     timesteps: str = "grid_shuffled"
     timesteps_per_sample: int = 2
     mini_batch: int = 16
     adaptive_weight: bool = True
+    x0_norm: bool = False
     inverse_beta_scale: bool = False
+    policy_scale: float = 1.0
     kl_weight: float = 0.0
+    kl_space: str = "velocity"
+    video_weight: float = 1.0
+    audio_weight: float = 1.0
+    modality_reduction: str = "sum"
     eta_rate: float = 0.001
     eta_max: float = 0.5
 
@@ -257,6 +269,8 @@ class TrainConfig:
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),
             "nft.timesteps": (self.nft.timesteps, ("grid_shuffled", "uniform")),
+            "nft.kl_space": (self.nft.kl_space, ("velocity", "x0")),
+            "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
             "finetune.mode": (self.finetune.mode, ("full", "lora")),
             "ltx.dtype": (self.ltx.dtype, DTYPES),
@@ -280,6 +294,7 @@ class TrainConfig:
             "sampling.shift": self.sampling.shift,
             "advantage.clip": self.advantage.clip,
             "nft.beta": self.nft.beta,
+            "nft.policy_scale": self.nft.policy_scale,
             "nft.timesteps_per_sample": self.nft.timesteps_per_sample,
             "nft.mini_batch": self.nft.mini_batch,
             "optim.lr": self.optim.lr,
@@ -315,6 +330,8 @@ class TrainConfig:
         for key, value in (
             ("nft.eta_rate", self.nft.eta_rate),
             ("nft.kl_weight", self.nft.kl_weight),
+            ("nft.video_weight", self.nft.video_weight),
+            ("nft.audio_weight", self.nft.audio_weight),
             ("reweight.lam", self.reweight.lam),
             ("optim.weight_decay", self.optim.weight_decay),
             ("advantage.eps", self.advantage.eps),
@@ -323,6 +340,12 @@ class TrainConfig:
         ):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        if not self.nft.video_weight + self.nft.audio_weight > 0:
+            raise ConfigError("nft.video_weight + nft.audio_weight must be > 0")
+        if self.nft.x0_norm and self.nft.adaptive_weight:
+            raise ConfigError("nft.x0_norm replaces nft.adaptive_weight: set nft.adaptive_weight=false")
+        if self.nft.kl_space == "x0" and not self.nft.x0_norm:
+            raise ConfigError("nft.kl_space=x0 needs nft.x0_norm=true (both use the flow time of each sample)")
         if not self.rewards:
             raise ConfigError("rewards must name at least one reward")
         if self.prompts is not None and self.prompt_file is not None:

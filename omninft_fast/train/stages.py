@@ -234,7 +234,7 @@ def nft_losses(
         index: ``(b,)`` samples of ``batch`` in this mini-batch, on the device.
         t: ``(b,)`` flow times, on the device.
         noise: ``(b, Nv, Cv)`` video and ``(b, Na, Ca)`` audio noise.
-        nft: beta, adaptive weight, KL weight.
+        nft: beta, adaptive weight or x0-space normalisation, scales, KL weight and space.
         autocast: the run's autocast context.
 
     Returns:
@@ -271,11 +271,21 @@ def nft_losses(
             token_weight=None if weight is None else weight[index],
             sample_weight=sample_weight,
             inverse_beta_scale=nft.inverse_beta_scale,
+            policy_scale=nft.policy_scale,
+            x0_norm_t=t if nft.x0_norm else None,
             kl_weight=nft.kl_weight,
             v_ref=None if v_ref is None else v_ref.float(),
+            kl_space=nft.kl_space,
         )
         check_finite(f"{name} loss", losses[name])
     return losses
+
+
+def modality_loss(losses: dict[str, torch.Tensor], nft: NFTConfig) -> torch.Tensor:
+    """The step's loss from ``nft_losses``: the weighted sum of the video and audio losses, or their weighted mean
+    with ``nft.modality_reduction == "mean"``."""
+    loss = nft.video_weight * losses["video"] + nft.audio_weight * losses["audio"]
+    return loss / (nft.video_weight + nft.audio_weight) if nft.modality_reduction == "mean" else loss
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
@@ -298,10 +308,10 @@ def nft_step(
     grad_clip: float,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> dict[str, float]:
-    """One optimiser step on one mini-batch's Eq 12 loss (video + audio), with gradient clipping; returns its
-    losses and gradient norms (total and per stream)."""
+    """One optimiser step on one mini-batch's Eq 12 loss (video and audio, ``modality_loss``), with gradient
+    clipping; returns its losses and gradient norms (total and per stream)."""
     losses = nft_losses(policies, batch, index, t, noise, nft, autocast)
-    loss = losses["video"] + losses["audio"]
+    loss = modality_loss(losses, nft)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norms = {f"grad_norm/{stream}_params": _grad_norm(policies.streams[stream]) for stream in STREAMS}
