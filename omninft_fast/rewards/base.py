@@ -110,6 +110,8 @@ class RewardModel(ABC):
         micro_batch: samples per ``score`` call, ``>= 1``.
         weight: weight of this reward's advantage when several rewards judge one modality, ``> 0``.
         checkpoint_dir: local directory of the reward model's weights (plugins that need one).
+        codec_roundtrip: score frames after an H.264 (4:2:0) encode and decode (``roundtrip``), as scores of
+            samples written to mp4 files are; needs PyAV.
         options: plugin-specific settings.
     """
 
@@ -124,6 +126,7 @@ class RewardModel(ABC):
         micro_batch: int = 64,
         weight: float = 1.0,
         checkpoint_dir: str | None = None,
+        codec_roundtrip: bool = False,
         **options: Any,
     ) -> None:
         if self.modality not in MODALITIES:
@@ -145,6 +148,13 @@ class RewardModel(ABC):
         self.micro_batch = micro_batch
         self.weight = float(weight)
         self.checkpoint_dir = checkpoint_dir
+        self.codec_roundtrip = bool(codec_roundtrip)
+
+    def roundtrip(self, video: torch.Tensor, fps: float) -> torch.Tensor:
+        """``(B, T, C, H, W)`` frames as decoded from the file they would be scored from (H.264 by default)."""
+        from omninft_fast.rewards.codec import h264_roundtrip
+
+        return h264_roundtrip(video, fps)
 
     @abstractmethod
     def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
@@ -156,7 +166,10 @@ class RewardModel(ABC):
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(batch), self.micro_batch):
             stop = min(start + self.micro_batch, len(batch))
-            scores = self.score(batch.slice(start, stop, self.device))
+            part = batch.slice(start, stop)
+            if self.codec_roundtrip:
+                part = replace(part, video=self.roundtrip(part.video, part.fps))
+            scores = self.score(part.slice(0, stop - start, self.device))
             for key, value in scores.items():
                 if not isinstance(value, torch.Tensor) or value.shape != (stop - start,):
                     raise ValueError(
