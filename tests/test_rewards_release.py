@@ -266,3 +266,19 @@ def test_rewards_check_command(root: Path, tmp_path: Path, capsys: pytest.Captur
     assert main(["rewards", "check", str(config)]) == 0
     out = capsys.readouterr().out
     assert "| audiobox |" in out and "1 usable, 0 unusable" in out
+
+
+def test_imagebind_views_follow_the_release_video_transform() -> None:
+    from omninft_fast.rewards.imagebind import short_side_scale, spatial_crops
+
+    frames = torch.rand(2, 3, 6, 9, dtype=torch.float64)
+    scaled = short_side_scale(frames, 4)
+    assert scaled.shape == (2, 3, 4, 6)  # floor(9 / 6 * 4) = 6
+    torch.testing.assert_close(scaled, torch.nn.functional.interpolate(frames, size=(4, 6), mode="bilinear"))
+    crops = spatial_crops(scaled, 4, 3)
+    assert crops.shape == (2, 3, 3, 4, 4)
+    for i, left in enumerate([0, 1, 2]):  # left, centre (ceil(2 / 2) = 1), right
+        torch.testing.assert_close(crops[:, i], scaled[..., :, left : left + 4])
+    tall = torch.rand(1, 3, 7, 4)
+    assert all(bool((spatial_crops(tall, 4, 3)[0, i] == tall[0, :, y : y + 4]).all()) for i, y in enumerate([0, 2, 3]))
+    torch.testing.assert_close(spatial_crops(tall, 4, 1)[:, 0], tall[..., 2:6, :])  # ceil(3 / 2) = 2
