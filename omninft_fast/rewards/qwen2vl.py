@@ -142,6 +142,8 @@ def load_backbone(
     from transformers import AutoTokenizer, Qwen2VLConfig
 
     require_files(path, reward, BASE_FILES, TOKENIZER_FILES)
+    if not (path / "tokenizer.json").exists():
+        require_files(path, reward, ["merges.txt"])
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     missing = [t for t in special_tokens if t not in tokenizer.get_vocab()]
     if missing:
