@@ -111,7 +111,8 @@ class RewardModel(ABC):
         weight: weight of this reward's advantage when several rewards judge one modality, ``> 0``.
         checkpoint_dir: local directory of the reward model's weights (plugins that need one).
         codec_roundtrip: score frames after an H.264 (4:2:0) encode and decode (``roundtrip``), as scores of
-            samples written to mp4 files are; needs PyAV.
+            samples written to mp4 files are; needs PyAV. Audio is left as it is (the released scorers read the
+            WAV written beside the mp4), so audio-only rewards ignore it.
         options: plugin-specific settings.
     """
 
@@ -167,7 +168,7 @@ class RewardModel(ABC):
         for start in range(0, len(batch), self.micro_batch):
             stop = min(start + self.micro_batch, len(batch))
             part = batch.slice(start, stop)
-            if self.codec_roundtrip:
+            if self.codec_roundtrip and self.modality != "audio":
                 part = replace(part, video=self.roundtrip(part.video, part.fps))
             scores = self.score(part.slice(0, stop - start, self.device))
             for key, value in scores.items():
