@@ -82,7 +82,8 @@ def entries_from(target: Path) -> list[dict[str, Any]]:
 
 
 def check_reward(entry: dict[str, Any], clip: RewardBatch, device: str | None = None) -> CheckResult:
-    """Build the reward of ``entry`` and score ``clip``; any failure is recorded, not raised."""
+    """Build the reward of ``entry`` and score ``clip``; any failure is recorded, not raised (a diagnosis must
+    cover every reward, whatever breaks: a missing file, a key mismatch, an absent device or library)."""
     settings = dict(entry)
     name, directory = settings.pop("name"), settings.get("checkpoint_dir", "")
     if device is not None:
@@ -90,7 +91,7 @@ def check_reward(entry: dict[str, Any], clip: RewardBatch, device: str | None = 
     try:
         reward = build_reward(name, **settings)
         scores = {key: float(value[0]) for key, value in reward(clip).items()}
-    except (ValueError, KeyError, OSError, ImportError, RuntimeError) as error:
+    except Exception as error:
         return CheckResult(name, str(directory), False, error=f"{type(error).__name__}: {error}")
     bad = [key for key, value in scores.items() if not math.isfinite(value)]
     if bad:
