@@ -102,14 +102,16 @@ def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
     Returns ``(B, ceil(S * new_sr / orig_sr))`` in ``audio``'s dtype; the signal is zero beyond its ends. This is
     the design of torchaudio's ``functional.resample`` defaults, written in torch (torchaudio is not a dependency).
+    Computes in float64 for float64 input, else in float32.
     """
     check_tensor("audio", audio, ndim=2)
     kernels, width, o, n = sinc_resample_kernel(orig_sr, new_sr)
     if o == n:
         return audio
     length = audio.shape[-1]
-    x = F.pad(audio.double(), (width, width + o))[:, None]
-    out = F.conv1d(x, kernels.to(x.device)[:, None], stride=o)  # (B, n, blocks)
+    dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
+    x = F.pad(audio.to(dtype), (width, width + o))[:, None]
+    out = F.conv1d(x, kernels.to(x.device, dtype)[:, None], stride=o)  # (B, n, blocks)
     out = out.transpose(1, 2).reshape(audio.shape[0], -1)
     return out[:, : math.ceil(n * length / o)].to(audio.dtype)
 
