@@ -49,6 +49,16 @@ def hpsv3_dir(root: Path) -> Path:
     return tiny.write_hpsv3(root / "hpsv3")
 
 
+@pytest.fixture(scope="module")
+def videoalign_lora(root: Path) -> Path:
+    return tiny.write_videoalign(root / "videoalign_lora", layout="lora")
+
+
+@pytest.fixture(scope="module")
+def audiobox_meta(root: Path) -> Path:
+    return tiny.write_audiobox(root / "audiobox_meta", seed=4, layout="meta")
+
+
 def spy_positions(reward: object) -> list[torch.Tensor]:
     """Record the ``position_ids`` the text decoder of ``reward`` is called with."""
     seen: list[torch.Tensor] = []
@@ -128,8 +138,8 @@ def test_hpsv3_score_is_the_capped_top_2_of_5_frames(hpsv3_dir: Path) -> None:
     torch.testing.assert_close(reward(batch)["hpsv3"], expected)
 
 
-def test_videoalign_loads_the_released_lora_model_pth(root: Path, videoalign_dir: Path) -> None:
-    lora = tiny.write_videoalign(root / "videoalign_lora", layout="lora")
+def test_videoalign_loads_the_released_lora_model_pth(videoalign_lora: Path, videoalign_dir: Path) -> None:
+    lora = videoalign_lora
     assert (lora / "checkpoint-7" / "model.pth").exists()
     assert not (lora / "checkpoint-7" / "model.safetensors").exists()
     state = torch.load(lora / "checkpoint-7" / "model.pth", weights_only=True)
@@ -141,8 +151,8 @@ def test_videoalign_loads_the_released_lora_model_pth(root: Path, videoalign_dir
         torch.testing.assert_close(released[key], merged[key], rtol=1e-4, atol=1e-4)
 
 
-def test_videoalign_lora_errors_name_the_file_and_keys(root: Path, tmp_path: Path) -> None:
-    lora = Path(shutil.copytree(root / "videoalign_lora", tmp_path / "lora"))
+def test_videoalign_lora_errors_name_the_file_and_keys(videoalign_lora: Path, tmp_path: Path) -> None:
+    lora = Path(shutil.copytree(videoalign_lora, tmp_path / "lora"))
     weights = lora / "checkpoint-7" / "model.pth"
     state = torch.load(weights, weights_only=True)
     key = next(k for k in state if k.endswith("q_proj.lora_B.default.weight"))
@@ -160,7 +170,7 @@ def test_videoalign_lora_errors_name_the_file_and_keys(root: Path, tmp_path: Pat
         build_reward("videoalign", checkpoint_dir=str(lora))
 
 
-def test_qwen2vl_base_files_may_live_apart(root: Path, hpsv3_dir: Path, tmp_path: Path) -> None:
+def test_qwen2vl_base_files_may_live_apart(hpsv3_dir: Path, tmp_path: Path) -> None:
     released = tmp_path / "HPSv3"
     released.mkdir()
     for name in ("HPSv3.safetensors", "prompt_template.txt"):
@@ -173,9 +183,9 @@ def test_qwen2vl_base_files_may_live_apart(root: Path, hpsv3_dir: Path, tmp_path
     torch.testing.assert_close(apart(batch)["hpsv3"], together(batch)["hpsv3"])
 
 
-def test_audiobox_loads_metas_checkpoint_pt(root: Path) -> None:
+def test_audiobox_loads_metas_checkpoint_pt(root: Path, audiobox_meta: Path) -> None:
     hf = tiny.write_audiobox(root / "audiobox_hf", seed=4)
-    meta = tiny.write_audiobox(root / "audiobox_meta", seed=4, layout="meta")
+    meta = audiobox_meta
     assert sorted(p.name for p in meta.iterdir()) == ["checkpoint.pt"]
     batch = clip(4)
     expected = build_reward("audiobox", checkpoint_dir=str(hf), window_s=0.25)(batch)
@@ -185,12 +195,12 @@ def test_audiobox_loads_metas_checkpoint_pt(root: Path) -> None:
         torch.testing.assert_close(got[key], expected[key])
 
 
-def test_audiobox_checkpoint_errors(root: Path, tmp_path: Path) -> None:
+def test_audiobox_checkpoint_errors(audiobox_meta: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match=r"lacks \['checkpoint.pt' or 'config.json' \+ 'model.safetensors'\]"):
         build_reward("audiobox", checkpoint_dir=str(empty))
-    broken = Path(shutil.copytree(root / "audiobox_meta", tmp_path / "broken"))
+    broken = Path(shutil.copytree(audiobox_meta, tmp_path / "broken"))
     ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
     del ckpt["target_transform"]
     ckpt["state_dict"]["model.stray"] = torch.zeros(1)
@@ -244,30 +254,41 @@ def test_codec_roundtrip_is_an_8_bit_h264_then_jpeg_for_hpsv3(hpsv3_dir: Path) -
         h264_roundtrip(torch.zeros(1, 2, 1, 8, 8), 24.0)
 
 
-def test_rewards_check_command(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rewards_check_command(
+    audiobox_meta: Path, hpsv3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "rewards"
     folder.mkdir()
-    shutil.copytree(root / "audiobox_meta", folder / "audiobox")
     tiny.write_synchformer(folder / "synchformer")
+    (folder / "notes").mkdir()  # not a reward: ignored
     assert main(["rewards", "check", str(folder), "--seconds", "1.0"]) == 0
     out = capsys.readouterr().out
-    assert "| audiobox |" in out and "| synchformer |" in out and "2 usable, 0 unusable" in out
+    assert "| synchformer | " in out and "| ok | - | neg_desync " in out and "1 usable, 0 unusable" in out
     (folder / "synchformer" / "synchformer_state_dict.pth").unlink()
+    base = folder / "hpsv3"  # the release's weights without the base model's files
+    base.mkdir()
+    for name in ("HPSv3.safetensors", "prompt_template.txt"):
+        shutil.copy(hpsv3_dir / name, base / name)
     assert main(["rewards", "check", str(folder), "--seconds", "1.0"]) == 1
-    out = capsys.readouterr().out
-    assert "UNUSABLE" in out and "lacks ['synchformer_state_dict.pth']" in out
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    weights = folder / "synchformer" / "synchformer_state_dict.pth"
+    assert f"| UNUSABLE | {weights} | CheckpointError: " in rows["| synchformer"]
+    assert "lacks ['synchformer_state_dict.pth']" in rows["| synchformer"]
+    absent = ["config.json", "preprocessor_config.json", "tokenizer_config.json"]
+    expected = "; ".join([*(str(base / n) for n in absent), f"{base / 'tokenizer.json'} or {base / 'vocab.json'}"])
+    assert f"| UNUSABLE | {expected} | CheckpointError: " in rows["| hpsv3"]
     absent = tmp_path / "absent"
     assert main(["rewards", "check", str(absent)]) == 2
     assert capsys.readouterr().err == f"rewards check: {absent} is neither a directory nor a config file\n"
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"rewards:\n  - {{name: audiobox, checkpoint_dir: {folder / 'audiobox'}, options: {{window_s: 0.25}}}}\n"
+        f"rewards:\n  - {{name: audiobox, checkpoint_dir: {audiobox_meta}, options: {{window_s: 0.25}}}}\n"
         "  - {name: synthetic_colour}\n",
         encoding="utf-8",
     )
     assert main(["rewards", "check", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "| audiobox |" in out and "1 usable, 0 unusable" in out
+    assert "| audiobox | " in out and "| ok | - | ce " in out and "1 usable, 0 unusable" in out
 
 
 def test_imagebind_views_follow_the_release_video_transform() -> None:

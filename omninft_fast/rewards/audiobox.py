@@ -109,6 +109,7 @@ class AudioboxReward(RewardModel):
     """
 
     modality = "audio"
+    release_files = ((CHECKPOINT, "model.safetensors"),)
 
     def __init__(
         self, *, axes: tuple[str, ...] | list[str] = AXES, window_s: float = WINDOW_S, **kwargs: object

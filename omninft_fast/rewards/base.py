@@ -118,6 +118,10 @@ class RewardModel(ABC):
 
     modality: ClassVar[str]
     name: ClassVar[str] = ""
+    # The released checkpoint layout, one tuple of alternatives (glob patterns) per needed file, and the files of a
+    # base model that may live in ``base_model_dir`` instead (``omninft-fast rewards check`` lists absent ones).
+    release_files: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    base_files: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(
         self,
@@ -196,6 +200,13 @@ def register_reward(name: str) -> Callable[[type[RewardModel]], type[RewardModel
 def available_rewards() -> list[str]:
     """Names of every registered plugin."""
     return sorted(_REGISTRY)
+
+
+def reward_class(name: str) -> type[RewardModel]:
+    """The plugin class registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered: {available_rewards()}")
+    return _REGISTRY[name]
 
 
 def build_reward(name: str, **kwargs: Any) -> RewardModel:

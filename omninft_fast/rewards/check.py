@@ -2,9 +2,10 @@
 
 For a trainer config (YAML) every ``rewards`` entry with a ``checkpoint_dir`` is checked with its settings; for a
 directory, every sub-folder named after a registered reward (``videoalign/``, ``hpsv3/``, ``audiobox/``, ...) is
-checked with default settings. Each reward is built through the public loading path (so a missing file, or a
-missing, unexpected or mis-shaped key, is reported as the loader names it) and scores a synthetic clip (a moving
-colour ramp with a tone). Prints one table row per reward; exits 1 if any is unusable, 2 on a usage error.
+checked with default settings. Each row lists every file of the reward's released layout that is absent (the
+``release_files`` and ``base_files`` of its plugin), then the reward is built through the public loading path (so
+a missing file, or a missing, unexpected or mis-shaped key, is reported as the loader names it) and scores a
+synthetic clip (a moving colour ramp with a tone). Exits 1 if any reward is unusable, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from omninft_fast.rewards.base import RewardBatch, available_rewards, build_reward
+from omninft_fast.rewards.base import RewardBatch, available_rewards, build_reward, reward_class
 
 
 @dataclass
@@ -30,6 +31,7 @@ class CheckResult:
     ok: bool
     scores: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    missing: list[str] = field(default_factory=list)
 
 
 def synthetic_clip(
@@ -81,6 +83,19 @@ def entries_from(target: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def missing_files(name: str, checkpoint_dir: str | Path, base_model_dir: str | Path | None = None) -> list[str]:
+    """The files of reward ``name``'s released layout absent from its directories (``a or b`` for alternatives)."""
+    cls = reward_class(name)
+    folder = Path(checkpoint_dir).expanduser()
+    base = Path(base_model_dir).expanduser() if base_model_dir else folder
+    absent = []
+    for where, layout in ((folder, cls.release_files), (base, cls.base_files)):
+        for options in layout:
+            if not any(next(where.glob(pattern), None) for pattern in options):
+                absent.append(" or ".join(str(where / pattern) for pattern in options))
+    return absent
+
+
 def check_reward(entry: dict[str, Any], clip: RewardBatch, device: str | None = None) -> CheckResult:
     """Build the reward of ``entry`` and score ``clip``; any failure is recorded, not raised (a diagnosis must
     cover every reward, whatever breaks: a missing file, a key mismatch, an absent device or library)."""
@@ -89,22 +104,31 @@ def check_reward(entry: dict[str, Any], clip: RewardBatch, device: str | None = 
     if device is not None:
         settings["device"] = device
     try:
+        missing = missing_files(name, directory, settings.get("base_model_dir"))
+    except ValueError as error:
+        return CheckResult(name, str(directory), False, error=str(error))
+    try:
         reward = build_reward(name, **settings)
         scores = {key: float(value[0]) for key, value in reward(clip).items()}
     except Exception as error:
-        return CheckResult(name, str(directory), False, error=f"{type(error).__name__}: {error}")
+        return CheckResult(name, str(directory), False, error=f"{type(error).__name__}: {error}", missing=missing)
     bad = [key for key, value in scores.items() if not math.isfinite(value)]
     if bad:
-        return CheckResult(name, str(directory), False, scores, f"non-finite scores {bad}")
-    return CheckResult(name, str(directory), True, scores)
+        return CheckResult(name, str(directory), False, scores, f"non-finite scores {bad}", missing)
+    return CheckResult(name, str(directory), True, scores, missing=missing)
 
 
 def format_results(results: list[CheckResult]) -> str:
-    """A markdown table: reward, checkpoint, status, scores on the synthetic clip or the error."""
-    lines = ["| reward | checkpoint | status | synthetic clip scores / problem |", "|---|---|---|---|"]
+    """A markdown table: reward, checkpoint, status, absent files of the released layout, and the scores on the
+    synthetic clip or the error."""
+    lines = [
+        "| reward | checkpoint | status | missing files | synthetic clip scores / problem |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         detail = ", ".join(f"{k} {v:.4f}" for k, v in r.scores.items()) if r.ok else r.error.replace("|", "\\|")
-        lines.append(f"| {r.name} | {r.checkpoint_dir} | {'ok' if r.ok else 'UNUSABLE'} | {detail} |")
+        missing = "; ".join(r.missing) if r.missing else "-"
+        lines.append(f"| {r.name} | {r.checkpoint_dir} | {'ok' if r.ok else 'UNUSABLE'} | {missing} | {detail} |")
     return "\n".join(lines)
 
 

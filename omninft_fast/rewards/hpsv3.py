@@ -22,7 +22,7 @@ from torch import nn
 from omninft_fast.rewards._loading import checkpoint_path, require_files
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
 from omninft_fast.rewards.codec import jpeg_roundtrip
-from omninft_fast.rewards.qwen2vl import check_positions, encode, load_backbone, patchify, read_template
+from omninft_fast.rewards.qwen2vl import LAYOUT, check_positions, encode, load_backbone, patchify, read_template
 
 TOKEN = "<|Reward|>"
 MAX_PIXELS = 256 * 28 * 28
@@ -66,6 +66,8 @@ class HPSv3Reward(RewardModel):
     """
 
     modality = "video"
+    release_files = (("HPSv3.safetensors",), ("prompt_template.txt",))
+    base_files = LAYOUT
 
     def __init__(
         self,

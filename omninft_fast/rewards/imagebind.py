@@ -305,6 +305,7 @@ class ImageBindReward(RewardModel):
     """
 
     modality = "av"
+    release_files = (("imagebind_huge.pth",), ("tokenizer.json", "vocab.json"))
 
     def __init__(
         self,

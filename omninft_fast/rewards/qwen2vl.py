@@ -26,6 +26,7 @@ from omninft_fast.rewards.preprocess import normalize, resize
 
 BASE_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # tokenizer.json, or vocab.json with merges.txt
+LAYOUT = (*((name,) for name in BASE_FILES), TOKENIZER_FILES)  # the base files as ``RewardModel.base_files``
 SYSTEM = "You are a helpful assistant."
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

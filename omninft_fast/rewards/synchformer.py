@@ -431,6 +431,7 @@ class SynchformerReward(RewardModel):
     """
 
     modality = "av"
+    release_files = ((WEIGHTS,),)
 
     def __init__(
         self,

@@ -36,7 +36,15 @@ from torch import nn
 
 from omninft_fast.rewards._loading import CheckpointError, checkpoint_path, read_json, read_state_dict, require_files
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
-from omninft_fast.rewards.qwen2vl import check_positions, encode, load_backbone, merge_lora, patchify, read_template
+from omninft_fast.rewards.qwen2vl import (
+    LAYOUT,
+    check_positions,
+    encode,
+    load_backbone,
+    merge_lora,
+    patchify,
+    read_template,
+)
 
 TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
 DIMENSIONS = ("VQ", "MQ", "TA")
@@ -123,6 +131,12 @@ class VideoAlignReward(RewardModel):
     """
 
     modality = "video"
+    release_files = (
+        ("model_config.json",),
+        ("prompt_template.txt",),
+        (*(f"checkpoint-*/{name}" for name in WEIGHT_NAMES), "model.safetensors", "model.safetensors.index.json"),
+    )
+    base_files = LAYOUT
 
     def __init__(
         self,
