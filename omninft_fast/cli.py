@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from omninft_fast import evaluation
+from omninft_fast.rewards import check as reward_check
 
 if TYPE_CHECKING:
     from omninft_fast.train.config import TrainConfig
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JavisBench-style metrics over a folder of generated samples",
     )
     evaluate.set_defaults(func=evaluation.run)
+    reward_check.add_commands(commands.add_parser("rewards", help="reward checkpoints: rewards check <dir|config>"))
     return parser
 
 

@@ -13,8 +13,10 @@ Folder format (everything readable without torchvision or torchaudio)::
 ``fps`` of ``.npy`` and frame folders comes from the prompt line, else ``--fps``. Each metric is the mean over
 samples of one score of one reward plugin; metrics whose reward has no ``--checkpoint`` are reported as
 "not configured". The CLIP column is the plain mean cosine, as JavisBench reports it; DeSync (seconds, lower is
-better) is minus the mean ``neg_desync`` reward of ``synchformer``. Writes ``results.md`` and ``results.json`` to
-``--out`` and prints the markdown table::
+better) is minus the mean ``neg_desync`` reward of ``synchformer``, with the training defaults (every clip padded or
+cut to 8 s, the windows 0-4.8 s and 3.2-8 s, as the trainer's ``synchformer`` reward). Every reward runs with
+its plugin's defaults unless ``--options`` changes them. Writes ``results.md`` and ``results.json`` to ``--out``
+and prints the markdown table::
 
     python -m omninft_fast.evaluation samples/ --checkpoint clap=ckpt/clap --checkpoint clip_score=ckpt/clip
 """

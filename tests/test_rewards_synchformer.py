@@ -54,12 +54,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reward(checkpoint: Path) -> synchformer.SynchformerReward:
-    return build_reward("synchformer", checkpoint_dir=str(checkpoint), micro_batch=2)
+    return build_reward("synchformer", checkpoint_dir=str(checkpoint), micro_batch=2, pad=False)
 
 
 @pytest.fixture(scope="module")
 def soft(checkpoint: Path) -> synchformer.SynchformerReward:
-    return build_reward("synchformer", checkpoint_dir=str(checkpoint), micro_batch=2, soft=True)
+    return build_reward("synchformer", checkpoint_dir=str(checkpoint), micro_batch=2, soft=True, pad=False)
 
 
 def test_scores_are_finite_batched_and_deterministic(reward: synchformer.SynchformerReward) -> None:
@@ -89,7 +89,7 @@ def test_scores_depend_on_the_clip_and_on_an_audio_shift(
 
 
 def test_reloading_gives_the_same_scores(checkpoint: Path, soft: synchformer.SynchformerReward) -> None:
-    again = build_reward("synchformer", checkpoint_dir=str(checkpoint), soft=True)
+    again = build_reward("synchformer", checkpoint_dir=str(checkpoint), soft=True, pad=False)
     batch = clip(3)
     torch.testing.assert_close(again(batch)["neg_desync"], soft(batch)["neg_desync"])
 
@@ -144,6 +144,28 @@ def test_short_clips_other_rates_and_padding(checkpoint: Path, reward: synchform
     assert padded.window_logits(clip(6, seconds=2.0)).shape == (2, 2, 21)
     with pytest.raises(ValueError, match="max_length_s must be >= 0.64"):
         build_reward("synchformer", checkpoint_dir=str(checkpoint), max_length_s=0.5)
+
+
+def test_default_pads_to_8_s_and_scores_the_authors_two_windows(checkpoint: Path) -> None:
+    # LTX-2's 121 frames at 24 fps (5.04 s) become 8 s: 200 frames, 24 segments, windows 0-13 and 10-23
+    both = build_reward("synchformer", checkpoint_dir=str(checkpoint), scores=["neg_desync", "inv_desync"])
+    g = torch.Generator().manual_seed(9)
+    batch = RewardBatch(
+        torch.rand(1, 121, 3, 32, 32, generator=g), 24.0, torch.rand(1, 80640, generator=g) - 0.5, 16000, ["a"]
+    )
+    video, audio = both._streams(batch)
+    assert video.shape[1] == 200 and audio.shape[1] == 128_000
+    assert not video[:, 126:].any() and not audio[:, 80640:].any()  # black frames and silence after 5.04 s
+    windows = window_segments(segment_count(video.shape[1], audio.shape[1]))
+    torch.testing.assert_close(windows, torch.stack([torch.arange(14), torch.arange(10, 24)]))
+    logits = both.window_logits(batch)
+    d = both.grid.abs()[logits.argmax(dim=-1)].mean(dim=1)
+    scores = both(batch)
+    torch.testing.assert_close(scores["neg_desync"], -d)
+    torch.testing.assert_close(scores["inv_desync"], 1 / (1 + d))
+    assert set(build_reward("synchformer", checkpoint_dir=str(checkpoint))(batch)) == {"neg_desync"}
+    with pytest.raises(ValueError, match="scores must be a non-empty subset"):
+        build_reward("synchformer", checkpoint_dir=str(checkpoint), scores=["desync"])
 
 
 def test_divided_attention_matches_a_masked_reference_in_float64() -> None:

@@ -21,6 +21,7 @@ from omninft_fast.rewards.base import (
     available_rewards,
     build_reward,
     register_reward,
+    reward_class,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "hpsv3",
     "imagebind",
     "register_reward",
+    "reward_class",
     "synchformer",
     "synthetic",
     "videoalign",

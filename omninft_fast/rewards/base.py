@@ -110,11 +110,18 @@ class RewardModel(ABC):
         micro_batch: samples per ``score`` call, ``>= 1``.
         weight: weight of this reward's advantage when several rewards judge one modality, ``> 0``.
         checkpoint_dir: local directory of the reward model's weights (plugins that need one).
+        codec_roundtrip: score frames after an H.264 (4:2:0) encode and decode (``roundtrip``), as scores of
+            samples written to mp4 files are; needs PyAV. Audio is left as it is (the released scorers read the
+            WAV written beside the mp4), so audio-only rewards ignore it.
         options: plugin-specific settings.
     """
 
     modality: ClassVar[str]
     name: ClassVar[str] = ""
+    # The released checkpoint layout, one tuple of alternatives (glob patterns) per needed file, and the files of a
+    # base model that may live in ``base_model_dir`` instead (``omninft-fast rewards check`` lists absent ones).
+    release_files: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    base_files: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(
         self,
@@ -124,6 +131,7 @@ class RewardModel(ABC):
         micro_batch: int = 64,
         weight: float = 1.0,
         checkpoint_dir: str | None = None,
+        codec_roundtrip: bool = False,
         **options: Any,
     ) -> None:
         if self.modality not in MODALITIES:
@@ -145,6 +153,13 @@ class RewardModel(ABC):
         self.micro_batch = micro_batch
         self.weight = float(weight)
         self.checkpoint_dir = checkpoint_dir
+        self.codec_roundtrip = bool(codec_roundtrip)
+
+    def roundtrip(self, video: torch.Tensor, fps: float) -> torch.Tensor:
+        """``(B, T, C, H, W)`` frames as decoded from the file they would be scored from (H.264 by default)."""
+        from omninft_fast.rewards.codec import h264_roundtrip
+
+        return h264_roundtrip(video, fps)
 
     @abstractmethod
     def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
@@ -156,7 +171,10 @@ class RewardModel(ABC):
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(batch), self.micro_batch):
             stop = min(start + self.micro_batch, len(batch))
-            scores = self.score(batch.slice(start, stop, self.device))
+            part = batch.slice(start, stop)
+            if self.codec_roundtrip and self.modality != "audio":
+                part = replace(part, video=self.roundtrip(part.video, part.fps))
+            scores = self.score(part.slice(0, stop - start, self.device))
             for key, value in scores.items():
                 if not isinstance(value, torch.Tensor) or value.shape != (stop - start,):
                     raise ValueError(
@@ -182,6 +200,13 @@ def register_reward(name: str) -> Callable[[type[RewardModel]], type[RewardModel
 def available_rewards() -> list[str]:
     """Names of every registered plugin."""
     return sorted(_REGISTRY)
+
+
+def reward_class(name: str) -> type[RewardModel]:
+    """The plugin class registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered: {available_rewards()}")
+    return _REGISTRY[name]
 
 
 def build_reward(name: str, **kwargs: Any) -> RewardModel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from omninft_fast.rewards._loading import checkpoint_path, hf_from_pretrained, require_files
+from omninft_fast.rewards._loading import WEIGHT_FILES, checkpoint_path, hf_from_pretrained, require_files
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
 from omninft_fast.rewards.preprocess import resample
 
@@ -24,6 +24,7 @@ class ClapReward(RewardModel):
     """``{"clap": (B,)}`` cosine similarity in [-1, 1] between the audio and its prompt."""
 
     modality = "audio"
+    release_files = (("config.json",), WEIGHT_FILES, ("preprocessor_config.json", "processor_config.json"))
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from omninft_fast.rewards._loading import checkpoint_path, hf_from_pretrained, read_json, require_files
+from omninft_fast.rewards._loading import WEIGHT_FILES, checkpoint_path, hf_from_pretrained, read_json, require_files
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
 from omninft_fast.rewards.preprocess import (
     center_crop,
@@ -41,6 +41,7 @@ class ClipScoreReward(RewardModel):
     """
 
     modality = "video"
+    release_files = (("config.json",), WEIGHT_FILES, ("preprocessor_config.json",))
 
     def __init__(self, *, num_frames: int = 8, scale: float = 100.0, **kwargs: object) -> None:
         super().__init__(**kwargs)

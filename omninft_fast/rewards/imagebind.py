@@ -21,10 +21,16 @@ Scores (JavisBench definitions; higher is better):
 - ``javis`` (JavisScore): in 0.5 s windows, the mean of the lowest 40% frame-to-window-audio cosines,
   averaged over windows.
 
-Video embedding: five 2 s clips spread over the video, each its first and last frame, shorter side resized to
-224, centre crop (the release's evaluation also averages left and right crops), CLIP normalisation; the clip
-embeddings are averaged. Audio embedding: 16 kHz, three 2 s clips, Kaldi log-mel (128 bins, 25 ms / 10 ms),
-padded or cut to 204 frames, normalised with mean -4.268 and std 9.138; averaged likewise.
+Video embedding, as the release's video transform: five 2 s clips spread over the video, each its first and last
+frame, shorter side scaled to 224 with plain bilinear interpolation (no antialiasing; the longer side
+``floor(long / short * 224)``), CLIP normalisation, and three 224 crops (left, centre, right of a landscape
+frame; top, centre, bottom of a portrait one; centre offset rounded up); the unit embeddings of the 5 x 3 views
+are averaged. Per-frame embeddings (``avh``, ``javis``) use the centre crop. Audio embedding: 16 kHz, three 2 s
+clips, Kaldi log-mel (128 bins, 25 ms / 10 ms), padded or cut to 204 frames, normalised with mean -4.268 and std
+9.138; averaged likewise. Stereo: the release's loader computes the filterbank of the first (left) channel only;
+reward batches carry mono audio (the trainer's decoded audio and ``omninft-fast eval``'s WAV reader average the
+channels), so a stereo clip is scored on its channel mean. Pass the left channel as the batch's audio to score as
+the release's loader does.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from torch import nn
 
 from omninft_fast.rewards._loading import checkpoint_path, load_strict, read_json, read_state_dict, require_files
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
-from omninft_fast.rewards.preprocess import center_crop, kaldi_fbank, normalize, resample, resize_shorter_side
+from omninft_fast.rewards.preprocess import kaldi_fbank, normalize, resample
 
 HUGE = {
     "vision_dim": 1280,
@@ -233,6 +239,27 @@ class ImageBind(nn.Module):
         return F.normalize(self.modality_heads["audio"](tokens), dim=-1)
 
 
+def short_side_scale(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> shorter side ``size``, longer ``floor(long / short * size)``; bilinear, no antialiasing."""
+    h, w = frames.shape[-2:]
+    shape = (size, math.floor(w / h * size)) if h <= w else (math.floor(h / w * size), size)
+    return F.interpolate(frames, size=shape, mode="bilinear", align_corners=False)
+
+
+def spatial_crops(frames: torch.Tensor, size: int, count: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, count, C, size, size)``: the centre crop (``count=1``) or the three crops along
+    the longer side (start, centre, end; ``count=3``), centre offsets rounded up."""
+    h, w = frames.shape[-2:]
+    top, left = math.ceil((h - size) / 2), math.ceil((w - size) / 2)
+    if count == 1:
+        offsets = [(top, left)]
+    elif h > w:
+        offsets = [(0, left), (top, left), (h - size, left)]
+    else:
+        offsets = [(top, 0), (top, left), (top, w - size)]
+    return torch.stack([frames[..., y : y + size, x : x + size] for y, x in offsets], dim=1)
+
+
 def clip_starts(duration: float, count: int) -> list[float]:
     """Start times of ``count`` clips of ``CLIP_S`` seconds spread evenly over ``duration`` seconds."""
     span = max(duration - CLIP_S, 0.0)
@@ -274,9 +301,11 @@ class ImageBindReward(RewardModel):
         max_frames: frames embedded for ``avh`` and ``javis`` (evenly subsampled when the video has more).
         window_s: JavisScore window length.
         lowest: fraction of each window's lowest frame cosines averaged by JavisScore.
+        crops: spatial crops per clip in the video embedding, 3 (the release's transform) or 1 (centre only).
     """
 
     modality = "av"
+    release_files = (("imagebind_huge.pth",), ("tokenizer.json", "vocab.json"))
 
     def __init__(
         self,
@@ -287,9 +316,13 @@ class ImageBindReward(RewardModel):
         max_frames: int = 48,
         window_s: float = 0.5,
         lowest: float = 0.4,
+        crops: int = 3,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
+        if crops not in (1, 3):
+            raise ValueError(f"crops must be 1 or 3, got {crops!r}")
+        self.crops = crops
         if not scores or any(s not in SCORES for s in scores):
             raise ValueError(f"scores must be a non-empty subset of {SCORES}, got {list(scores)}")
         if min(video_clips, audio_clips, max_frames) < 1 or not window_s > 0 or not 0 < lowest <= 1:
@@ -302,11 +335,11 @@ class ImageBindReward(RewardModel):
         self.model = model.to(self.device, self.dtype)
         self.cfg = model.cfg
 
-    def _pixels(self, frames: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` frames in [0, 1] -> normalised ``(N, C, S, S)``."""
+    def _pixels(self, frames: torch.Tensor, crops: int = 1) -> torch.Tensor:
+        """``(N, C, H, W)`` frames in [0, 1] -> normalised ``(N, crops, C, S, S)``."""
         size = self.cfg["image_size"]
-        frames = center_crop(resize_shorter_side(frames.float(), size, mode="bilinear"), size)
-        return normalize(frames, CLIP_MEAN, CLIP_STD).to(self.dtype)
+        frames = normalize(short_side_scale(frames.float(), size), CLIP_MEAN, CLIP_STD)
+        return spatial_crops(frames, size, crops).to(self.dtype)
 
     def _text(self, prompts: list[str]) -> torch.Tensor:
         context = self.cfg["context_length"]
@@ -322,7 +355,8 @@ class ImageBindReward(RewardModel):
             last = max(first, min(math.ceil((start + CLIP_S) * fps) - 1, frames - 1))
             index += [first, last]
         clips = video[:, index].flatten(0, 1)  # (B * clips * 2, C, H, W)
-        pixels = self._pixels(clips).unflatten(0, (-1, 2)).transpose(1, 2)  # (B * clips, C, 2, S, S)
+        pixels = self._pixels(clips, self.crops).unflatten(0, (-1, 2))  # (B * clips, 2, crops, C, S, S)
+        pixels = pixels.permute(0, 2, 3, 1, 4, 5).flatten(0, 1)  # (B * clips * crops, C, 2, S, S)
         return self.model.embed_vision(pixels).unflatten(0, (video.shape[0], -1)).mean(dim=1)
 
     def _audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -339,7 +373,7 @@ class ImageBindReward(RewardModel):
         frames = video.shape[1]
         index = torch.linspace(0, frames - 1, min(frames, self.max_frames)).round().long().to(video.device)
         times = index.double() / fps
-        images = self._pixels(video[:, index].flatten(0, 1))
+        images = self._pixels(video[:, index].flatten(0, 1))[:, 0]
         embeds = self.model.embed_vision(images[:, :, None].expand(-1, -1, 2, -1, -1))
         embeds = embeds.unflatten(0, (video.shape[0], len(index))).float()  # (B, n, D)
         avh = torch.einsum("bnd,bd->bn", embeds, F.normalize(whole, dim=-1)).mean(dim=1)

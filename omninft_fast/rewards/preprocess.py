@@ -69,23 +69,51 @@ def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (frames - m) / s
 
 
-def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Band-limited resampling of ``(B, S)`` waveforms in the Fourier domain.
+def sinc_resample_kernel(
+    orig_sr: int, new_sr: int, *, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> tuple[torch.Tensor, int, int, int]:
+    """Polyphase windowed-sinc filters for ``orig_sr -> new_sr`` (rates reduced by their gcd to ``o -> n``).
 
-    Returns ``(B, round(S * new_sr / orig_sr))``. The spectrum is truncated (downsampling) or zero-padded
-    (upsampling), which treats each clip as one period: exact for periodic band-limited signals.
+    Returns ``(kernels (n, 2 * width + o) float64, width, o, n)``: output phase ``j`` of each block of ``o`` input
+    samples is the dot product of ``kernels[j]`` with the input from ``width`` samples before the block. The
+    low-pass cut-off is ``rolloff * min(o, n) / 2`` cycles per block (the lower Nyquist rate scaled by ``rolloff``),
+    the sinc is Hann-windowed over ``lowpass_filter_width`` zero crossings each side (torchaudio's default
+    ``sinc_interp_hann`` design).
     """
-    check_tensor("audio", audio, ndim=2)
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be > 0, got orig_sr={orig_sr}, new_sr={new_sr}")
-    if orig_sr == new_sr:
+    if lowpass_filter_width < 1 or not 0 < rolloff <= 1:
+        raise ValueError(f"need lowpass_filter_width >= 1 and 0 < rolloff <= 1, got {lowpass_filter_width}, {rolloff}")
+    gcd = math.gcd(orig_sr, new_sr)
+    o, n = orig_sr // gcd, new_sr // gcd
+    base = min(o, n) * rolloff
+    width = math.ceil(lowpass_filter_width * o / base)
+    taps = torch.arange(-width, width + o, dtype=torch.float64) / o
+    t = (torch.arange(0, -n, -1, dtype=torch.float64)[:, None] / n + taps[None, :]) * base
+    t = t.clamp(-lowpass_filter_width, lowpass_filter_width)
+    window = torch.cos(t * (math.pi / lowpass_filter_width / 2)).square()
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
+    return sinc * window * (base / o), width, o, n
+
+
+def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited polyphase windowed-sinc resampling of ``(B, S)`` waveforms (see ``sinc_resample_kernel``).
+
+    Returns ``(B, ceil(S * new_sr / orig_sr))`` in ``audio``'s dtype; the signal is zero beyond its ends. This is
+    the design of torchaudio's ``functional.resample`` defaults, written in torch (torchaudio is not a dependency).
+    Computes in float64 for float64 input, else in float32.
+    """
+    check_tensor("audio", audio, ndim=2)
+    kernels, width, o, n = sinc_resample_kernel(orig_sr, new_sr)
+    if o == n:
         return audio
-    n_in = audio.shape[-1]
-    n_out = max(1, round(n_in * new_sr / orig_sr))
-    spectrum = torch.fft.rfft(audio.double(), dim=-1)
-    keep = min(spectrum.shape[-1], n_out // 2 + 1)
-    out = torch.fft.irfft(spectrum[..., :keep], n=n_out, dim=-1) * (n_out / n_in)
-    return out.to(audio.dtype)
+    length = audio.shape[-1]
+    dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
+    x = F.pad(audio.to(dtype), (width, width + o))[:, None]
+    out = F.conv1d(x, kernels.to(x.device, dtype)[:, None], stride=o)  # (B, n, blocks)
+    out = out.transpose(1, 2).reshape(audio.shape[0], -1)
+    return out[:, : math.ceil(n * length / o)].to(audio.dtype)
 
 
 def hz_to_mel(hz: torch.Tensor, scale: str = "htk") -> torch.Tensor:

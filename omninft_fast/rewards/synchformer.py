@@ -27,8 +27,10 @@ Checkpoint directory: ``synchformer_state_dict.pth``, the flat state dict of the
 are MIT; the Motionformer part is Apache-2.0. Optionally ``synchformer_config.json`` overrides the architecture sizes
 (tests use it).
 
-Score (higher is better): ``neg_desync`` = minus JavisBench's DeSync, the mean absolute predicted offset in seconds
-over the first and the last 4.8 s of the clip (one window for clips of at most 4.8 s).
+Scores (higher is better), with ``d`` JavisBench's DeSync (the mean absolute predicted offset in seconds over the
+two 4.8 s windows of a clip padded or cut to 8 s: segments 0-13 and 10-23, i.e. 0-4.8 s and 3.2-8 s):
+``neg_desync = -d`` (the evaluation metric) and ``inv_desync = 1 / (1 + d)`` (the OmniNFT authors' training reward).
+Training and ``omninft-fast eval`` use the same defaults.
 """
 
 from __future__ import annotations
@@ -405,27 +407,45 @@ def load_synchformer(path: Path, reward: str) -> Synchformer:
     return model.eval()
 
 
+SCORES = ("neg_desync", "inv_desync")
+
+
 @register_reward("synchformer")
 class SynchformerReward(RewardModel):
-    """``{"neg_desync"}``: minus the DeSync of each sample, ``(B,)`` in [-2, 0] seconds (0 is in sync).
+    """``{"neg_desync"}`` (``-d``, ``(B,)`` in [-2, 0] s) and/or ``{"inv_desync"}`` (``1 / (1 + d)`` in [1/3, 1]).
 
     Frames are taken at 25 fps (the frame shown at each ``k / 25`` s), shorter side resized to the model's size
     (bicubic), centre cropped and scaled to [-1, 1]; audio is resampled to 16 kHz. Both are cut to ``max_length_s``.
-    Clips shorter than one 0.64 s segment are zero-padded to one. ``pad=True`` with the default ``max_length_s``
-    follows JavisBench's protocol (every clip padded or cut to 8 s, windows over 0 - 4.8 s and 3.2 - 8 s); the
-    remaining differences are its ffmpeg frame-rate conversion and resizing of 8-bit frames.
+    With ``pad`` (the default) every clip is zero-padded or cut to ``max_length_s`` (8 s: 24 segments, windows
+    0-13 and 10-23), as JavisBench's loader and the OmniNFT authors' reward do; without it only clips shorter than one
+    0.64 s segment are padded (to one). The remaining differences are their ffmpeg frame-rate conversion and
+    resizing of 8-bit frames (``codec_roundtrip`` reproduces the 8-bit H.264 frames).
 
     Args:
         soft: score the expected absolute offset under the softmax of each window instead of the absolute offset of
             its most likely class (JavisBench's definition; piecewise constant in the input).
         max_length_s: seconds of each clip scored (JavisBench: 8).
         pad: zero-pad every clip to ``max_length_s`` first, as JavisBench's loader does (black frames, silence).
+        scores: which of ``neg_desync`` and ``inv_desync`` to return (each returned score is its own reward in
+            training).
     """
 
     modality = "av"
+    release_files = ((WEIGHTS,),)
 
-    def __init__(self, *, soft: bool = False, max_length_s: float = 8.0, pad: bool = False, **kwargs: object) -> None:
+    def __init__(
+        self,
+        *,
+        soft: bool = False,
+        max_length_s: float = 8.0,
+        pad: bool = True,
+        scores: tuple[str, ...] | list[str] = SCORES[:1],
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)
+        if not scores or any(s not in SCORES for s in scores):
+            raise ValueError(f"scores must be a non-empty subset of {SCORES}, got {list(scores)}")
+        self.scores = tuple(scores)
         if not max_length_s >= SEGMENT_FRAMES / VIDEO_FPS:
             raise ValueError(f"max_length_s must be >= {SEGMENT_FRAMES / VIDEO_FPS}, got {max_length_s!r}")
         self.soft, self.max_length_s, self.pad = bool(soft), float(max_length_s), bool(pad)
@@ -478,5 +498,6 @@ class SynchformerReward(RewardModel):
     def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
         logits = self.window_logits(batch)
         grid = self.grid.abs()
-        desync = logits.softmax(dim=-1) @ grid if self.soft else grid[logits.argmax(dim=-1)]
-        return {"neg_desync": -desync.mean(dim=1)}
+        desync = (logits.softmax(dim=-1) @ grid if self.soft else grid[logits.argmax(dim=-1)]).mean(dim=1)
+        out = {"neg_desync": -desync, "inv_desync": 1.0 / (1.0 + desync)}
+        return {key: out[key] for key in self.scores}
