@@ -221,6 +221,11 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         policy_handle = policy.patch(detach=alphas) if s.enabled else None
         old_handle = old.patch(region_layers=region_layers) if rw.enabled else None
         trainable = [p for p in policy.parameters() if p.requires_grad]
+    if config.fp8.enabled:
+        # With LoRA the old policy and the reference are adapter views of the policy's one model.
+        separate = [] if adapters is not None else [m for m in (old, ref) if m is not None]
+        for model in ([] if config.fp8.rollout_only else [policy]) + separate:
+            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe)
     named = list(policy.named_parameters())
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
     parameters = [p for _, p in named]

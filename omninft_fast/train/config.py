@@ -203,6 +203,18 @@ class FinetuneConfig:
 
 
 @dataclass
+class FP8Config:
+    """FP8 linear layers (``omninft_fast.fp8``) in the transformer blocks of the policy, the old policy and the KL
+    reference; ``rollout_only`` keeps the trained policy's layers as they are (full fine-tuning only: with LoRA the
+    three share one model)."""
+
+    enabled: bool = False
+    backend: str = "torch"
+    recipe: str = "rowwise"
+    rollout_only: bool = False
+
+
+@dataclass
 class EvalConfig:
     """Fixed evaluation set (every task prompt, ``samples_per_prompt`` seeds) before and after training."""
 
@@ -254,6 +266,7 @@ class TrainConfig:
     nft: NFTConfig = field(default_factory=NFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -273,6 +286,8 @@ class TrainConfig:
             "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
             "finetune.mode": (self.finetune.mode, ("full", "lora")),
+            "fp8.backend": (self.fp8.backend, ("torch", "te")),
+            "fp8.recipe": (self.fp8.recipe, ("rowwise", "tensorwise")),
             "ltx.dtype": (self.ltx.dtype, DTYPES),
             "ltx.decoder_dtype": (self.ltx.decoder_dtype, DTYPES),
         }
@@ -312,6 +327,10 @@ class TrainConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
+        if self.fp8.enabled and self.fp8.rollout_only and self.finetune.mode == "lora":
+            raise ConfigError(
+                "fp8.rollout_only needs finetune.mode=full: with LoRA the trained and the old policy share one model"
+            )
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
         if self.reweight.last_steps > self.sampling.num_steps:

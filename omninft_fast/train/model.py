@@ -85,6 +85,10 @@ class AVVelocityModel(nn.Module):
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no attention surgery handle")
 
+    def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
+        """Run the transformer's linear layers in FP8 (``omninft_fast.fp8.patch``); returns its handle."""
+        raise NotImplementedError(f"{type(self).__name__} has no FP8 layers")
+
 
 class LTXAVModel(AVVelocityModel):
     """ltx-core's audio-video ``LTXModel`` behind ``AVVelocityModel``.
@@ -216,3 +220,9 @@ class LTXAVModel(AVVelocityModel):
         else:
             self._handle.set_detach(detach)
         return self._handle
+
+    def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
+        """``omninft_fast.fp8.patch`` on the blocks' attention projections and feed-forward layers."""
+        from omninft_fast import fp8
+
+        return fp8.patch(self.model, backend=backend, recipe=recipe)

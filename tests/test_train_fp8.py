@@ -1,0 +1,45 @@
+"""``fp8.*`` in the trainer: which models run FP8 layers, and an iteration that trains through them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ltx_core")
+
+from test_fp8 import CountScaledMM
+
+from omninft_fast.train import Trainer
+from omninft_fast.train.config import ConfigError, load_config
+
+MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+
+
+def _fp8_layers(model: torch.nn.Module) -> int:
+    return sum(getattr(m, "_omninft_fp8_cache", None) is not None for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_an_iteration_trains_through_fp8_layers(tmp_path: Path, mode: str) -> None:
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", f"finetune.mode={mode}", "fp8.enabled=true"]))
+    policies = trainer.policies
+    assert _fp8_layers(policies.policy) > 0
+    if mode == "full":
+        assert _fp8_layers(policies.old) == _fp8_layers(policies.policy)
+    before = [p.detach().clone() for p in policies.trainable]
+    with CountScaledMM() as counter:
+        trainer.iteration(0)
+    assert counter.calls > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, policies.trainable, strict=True))
+
+
+def test_rollout_only_keeps_the_trained_policy_and_refuses_lora(tmp_path: Path) -> None:
+    overrides = [f"output_dir={tmp_path}", "fp8.enabled=true", "fp8.rollout_only=true"]
+    trainer = Trainer(load_config(MICRO, overrides))
+    assert _fp8_layers(trainer.policies.policy) == 0 and _fp8_layers(trainer.policies.old) > 0
+    with pytest.raises(ConfigError, match="fp8.rollout_only needs finetune.mode=full"):
+        load_config(MICRO, [*overrides, "finetune.mode=lora"])
+    with pytest.raises(ConfigError, match="fp8.recipe must be one of"):
+        load_config(MICRO, [f"output_dir={tmp_path}", "fp8.recipe=blockwise"])
