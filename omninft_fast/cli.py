@@ -191,16 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        if hasattr(args, "device"):
+        if getattr(args, "device", None) is not None:
             _check_device(args.device)
         return args.func(args)
     except USER_ERRORS as error:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"{args.command}: {_user_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"{args.command}: interrupted", file=sys.stderr)
         return 130

@@ -51,7 +51,8 @@ def h264_roundtrip(video: torch.Tensor, fps: float, *, crf: int = CRF, preset: s
         with av.open(buffer, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
+            # One encoder thread: the same clip always gives the same bytes (and so the same reward).
+            stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
             for frame in clip:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
