@@ -1,10 +1,11 @@
 """FP8 linear layers for LTX-2: ``patch(model)`` runs the transformer blocks' projections through scaled FP8 GEMMs.
 
 ``backend="torch"`` uses PyTorch's own FP8 (casts to ``float8_e4m3fn`` / ``float8_e5m2`` and ``torch._scaled_mm``),
-which runs on CPUs and on H100s with a stock torch. Forward: activations and weights in e4m3 with per-tensor
-(``tensorwise``) or per-row (``rowwise``: one scale per token and one per output channel) current scaling. Backward:
-the output gradient in e5m2, every operand with one scale per tensor (a scale along a GEMM's contraction axis cannot
-be factored out of the sum). Amax and scales stay on the device: nothing syncs with the host.
+which runs on CPUs and on H100s with a stock torch. Activations and weights in e4m3, output gradients in e5m2, with
+current scaling per tensor (``tensorwise``) or per row of each GEMM operand along its kept axis (``rowwise``: per
+token and per output channel in the forward; in the two backward GEMMs per gradient row and weight/activation
+column, never along the contracted axis, whose scale could not be factored out of the sum). Amax and scales stay on
+the device: nothing syncs with the host.
 
 Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out projections of the self-, text- and
 cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
@@ -44,8 +45,9 @@ _MARK = "_omninft_fp8_handle"
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x``: ``q`` in the FP8 ``dtype``, ``scale`` float32 of shape
-    ``(rows, 1)`` when ``rowwise`` else ``()``, chosen so the largest magnitude maps to the format's largest value."""
+    """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x`` (``q`` keeps ``x``'s layout): ``q`` in the FP8
+    ``dtype``, ``scale`` float32 of shape ``(rows, 1)`` when ``rowwise`` else ``()``, chosen so the largest magnitude
+    maps to the format's largest value."""
     top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
     amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
     scale = (amax.float() / top).clamp(min=torch.finfo(torch.float32).tiny)
@@ -56,11 +58,6 @@ def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """``x`` with zero rows appended up to a multiple of ``multiple`` (a GEMM's contraction length must be one)."""
     extra = -x.shape[0] % multiple
     return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
-
-
-def _column_major(x: torch.Tensor) -> torch.Tensor:
-    """The same matrix laid out column-major (``torch._scaled_mm``'s layout for its second operand)."""
-    return x.t().contiguous().t()
 
 
 class _WeightCache:
@@ -89,23 +86,30 @@ class _FP8Linear(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(x2d, weight)
-        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        ctx.shape, ctx.has_bias, ctx.rowwise = x.shape, bias is not None, rowwise
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight = ctx.saved_tensors
+        rowwise = ctx.rowwise
         g2d = grad_out.reshape(-1, weight.shape[0])
-        gq, sg = quantize(g2d, E5M2, rowwise=False)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            wq, sw = quantize(weight.detach(), E4M3, rowwise=False)
-            grad_x = torch._scaled_mm(gq, _column_major(wq), scale_a=sg, scale_b=sw, out_dtype=torch.float32)
+            # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
+            gq, sg = quantize(g2d, E5M2, rowwise)
+            wq_t, sw = quantize(weight.detach().t().contiguous(), E4M3, rowwise)
+            grad_x = torch._scaled_mm(
+                gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=torch.float32
+            )
             grad_x = grad_x.to(x2d.dtype).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
-            xq, sx = quantize(_pad_rows(x2d), E4M3, rowwise=False)
-            gq_t = _pad_rows(gq.float()).to(E5M2).t().contiguous()
-            grad_w = torch._scaled_mm(gq_t, _column_major(xq), scale_a=sg, scale_b=sx, out_dtype=torch.float32)
+            # dW (N, K) = G^T (N, M) @ X (M, K): G^T scaled per row, X per column (never along the contracted M).
+            gq_t, sg = quantize(_pad_rows(g2d).t().contiguous(), E5M2, rowwise)
+            xq_t, sx = quantize(_pad_rows(x2d).t().contiguous(), E4M3, rowwise)
+            grad_w = torch._scaled_mm(
+                gq_t, xq_t.t(), scale_a=sg, scale_b=sx.t() if rowwise else sx, out_dtype=torch.float32
+            )
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(grad_out.dtype)
