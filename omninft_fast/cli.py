@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from omninft_fast import evaluation
+from omninft_fast.media import MissingDependency
 from omninft_fast.rewards import check as reward_check
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError)
+USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, MissingDependency)
 
 
 def _user_error(error: Exception) -> str:

@@ -1,0 +1,162 @@
+"""Sample files: one ``<id>.mp4`` (H.264 video + AAC audio, through PyAV) and ``<id>.wav`` per sample, with the
+``prompts.jsonl`` index that ``omninft-fast eval`` reads; and reading such an mp4 back.
+
+PyAV is optional at import: the first call that needs it raises ``MissingDependency`` (one line) when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MIN_SIDE = 64  # frames are upscaled (nearest, whole factor) until the shorter side reaches this
+
+
+class MissingDependency(ImportError):
+    """An optional library that a command needs is not installed (the message says how to install it)."""
+
+
+def _av() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise MissingDependency("writing and reading mp4 needs PyAV: pip install av") from None
+    return av
+
+
+def display_size(height: int, width: int, *, min_side: int = MIN_SIDE) -> tuple[int, int, int]:
+    """``(scale, H', W')``: the whole nearest-neighbour factor that brings the shorter side to ``min_side`` (1 when
+    it is already there) and the even frame size (H.264's 4:2:0 needs even sides) after padding by edge copies."""
+    scale = max(1, math.ceil(min_side / min(height, width)))
+    return scale, (height * scale + 1) // 2 * 2, (width * scale + 1) // 2 * 2
+
+
+def _frame_pixels(frame: torch.Tensor, scale: int, height: int, width: int) -> np.ndarray:
+    """``(3, H, W)`` in [0, 1] -> ``(height, width, 3)`` uint8, upscaled ``scale`` times, edge-padded to size."""
+    pixels = (frame.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    pad = (0, width - pixels.shape[2], 0, height - pixels.shape[1])
+    if any(pad):
+        pixels = torch.nn.functional.pad(pixels[None].float(), pad, mode="replicate")[0].to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+
+
+def write_wav(path: str | Path, audio: torch.Tensor, sample_rate: int) -> None:
+    """Write mono ``(S,)`` audio in [-1, 1] as 16-bit PCM WAV."""
+    pcm = (audio.detach().float().cpu() * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+
+
+def write_mp4(
+    path: str | Path,
+    frames: torch.Tensor,
+    fps: float,
+    audio: torch.Tensor | None = None,
+    sample_rate: int | None = None,
+    *,
+    min_side: int = MIN_SIDE,
+    crf: int = 18,
+) -> None:
+    """Encode ``(T, 3, H, W)`` frames in [0, 1] (H.264, yuv420p) and an optional ``(S,)`` waveform in [-1, 1]
+    (AAC, mono) into one mp4. Frames are converted one at a time (no whole upscaled clip in memory); small frames
+    are upscaled by a whole factor (``display_size``) and odd sides padded by copying the last row/column."""
+    av = _av()
+    if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be (T, 3, H, W) with T >= 1, got {tuple(frames.shape)}")
+    scale, height, width = display_size(frames.shape[2], frames.shape[3], min_side=min_side)
+    rate = round(fps) if float(fps).is_integer() else None
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=rate or _fraction(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": str(crf)}
+        sound = None
+        if audio is not None:
+            if sample_rate is None:
+                raise ValueError("write_mp4 needs sample_rate with audio")
+            sound = container.add_stream("aac", rate=sample_rate, layout="mono")
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(_frame_pixels(frame, scale, height, width), format="rgb24")
+            container.mux(video.encode(picture))
+        container.mux(video.encode())
+        if sound is not None:
+            pcm = audio.detach().float().clamp(-1, 1).cpu().numpy().reshape(1, -1)
+            chunk = sound.codec_context.frame_size or 1024
+            for start in range(0, pcm.shape[1], chunk):
+                piece = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(pcm[:, start : start + chunk]), format="fltp", layout="mono"
+                )
+                piece.sample_rate, piece.pts = sample_rate, start
+                container.mux(sound.encode(piece))
+            container.mux(sound.encode())
+
+
+def _fraction(fps: float) -> Any:
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001)
+
+
+def read_mp4(path: str | Path) -> tuple[torch.Tensor, float]:
+    """``(T, 3, H, W)`` float32 frames in [0, 1] and the frame rate of an mp4's first video stream."""
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: holds no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except av.error.FFmpegError as error:
+        raise ValueError(f"{path}: not a readable video ({error})") from None
+    if not frames or not fps:
+        raise ValueError(f"{path}: holds no decodable frames or no frame rate")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0, fps
+
+
+def write_sample_folder(
+    folder: str | Path,
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    frames: torch.Tensor,
+    waveforms: torch.Tensor,
+    *,
+    fps: float,
+    sample_rate: int,
+    extra: Sequence[dict[str, Any]] | None = None,
+) -> None:
+    """Write ``<id>.mp4`` (video + audio) and ``<id>.wav`` for each sample and the ``prompts.jsonl`` index.
+
+    Args:
+        folder: created if missing; ``FileExistsError`` (before anything is written) when it already holds any of
+            the files this call would write.
+        ids: ``B`` file names without extension.
+        prompts: ``B`` prompt texts.
+        frames: ``(B, T, 3, H, W)`` in [0, 1] at ``fps``.
+        waveforms: ``(B, S)`` in [-1, 1] at ``sample_rate``.
+        extra: optional ``B`` dicts of more index fields (e.g. the seed).
+    """
+    folder = Path(folder)
+    names = [f"{i}{ext}" for i in ids for ext in (".mp4", ".wav")] + ["prompts.jsonl"]
+    held = [name for name in names if (folder / name).exists()]
+    if held:
+        raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}")
+    _av()
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (sample_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
+        write_mp4(folder / f"{sample_id}.mp4", frames[k], fps, waveforms[k], sample_rate)
+        write_wav(folder / f"{sample_id}.wav", waveforms[k], sample_rate)
+        entry = {"id": sample_id, "prompt": prompt, "fps": fps, **(extra[k] if extra else {})}
+        lines.append(json.dumps(entry) + "\n")
+    (folder / "prompts.jsonl").write_text("".join(lines), encoding="utf-8")
