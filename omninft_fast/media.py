@@ -124,6 +124,35 @@ def read_mp4(path: str | Path) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0, fps
 
 
+def sample_files(ids: Sequence[str]) -> list[str]:
+    """The names a sample folder of ``ids`` holds: ``<id>.mp4``, ``<id>.wav`` each and ``prompts.jsonl``."""
+    return [f"{i}{ext}" for i in ids for ext in (".mp4", ".wav")] + ["prompts.jsonl"]
+
+
+def refuse_existing(folder: str | Path, names: Sequence[str]) -> None:
+    """``FileExistsError`` naming the first few of ``names`` that already exist in ``folder`` (nothing is
+    overwritten)."""
+    held = [name for name in names if (Path(folder) / name).exists()]
+    if held:
+        more = " ..." if len(held) > 3 else ""
+        raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{more}; choose another folder")
+
+
+def write_sample(
+    folder: str | Path, sample_id: str, frames: torch.Tensor, waveform: torch.Tensor, *, fps: float, sample_rate: int
+) -> None:
+    """``<id>.mp4`` (``(T, 3, H, W)`` frames + ``(S,)`` waveform) and ``<id>.wav`` in ``folder``."""
+    folder = Path(folder)
+    write_mp4(folder / f"{sample_id}.mp4", frames, fps, waveform, sample_rate)
+    write_wav(folder / f"{sample_id}.wav", waveform, sample_rate)
+
+
+def write_index(folder: str | Path, entries: Sequence[dict[str, Any]]) -> None:
+    """``prompts.jsonl``: one JSON object a line (``id``, ``prompt``, ``fps`` and any other fields)."""
+    text = "".join(json.dumps(entry) + "\n" for entry in entries)
+    (Path(folder) / "prompts.jsonl").write_text(text, encoding="utf-8")
+
+
 def write_sample_folder(
     folder: str | Path,
     ids: Sequence[str],
@@ -133,7 +162,6 @@ def write_sample_folder(
     *,
     fps: float,
     sample_rate: int,
-    extra: Sequence[dict[str, Any]] | None = None,
 ) -> None:
     """Write ``<id>.mp4`` (video + audio) and ``<id>.wav`` for each sample and the ``prompts.jsonl`` index.
 
@@ -144,19 +172,10 @@ def write_sample_folder(
         prompts: ``B`` prompt texts.
         frames: ``(B, T, 3, H, W)`` in [0, 1] at ``fps``.
         waveforms: ``(B, S)`` in [-1, 1] at ``sample_rate``.
-        extra: optional ``B`` dicts of more index fields (e.g. the seed).
     """
-    folder = Path(folder)
-    names = [f"{i}{ext}" for i in ids for ext in (".mp4", ".wav")] + ["prompts.jsonl"]
-    held = [name for name in names if (folder / name).exists()]
-    if held:
-        raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}")
+    refuse_existing(folder, sample_files(ids))
     _av()
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, (sample_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
-        write_mp4(folder / f"{sample_id}.mp4", frames[k], fps, waveforms[k], sample_rate)
-        write_wav(folder / f"{sample_id}.wav", waveforms[k], sample_rate)
-        entry = {"id": sample_id, "prompt": prompt, "fps": fps, **(extra[k] if extra else {})}
-        lines.append(json.dumps(entry) + "\n")
-    (folder / "prompts.jsonl").write_text("".join(lines), encoding="utf-8")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for k, sample_id in enumerate(ids):
+        write_sample(folder, sample_id, frames[k], waveforms[k], fps=fps, sample_rate=sample_rate)
+    write_index(folder, [{"id": i, "prompt": p, "fps": fps} for i, p in zip(ids, prompts, strict=True)])
