@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from omninft_fast import analysis, evaluation, generate
+from omninft_fast import analysis, evaluation, generate, merge
 from omninft_fast.media import MissingDependency
 from omninft_fast.rewards import check as reward_check
 
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=evaluation.run)
     generate.add_parser(commands, common)
     analysis.add_parser(commands, common)
+    merge.add_parser(commands, common)
     reward_check.add_commands(commands.add_parser("rewards", help="reward checkpoints: rewards check <dir|config>"))
     return parser
 
