@@ -17,6 +17,12 @@ import numpy as np
 import torch
 
 MIN_SIDE = 64  # frames are upscaled (nearest, whole factor) until the shorter side reaches this
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+def aac_rate(sample_rate: int) -> int:
+    """The lowest AAC sampling rate at or above ``sample_rate`` (96 kHz at most): the mp4's audio rate."""
+    return next((rate for rate in AAC_RATES if rate >= sample_rate), AAC_RATES[-1])
 
 
 class MissingDependency(ImportError):
@@ -69,8 +75,9 @@ def write_mp4(
     crf: int = 18,
 ) -> None:
     """Encode ``(T, 3, H, W)`` frames in [0, 1] (H.264, yuv420p) and an optional ``(S,)`` waveform in [-1, 1]
-    (AAC, mono) into one mp4. Frames are converted one at a time (no whole upscaled clip in memory); small frames
-    are upscaled by a whole factor (``display_size``) and odd sides padded by copying the last row/column."""
+    (AAC, mono, resampled by FFmpeg to ``aac_rate(sample_rate)`` when AAC lacks that rate) into one mp4. Frames
+    are converted one at a time (no whole upscaled clip in memory); small frames are upscaled by a whole factor
+    (``display_size``) and odd sides padded by copying the last row/column."""
     av = _av()
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames must be (T, 3, H, W) with T >= 1, got {tuple(frames.shape)}")
@@ -84,20 +91,23 @@ def write_mp4(
         if audio is not None:
             if sample_rate is None:
                 raise ValueError("write_mp4 needs sample_rate with audio")
-            sound = container.add_stream("aac", rate=sample_rate, layout="mono")
+            sound = container.add_stream("aac", rate=aac_rate(sample_rate), layout="mono")
         for frame in frames:
             picture = av.VideoFrame.from_ndarray(_frame_pixels(frame, scale, height, width), format="rgb24")
             container.mux(video.encode(picture))
         container.mux(video.encode())
         if sound is not None:
             pcm = audio.detach().float().clamp(-1, 1).cpu().numpy().reshape(1, -1)
-            chunk = sound.codec_context.frame_size or 1024
-            for start in range(0, pcm.shape[1], chunk):
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=sound.rate)
+            for start in range(0, pcm.shape[1], 1024):
                 piece = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(pcm[:, start : start + chunk]), format="fltp", layout="mono"
+                    np.ascontiguousarray(pcm[:, start : start + 1024]), format="fltp", layout="mono"
                 )
                 piece.sample_rate, piece.pts = sample_rate, start
-                container.mux(sound.encode(piece))
+                for resampled in resampler.resample(piece):
+                    container.mux(sound.encode(resampled))
+            for resampled in resampler.resample(None):
+                container.mux(sound.encode(resampled))
             container.mux(sound.encode())
 
 

@@ -97,3 +97,14 @@ def test_run_with_another_model_size_is_one_line(tmp_path: Path, capsys: pytest.
     ]
     assert main(args) == 2
     assert "model.num_layers" in capsys.readouterr().err
+
+
+def test_trainer_moves_earlier_samples_aside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}"]))
+    _, samples = trainer.evaluate()
+    trainer._write_samples("after", samples)
+    first = (tmp_path / "samples" / "after" / "0000.mp4").read_bytes()
+    trainer._write_samples("after", samples)
+    assert "moved earlier samples" in capsys.readouterr().out
+    assert (tmp_path / "samples" / "after.replaced-1" / "0000.mp4").read_bytes() == first
+    assert (tmp_path / "samples" / "after" / "prompts.jsonl").is_file()

@@ -26,6 +26,15 @@ def test_mp4_holds_h264_video_and_aac_audio_at_an_even_size(tmp_path: Path) -> N
     assert (video - 0.5).abs().max() < 0.02
 
 
+def test_audio_at_a_rate_aac_lacks_is_resampled(tmp_path: Path) -> None:
+    media.write_mp4(tmp_path / "a.mp4", torch.rand(2, 3, 4, 4), 8.0, torch.rand(400) - 0.5, 400)
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        stream = container.streams.audio[0]
+        assert stream.rate == 7350
+        assert sum(f.samples for f in container.decode(stream)) >= 7350
+    assert media.aac_rate(16000) == 16000 and media.aac_rate(22000) == 22050 and media.aac_rate(192000) == 96000
+
+
 def test_display_size_upscales_small_frames_and_keeps_large_ones() -> None:
     assert media.display_size(6, 6) == (11, 66, 66)
     assert media.display_size(512, 767) == (1, 512, 768)
