@@ -48,7 +48,7 @@ def _sample_groups(
         part = prompts[lo : lo + config.prompts_per_iter]
         texts = [p for p in part for _ in range(config.group_size)]
         samples = rollout(
-            loaded.policies.policy,
+            loaded.model,
             loaded.task,
             texts,
             generator,
@@ -122,7 +122,7 @@ def grad_norms(loaded: Loaded, prompts: list[str], out: Path, *, seed: int) -> d
     from omninft_fast.train.stages import UpdateBatch, advantages, condition, draw_noise, nft_losses, training_times
 
     config, policies, device = loaded.config, loaded.policies, loaded.device
-    handle = policies.policy_handle
+    handle = None if policies is None else policies.policy_handle
     if handle is None:
         raise ValueError("grad-norms needs surgery.enabled=true (its detach schedule is what it compares)")
     alphas = handle.detach_alphas
@@ -201,7 +201,7 @@ def kv_blocking(loaded: Loaded, prompts: list[str], out: Path, *, seed: int, par
                 merged.setdefault(key, []).append(value)
         return {key: float(torch.cat(v).mean()) for key, v in merged.items()}
 
-    model = loaded.policies.policy
+    model = loaded.model
     base = means()
     rows = []
     for lo, hi in block_ranges(model.num_layers, parts):
@@ -252,12 +252,12 @@ def v2a_maps(loaded: Loaded, prompts: list[str], out: Path, *, seed: int, sample
     from omninft_fast.media import write_mp4
     from omninft_fast.train.plotting import new_figure, save_figure
 
-    config, policies = loaded.config, loaded.policies
-    handle = policies.policy.patch(region_layers=list(range(config.reweight.boundary, policies.policy.num_layers)))
+    config, model = loaded.config, loaded.model
+    handle = model.patch(region_layers=list(range(config.reweight.boundary, model.num_layers)))
     samples_, _, _ = _sample_groups(loaded, prompts[:1], seed, handle=handle)[0]
     count = min(samples, len(samples_.texts))
     frames, waveforms = loaded.task.decode(samples_.video[:count], samples_.audio[:count])
-    grid = latent_grid(policies.policy.video_positions)
+    grid = latent_grid(model.video_positions)
     scores = samples_.region_scores[:count].float().view(count, *grid)
     lo, hi = scores.amin(dim=(1, 2, 3), keepdim=True), scores.amax(dim=(1, 2, 3), keepdim=True)
     heat = (scores - lo) / (hi - lo).clamp_min(1e-12)
@@ -301,9 +301,9 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_existing(out, OUTPUTS[args.name])
 
-    surgery = {"grad-norms": ["surgery.enabled=true"], "v2a-maps": ["surgery.enabled=false"]}.get(args.name, [])
+    surgery = ["surgery.enabled=true"] if args.name == "grad-norms" else []
     config = resolve_config(args.config, args.run, [*args.overrides, *surgery])
-    loaded = load_policy(config, args.run)
+    loaded = load_policy(config, args.run, training=args.name == "grad-norms")
     prompts = _prompts(loaded, args.prompts)
     out.mkdir(parents=True, exist_ok=True)
     if args.name == "conflicts":

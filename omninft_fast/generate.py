@@ -20,16 +20,20 @@ from omninft_fast.media import refuse_existing, sample_files, write_index, write
 if TYPE_CHECKING:
     from omninft_fast.train.builders import Policies
     from omninft_fast.train.config import TrainConfig
-    from omninft_fast.train.model import AVTask
+    from omninft_fast.train.lora import LoraAdapters
+    from omninft_fast.train.model import AVTask, LTXAVModel
 
 
 @dataclass
 class Loaded:
-    """A config's task and policies, with the run's checkpoint loaded when there is one."""
+    """A config's task and trained policy (``model``, with the trained LoRA adapter active when ``adapters``), or
+    with ``training=True`` the trainer's whole ``Policies`` (old policy, reference, surgery handle)."""
 
     config: TrainConfig
     task: AVTask
-    policies: Policies
+    model: LTXAVModel
+    adapters: LoraAdapters | None
+    policies: Policies | None
     device: torch.device
     autocast_dtype: torch.dtype | None
 
@@ -61,11 +65,14 @@ def _checkpoint(run: str | Path) -> Path:
     return path
 
 
-def load_policy(config: TrainConfig, run: str | Path | None) -> Loaded:
-    """Build the task and policies of ``config`` (base weights from ``model.checkpoint``) and, with ``run``, load
-    its checkpoint (LoRA adapters or full policy); the policy is in eval mode with the trained adapter active."""
-    from omninft_fast.train.builders import build_policies, build_task, make_optimizer
-    from omninft_fast.train.checkpoint import load_checkpoint
+def load_policy(config: TrainConfig, run: str | Path | None, *, training: bool = False) -> Loaded:
+    """Build the task and the policy of ``config`` (base weights from ``model.checkpoint``, LoRA adapters with
+    ``finetune.mode=lora``) and, with ``run``, load the policy's weights or adapters from its checkpoint; in eval
+    mode. Only with ``training`` are the old policy, the reference and the patch handles built as the trainer
+    does (a full fine-tune then holds the model's weights more than once)."""
+    from omninft_fast.train.builders import build_policies, build_policy, build_task
+    from omninft_fast.train.checkpoint import load_modules
+    from omninft_fast.train.lora import LoraAdapters
 
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -73,17 +80,23 @@ def load_policy(config: TrainConfig, run: str | Path | None) -> Loaded:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     task = build_task(config)
-    policies = build_policies(config, task, device)
+    policies = None
+    if training:
+        policies = build_policies(config, task, device)
+        model, adapters = policies.policy, policies.adapters
+        modules = policies.checkpointed()
+    else:
+        model = build_policy(config, task).to(device)
+        f = config.finetune
+        adapters = None
+        if f.mode == "lora":
+            adapters = LoraAdapters(model.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
+        modules = {"lora": adapters} if adapters is not None else {"policy": model}
     if run is not None:
-        optimizer = make_optimizer(policies.trainable, config, device)
-        state = torch.get_rng_state()
-        load_checkpoint(
-            _checkpoint(run), modules=policies.checkpointed(), optimizer=optimizer, generator=torch.Generator()
-        )
-        torch.set_rng_state(state)
-    policies.policy.eval()
+        load_modules(_checkpoint(run), modules)
+    model.eval()
     autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
-    return Loaded(config, task, policies, device, torch.bfloat16 if autocast else None)
+    return Loaded(config, task, model, adapters, policies, device, torch.bfloat16 if autocast else None)
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, str]]:
@@ -150,7 +163,7 @@ def generate(
     for lo in range(0, len(jobs), chunk):
         part = jobs[lo : lo + chunk]
         samples = rollout(
-            loaded.policies.policy,
+            loaded.model,
             task,
             [prompt for _, prompt in part],
             generator,

@@ -51,7 +51,7 @@ def merge_lora(run: str | Path, out: str | Path, config_path: str | None = None,
     if config.finetune.mode != "lora":
         raise ValueError(f"{run} is a finetune.mode={config.finetune.mode} run: its checkpoint holds full weights")
     loaded = load_policy(config, run)
-    state = merged_state_dict(loaded.policies.policy.model)
+    state = merged_state_dict(loaded.model.model)
     metadata = {"merged_from": str(run)}
     if config.model.kind == "ltx":
         state = {RELEASED_PREFIX + key: value for key, value in state.items()}

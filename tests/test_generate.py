@@ -57,7 +57,7 @@ def test_generate_from_a_lora_run_uses_its_adapters(tmp_path: Path) -> None:
             p.add_(0.05 * torch.randn_like(p))
     trainer.save(0)
     loaded = load_policy(resolve_config(None, str(run), []), str(run))
-    adapters = loaded.policies.adapters
+    adapters = loaded.adapters
     for key, param in trainer.policies.adapters.named.items():
         assert torch.equal(adapters.named[key], param)
     prompts, _ = _prompts(tmp_path)
@@ -108,3 +108,17 @@ def test_trainer_moves_earlier_samples_aside(tmp_path: Path, capsys: pytest.Capt
     assert "moved earlier samples" in capsys.readouterr().out
     assert (tmp_path / "samples" / "after.replaced-1" / "0000.mp4").read_bytes() == first
     assert (tmp_path / "samples" / "after" / "prompts.jsonl").is_file()
+
+
+def test_a_full_run_loads_only_its_policy_weights(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(MICRO, [f"output_dir={run}"]))
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.01)
+    trainer.save(0)
+    loaded = load_policy(resolve_config(None, str(run), []), str(run))
+    assert loaded.policies is None and loaded.adapters is None
+    expected = trainer.policy.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
