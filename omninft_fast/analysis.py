@@ -24,6 +24,7 @@ from omninft_fast.generate import Loaded, load_policy, read_prompts, resolve_con
 from omninft_fast.media import refuse_existing
 
 if TYPE_CHECKING:
+    from omninft_fast.rewards import RewardModel
     from omninft_fast.train.stages import Rollout, Scores
 
 
@@ -34,14 +35,15 @@ def _prompts(loaded: Loaded, path: str | None) -> list[str]:
 
 
 def _sample_groups(
-    loaded: Loaded, prompts: list[str], seed: int, *, handle: Any = None
+    loaded: Loaded, prompts: list[str], seed: int, *, handle: Any = None, rewards: list[RewardModel] | None = None
 ) -> list[tuple[Rollout, Scores, int]]:
-    """``group_size`` samples of every prompt, ``prompts_per_iter`` prompts a batch: ``(rollout, scores, groups)``."""
+    """``group_size`` samples of every prompt, ``prompts_per_iter`` prompts a batch: ``(rollout, scores, groups)``
+    (``rewards``: the config's reward plugins, built here when not given)."""
     from omninft_fast.train.builders import build_rewards
     from omninft_fast.train.stages import rollout, score
 
     config = loaded.config
-    rewards = build_rewards(config)
+    rewards = build_rewards(config) if rewards is None else rewards
     generator = torch.Generator().manual_seed(seed)
     out = []
     for lo in range(0, len(prompts), config.prompts_per_iter):
@@ -192,11 +194,14 @@ def block_ranges(layers: int, parts: int) -> list[tuple[int, int]]:
 def kv_blocking(loaded: Loaded, prompts: list[str], out: Path, *, seed: int, parts: int) -> dict[str, Any]:
     """Fig 2b/2d: each reward's mean change (against no skip, same noise) when the A2V or the V2A cross-attention
     of a block range is skipped; ``kv_blocking.{csv,json,png}``."""
+    from omninft_fast.train.builders import build_rewards
     from omninft_fast.train.plotting import new_figure, save_figure
+
+    rewards = build_rewards(loaded.config)
 
     def means() -> dict[str, float]:
         merged: dict[str, list[torch.Tensor]] = {}
-        for _, scores, _ in _sample_groups(loaded, prompts, seed):
+        for _, scores, _ in _sample_groups(loaded, prompts, seed, rewards=rewards):
             for key, value in scores.values.items():
                 merged.setdefault(key, []).append(value)
         return {key: float(torch.cat(v).mean()) for key, v in merged.items()}
