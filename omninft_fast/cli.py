@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from omninft_fast import evaluation
+from omninft_fast import analysis, evaluation, generate, merge
+from omninft_fast.media import MissingDependency
 from omninft_fast.rewards import check as reward_check
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError)
+USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, MissingDependency)
 
 
 def _user_error(error: Exception) -> str:
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="JavisBench-style metrics over a folder of generated samples",
     )
     evaluate.set_defaults(func=evaluation.run)
+    generate.add_parser(commands, common)
+    analysis.add_parser(commands, common)
+    merge.add_parser(commands, common)
     reward_check.add_commands(commands.add_parser("rewards", help="reward checkpoints: rewards check <dir|config>"))
     return parser
 

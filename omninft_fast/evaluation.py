@@ -6,9 +6,10 @@ Folder format (everything readable without torchvision or torchaudio)::
       prompts.jsonl      one JSON object a line: {"id": "0001", "prompt": "...", optional "video_prompt",
                          "audio_prompt", "fps"}
       0001.wav           PCM WAV (8/16/24/32-bit integer, any channel count: channels are averaged)
-      0001.npy           video as (T, H, W, 3) uint8 or float in [0, 1]   \\
-      0001.gif           or an animated GIF (fps from its frame duration)  } one of these
-      0001/              or a folder of frames 000.png, 001.png, ...       /
+      0001.mp4           video (its first video stream; fps from the file; needs PyAV)   \\
+      0001.npy           or video as (T, H, W, 3) uint8 or float in [0, 1]                \\ one of
+      0001.gif           or an animated GIF (fps from its frame duration)                  /  these
+      0001/              or a folder of frames 000.png, 001.png, ...                      /
 
 ``fps`` of ``.npy`` and frame folders comes from the prompt line, else ``--fps``. Each metric is the mean over
 samples of one score of one reward plugin; metrics whose reward has no ``--checkpoint`` are reported as
@@ -35,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from omninft_fast.media import read_mp4
+from omninft_fast.media import write_wav as write_wav  # part of this module's interface
 from omninft_fast.rewards import (  # the adapters register themselves on import
     RewardBatch,
     audiobox,  # noqa: F401
@@ -121,16 +124,6 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(data.reshape(-1, channels).mean(axis=1)), rate
 
 
-def write_wav(path: Path, audio: torch.Tensor, sample_rate: int) -> None:
-    """Write mono ``(S,)`` audio in [-1, 1] as 16-bit PCM WAV."""
-    pcm = (audio.float() * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(pcm.tobytes())
-
-
 def _frames_to_tensor(frames: np.ndarray, source: Path) -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 or float array -> ``(T, 3, H, W)`` float32 in [0, 1]."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -140,10 +133,13 @@ def _frames_to_tensor(frames: np.ndarray, source: Path) -> torch.Tensor:
 
 
 def read_video(folder: Path, sample_id: str, fps: float | None) -> tuple[torch.Tensor, float]:
-    """``(T, 3, H, W)`` frames and fps of sample ``sample_id`` (``.npy``, ``.gif`` or a folder of PNGs)."""
+    """``(T, 3, H, W)`` frames and fps of sample ``sample_id`` (``.mp4``, ``.npy``, ``.gif`` or a folder of PNGs)."""
     from PIL import Image, ImageSequence
 
-    npy, gif, frames_dir = folder / f"{sample_id}.npy", folder / f"{sample_id}.gif", folder / sample_id
+    mp4, npy, gif = folder / f"{sample_id}.mp4", folder / f"{sample_id}.npy", folder / f"{sample_id}.gif"
+    frames_dir = folder / sample_id
+    if mp4.exists():
+        return read_mp4(mp4)
     if npy.exists():
         if fps is None:
             raise ValueError(f"{npy}: no fps in prompts.jsonl and no --fps")
@@ -162,7 +158,9 @@ def read_video(folder: Path, sample_id: str, fps: float | None) -> tuple[torch.T
             raise ValueError(f"{frames_dir}: needs PNG frames and an fps (prompts.jsonl or --fps)")
         frames = [np.asarray(Image.open(file).convert("RGB")) for file in files]
         return _frames_to_tensor(np.stack(frames), frames_dir), fps
-    raise FileNotFoundError(f"no video for sample {sample_id!r}: expected {npy.name}, {gif.name} or {frames_dir.name}/")
+    raise FileNotFoundError(
+        f"no video for sample {sample_id!r}: expected {mp4.name}, {npy.name}, {gif.name} or {frames_dir.name}/"
+    )
 
 
 def load_samples(folder: str | Path, fps: float | None = None) -> list[Sample]:
@@ -314,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="omninft-fast eval",
         description="JavisBench-style metrics over a folder of generated video+audio samples with prompts.",
     )
-    parser.add_argument("folder", help="folder with prompts.jsonl, <id>.wav and <id>.npy|.gif|/ per sample")
+    parser.add_argument("folder", help="folder with prompts.jsonl, <id>.wav and <id>.mp4|.npy|.gif|/ per sample")
     parser.add_argument(
         "--checkpoint",
         action="append",

@@ -407,7 +407,7 @@ def test_trainer_runs_one_iteration_on_the_tiny_released_layout(
     for key in ("loss/video", "loss/audio", "grad_norm/total", "reward/brightness/mean", "reward/loudness/std"):
         assert torch.isfinite(torch.tensor(line[key])), key
     assert "| brightness | video |" in (tmp_path / "eval_table.md").read_text()
-    assert list((tmp_path / "samples" / "after").glob("*.gif")) and list((tmp_path / "samples" / "after").glob("*.wav"))
+    assert list((tmp_path / "samples" / "after").glob("*.mp4")) and list((tmp_path / "samples" / "after").glob("*.wav"))
     resumed = Trainer(config, resume=True)  # the checkpoint holds the released transformer's keys
     assert resumed.start_iteration == 1
     for key, value in trainer.policy.state_dict().items():

@@ -145,9 +145,9 @@ def test_samples_are_named_by_prompt_id_with_an_index(tmp_path: Path) -> None:
 
     write_samples(tmp_path, decode, samples, samples_per_prompt=2, count=2, fps=8.0, sample_rate=8000)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "0000.gif",
+        "0000.mp4",
         "0000.wav",
-        "0001.gif",
+        "0001.mp4",
         "0001.wav",
         "prompts.jsonl",
     ]

@@ -50,7 +50,7 @@ def test_smoke_two_iterations_from_the_cli(tmp_path: Path, capsys: pytest.Captur
         assert curve.format == "PNG" and curve.size == (640, 400)
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((tmp_path / "tensorboard").iterdir())
-    assert list((tmp_path / "samples" / "after").glob("*.gif")) and list((tmp_path / "samples" / "after").glob("*.wav"))
+    assert list((tmp_path / "samples" / "after").glob("*.mp4")) and list((tmp_path / "samples" / "after").glob("*.wav"))
 
 
 def test_resume_reproduces_the_next_iteration_bit_identically(tmp_path: Path) -> None:

@@ -141,6 +141,22 @@ def load_checkpoint(
     path = Path(path)
     metadata = checkpoint_metadata(path)
     header = _header(path, "checkpoint")
+    tensors = load_modules(path, modules)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return metadata
+
+
+def load_modules(path: str | Path, modules: dict[str, Stateful]) -> dict[str, torch.Tensor]:
+    """Load the ``modules`` (by prefix) of a ``save_checkpoint`` file, with the same checks as ``load_checkpoint``
+    but leaving the optimiser and RNG states alone; returns every tensor of the file.
+
+    Raises:
+        ValueError: ``path`` is unreadable or truncated, or a stored shape differs from the model's.
+        KeyError: stored keys differ from the model's.
+    """
+    path = Path(path)
     tensors = _tensors(path, "checkpoint")
     for prefix, module in modules.items():
         own = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
@@ -157,10 +173,7 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} does not match {prefix!r}: missing {_names(list(missing))}, "
                 f"unexpected {_names(list(unexpected))}"
             )
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return metadata
+    return tensors
 
 
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,14 +1,12 @@
-"""Metrics sinks (JSONL, TensorBoard, wandb), progress bars and sample files (GIF + WAV)."""
+"""Metrics sinks (JSONL, TensorBoard, wandb), and progress bars."""
 
 from __future__ import annotations
 
 import json
 import sys
-import wave
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 
@@ -98,22 +96,3 @@ class MetricsLogger:
 def progress_bar(total: int, desc: str, *, enabled: bool) -> tqdm:
     """A transient tqdm bar (cleared when closed); silent when not ``enabled``."""
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
-
-
-def write_gif(path: str | Path, frames: torch.Tensor, fps: float, *, scale: int = 8) -> None:
-    """``(T, 3, H, W)`` frames in [0, 1] to an animated GIF, upscaled ``scale`` times (nearest)."""
-    from PIL import Image
-
-    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    images = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST) for p in pixels]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-
-
-def write_wav(path: str | Path, audio: torch.Tensor, sample_rate: int) -> None:
-    """``(S,)`` waveform in [-1, 1] to a 16-bit mono WAV."""
-    samples = (audio.clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy()
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(sample_rate)
-        handle.writeframes(samples.tobytes())

@@ -8,6 +8,8 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -106,6 +108,7 @@ class LTXAVModel(AVVelocityModel):
         self.register_buffer("audio_positions", audio_positions, persistent=False)
         self.num_layers = len(model.transformer_blocks)
         self._handle: Any = None
+        self._skip: dict[str, list[int]] = {}
 
     @classmethod
     def build(
@@ -185,7 +188,6 @@ class LTXAVModel(AVVelocityModel):
 
         One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
         """
-        from ltx_core.guidance.perturbations import BatchedPerturbationConfig
         from ltx_core.model.transformer.modality import Modality
 
         batch = x_video.shape[0]
@@ -204,8 +206,36 @@ class LTXAVModel(AVVelocityModel):
             positions=self.audio_positions.expand(batch, -1, -1, -1),
             context=cond.audio.to(x_audio.dtype),
         )
-        v_video, v_audio = self.model(video=video, audio=audio, perturbations=BatchedPerturbationConfig.empty(batch))
+        v_video, v_audio = self.model(video=video, audio=audio, perturbations=self._perturbations(batch))
         return v_video, v_audio
+
+    @contextlib.contextmanager
+    def skip_cross_attention(self, *, a2v: Sequence[int] = (), v2a: Sequence[int] = ()) -> Iterator[None]:
+        """Inside, every forward skips the A2V / V2A cross-attention of the listed blocks (ltx-core's
+        ``SKIP_A2V_CROSS_ATTN`` / ``SKIP_V2A_CROSS_ATTN`` perturbations) for every sample."""
+        bad = [b for b in (*a2v, *v2a) if not 0 <= b < self.num_layers]
+        if bad:
+            raise ValueError(f"blocks {bad} are outside the model's {self.num_layers} blocks")
+        previous, self._skip = self._skip, {"a2v": list(a2v), "v2a": list(v2a)}
+        try:
+            yield
+        finally:
+            self._skip = previous
+
+    def _perturbations(self, batch: int) -> Any:
+        """ltx-core's batched perturbation config: empty unless inside ``skip_cross_attention``."""
+        from ltx_core.guidance.perturbations import (
+            BatchedPerturbationConfig,
+            Perturbation,
+            PerturbationConfig,
+            PerturbationType,
+        )
+
+        if not any(self._skip.values()):
+            return BatchedPerturbationConfig.empty(batch)
+        kinds = {"a2v": PerturbationType.SKIP_A2V_CROSS_ATTN, "v2a": PerturbationType.SKIP_V2A_CROSS_ATTN}
+        sample = PerturbationConfig([Perturbation(kinds[k], list(b)) for k, b in self._skip.items() if b])
+        return BatchedPerturbationConfig([sample] * batch)
 
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
         """Attach ``omninft_fast.ltx2``'s surgery/capture handle (A2V detach ratios per block, Eq 10 region blocks).

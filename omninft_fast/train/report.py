@@ -1,8 +1,7 @@
-"""Evaluation on the fixed set and the run's report: before/after table, reward curves, GIF + WAV samples."""
+"""Evaluation on the fixed set and the run's report: before/after table, reward curves, mp4 + WAV samples."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from omninft_fast.media import write_sample_folder
 from omninft_fast.rewards import RewardModel
 from omninft_fast.train.config import TrainConfig
-from omninft_fast.train.metrics import progress_bar, write_gif, write_wav
+from omninft_fast.train.metrics import progress_bar
 from omninft_fast.train.model import AVTask, AVVelocityModel
 from omninft_fast.train.plotting import plot_curves
 from omninft_fast.train.stages import Rollout, rollout, score
@@ -98,19 +98,22 @@ def write_samples(
     fps: float,
     sample_rate: int,
 ) -> None:
-    """``count`` evaluation prompts spread over the prompt list (first sample each) as ``<id>.gif`` +
-    ``<id>.wav`` in ``folder``, named by the prompt's index (never by its text), with the ``prompts.jsonl`` index
-    that ``omninft-fast eval`` reads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    frames, waveform = decode(samples.video, samples.audio)
+    """``count`` evaluation prompts spread over the prompt list (first sample each) as ``<id>.mp4`` (video + audio)
+    + ``<id>.wav`` in ``folder``, named by the prompt's index (never by its text), with the ``prompts.jsonl`` index
+    that ``omninft-fast eval`` reads (``media.write_sample_folder``)."""
     prompts = len(samples.texts) // samples_per_prompt
-    index = []
-    for prompt in sorted({7 * i % prompts for i in range(min(count, prompts))}):
-        k, stem = prompt * samples_per_prompt, f"{prompt:04d}"
-        write_gif(folder / f"{stem}.gif", frames[k], fps)
-        write_wav(folder / f"{stem}.wav", waveform[k], sample_rate)
-        index.append(json.dumps({"id": stem, "prompt": samples.texts[k], "fps": fps}))
-    (folder / "prompts.jsonl").write_text("".join(line + "\n" for line in index), encoding="utf-8")
+    chosen = sorted({7 * i % prompts for i in range(min(count, prompts))})
+    rows = [prompt * samples_per_prompt for prompt in chosen]
+    frames, waveform = decode(samples.video[rows], samples.audio[rows])
+    write_sample_folder(
+        folder,
+        [f"{prompt:04d}" for prompt in chosen],
+        [samples.texts[k] for k in rows],
+        frames,
+        waveform,
+        fps=fps,
+        sample_rate=sample_rate,
+    )
 
 
 def write_reward_curves(path: Path, history: list[dict[str, float]]) -> None:

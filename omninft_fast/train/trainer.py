@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from omninft_fast.media import MissingDependency
 from omninft_fast.train import stages
 from omninft_fast.train.builders import (
     build_policies,
@@ -335,16 +336,21 @@ class Trainer:
         self.saved_iteration = iteration
 
     def _write_samples(self, tag: str, samples: stages.Rollout) -> None:
-        spec = self.task.spec
-        write_samples(
-            self.out / "samples" / tag,
-            self.task.decode,
-            samples,
-            samples_per_prompt=self.config.eval.samples_per_prompt,
-            count=self.config.eval.write_samples,
-            fps=spec.fps,
-            sample_rate=spec.sample_rate,
-        )
+        spec, folder = self.task.spec, self.out / "samples" / tag
+        if folder.exists():
+            print(f"moved earlier samples {str(folder)!r} to {str(move_aside(folder))!r}")
+        try:
+            write_samples(
+                folder,
+                self.task.decode,
+                samples,
+                samples_per_prompt=self.config.eval.samples_per_prompt,
+                count=self.config.eval.write_samples,
+                fps=spec.fps,
+                sample_rate=spec.sample_rate,
+            )
+        except MissingDependency as error:
+            print(f"note: no {tag} samples written ({error})")
 
     def run(self) -> tuple[EvalResult, EvalResult]:
         """Evaluate, train ``iterations`` (from the checkpoint when resuming), evaluate; write the artifacts.
