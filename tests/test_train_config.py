@@ -39,7 +39,7 @@ def test_values_follow_yaml_1_2_and_the_field_type() -> None:
 def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "cpu_default.yaml", ["ladder=vanilla"])
     assert config.ladder == "vanilla"
-    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == ("shared", False, False)
+    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == ("gdpo", False, False)
     config.validate()
     assert config.ladder == "vanilla" and config.surgery.enabled is False
     save_config(config, tmp_path / "config.yaml")

@@ -7,6 +7,7 @@ from the files shipped inside the package (the tiny base policy ``checkpoints/ti
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,21 +84,65 @@ def build_ltx_pipeline(config: TrainConfig) -> AVTask:
     )
 
 
-def load_prompts(config: TrainConfig) -> list[str]:
-    """``prompts``, else the lines of ``prompt_file``, else the synthetic task's prompts or ``ltx.text_cache``'s."""
-    if config.prompts is not None:
-        return list(config.prompts)
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: ``av`` conditions the model, ``video`` and ``audio`` are what video and audio rewards judge."""
+
+    av: str
+    video: str
+    audio: str
+    id: str | None = None
+
+
+def read_prompt_file(path: Path) -> list[PromptRecord]:
+    """Prompts of ``path``: JSON lines (``prompt_av``, optional ``prompt_v``/``prompt_a`` defaulting to it, optional
+    ``id`` or ``sample_id``) when the first non-empty line starts with ``{``, else one plain prompt a line."""
+    lines = [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
+    if not lines[0][1].startswith("{"):
+        return [PromptRecord(text, text, text) for _, text in lines]
+    records = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"prompt_file {str(path)!r} line {number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt_av"), str) or not row["prompt_av"].strip():
+            raise ValueError(f"prompt_file {str(path)!r} line {number}: needs a non-empty string prompt_av")
+        judged = {key: row.get(key, row["prompt_av"]) for key in ("prompt_v", "prompt_a")}
+        for key, value in judged.items():
+            if not isinstance(value, str):
+                raise ValueError(f"prompt_file {str(path)!r} line {number}: {key} must be a string")
+        ident = row.get("id", row.get("sample_id"))
+        records.append(
+            PromptRecord(
+                row["prompt_av"], judged["prompt_v"], judged["prompt_a"], None if ident is None else str(ident)
+            )
+        )
+    return records
+
+
+def load_prompt_records(config: TrainConfig) -> list[PromptRecord]:
+    """``prompts``, else ``prompt_file`` (``read_prompt_file``), else the synthetic task's prompts or
+    ``ltx.text_cache``'s; plain prompts are judged as they are."""
     if config.prompt_file is not None:
         path = resolve_path(config.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
-        return prompts
-    if config.model.kind == "ltx":
-        return text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
-    return all_prompts()
+        return read_prompt_file(path)
+    if config.prompts is not None:
+        texts = list(config.prompts)
+    elif config.model.kind == "ltx":
+        texts = text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
+    else:
+        texts = all_prompts()
+    return [PromptRecord(text, text, text) for text in texts]
+
+
+def load_prompts(config: TrainConfig) -> list[str]:
+    """The conditioning prompts (``prompt_av``) of ``load_prompt_records``."""
+    return [record.av for record in load_prompt_records(config)]
 
 
 def build_rewards(config: TrainConfig) -> list[RewardModel]:

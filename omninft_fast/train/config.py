@@ -24,15 +24,18 @@ from ruamel.yaml.error import YAMLError
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
+TIMESTEP_MODES = ("grid_shuffled", "uniform", "grid_first")
 LADDER = ("vanilla", "routing", "surgery", "full")
 TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_channels", "fps", "sample_rate")
 
 
 def ladder_preset(rung: str) -> dict[str, Any]:
-    """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting."""
+    """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting. The vanilla row is
+    GDPO aggregation (Table 1's "LTX-2 + GDPO" equals Table 3's vanilla row): per-reward normalisation, summed and
+    whitened, one advantage shared by both branches."""
     index = LADDER.index(rung)
     return {
-        "advantage.routing": "shared" if index == 0 else "modality",
+        "advantage.routing": "gdpo" if index == 0 else "modality",
         "surgery.enabled": index >= 2,
         "reweight.enabled": index >= 3,
     }
@@ -100,10 +103,16 @@ class LTXConfig:
 
 @dataclass
 class RewardConfig:
-    """One reward plugin (``omninft_fast.rewards`` registry)."""
+    """One reward plugin (``omninft_fast.rewards`` registry) and the reward term(s) it gives.
+
+    ``outputs`` (signed weights of the plugin's named outputs, e.g. ``{VQ: 0.5, TA: 0.5}``) makes the plugin one
+    term named ``name``, ``sum_k w_k output_k``; empty, every output is its own term. ``weight`` is the term weight
+    (each term gets one advantage, Eq 6).
+    """
 
     name: str = "synthetic_colour"
     weight: float = 1.0
+    outputs: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
     micro_batch: int = 64
@@ -154,7 +163,13 @@ class ReweightConfig:
 
 @dataclass
 class NFTConfig:
-    """The DiffusionNFT objective and old-policy update.
+    """The DiffusionNFT objective, its training times and steps, and the old-policy update.
+
+    Training times per sample: ``grid_shuffled`` draws ``timesteps_per_sample`` distinct sampler-grid times,
+    ``uniform`` that many uniform times in the grid's range, ``grid_first`` takes every one of the first
+    ``round(timestep_fraction * sampling.num_steps)`` grid times (the highest noise; the release: 0.4 of 20 = 8),
+    each with fresh noise. ``accumulate``: one optimiser step per ``mini_batch`` (``mini_batch``) or per iteration
+    (``iteration``, the release), each micro-batch's loss divided by the number of micro-batches in the step.
 
     ``x0_norm`` self-normalises each term per sample in x0 space (``nft_loss(x0_norm_t=t)``, DiffusionNFT's and
     the authors' form; it replaces ``adaptive_weight``); ``policy_scale`` multiplies the policy term (the release:
@@ -165,7 +180,9 @@ class NFTConfig:
     beta: float = 1.0
     timesteps: str = "grid_shuffled"
     timesteps_per_sample: int = 2
+    timestep_fraction: float = 0.4
     mini_batch: int = 16
+    accumulate: str = "mini_batch"
     adaptive_weight: bool = True
     x0_norm: bool = False
     inverse_beta_scale: bool = False
@@ -177,6 +194,14 @@ class NFTConfig:
     modality_reduction: str = "sum"
     eta_rate: float = 0.001
     eta_max: float = 0.5
+
+
+def times_per_sample(nft: NFTConfig, sampling: SamplingConfig) -> int:
+    """Training times per sample: ``round(timestep_fraction * num_steps)`` with ``grid_first``, else
+    ``timesteps_per_sample``."""
+    if nft.timesteps == "grid_first":
+        return round(nft.timestep_fraction * sampling.num_steps)
+    return nft.timesteps_per_sample
 
 
 @dataclass
@@ -281,7 +306,8 @@ class TrainConfig:
             "model.kind": (self.model.kind, ("ltx_tiny", "ltx")),
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),
-            "nft.timesteps": (self.nft.timesteps, ("grid_shuffled", "uniform")),
+            "nft.timesteps": (self.nft.timesteps, TIMESTEP_MODES),
+            "nft.accumulate": (self.nft.accumulate, ("mini_batch", "iteration")),
             "nft.kl_space": (self.nft.kl_space, ("velocity", "x0")),
             "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
@@ -342,6 +368,13 @@ class TrainConfig:
             raise ConfigError(
                 f"nft.timesteps_per_sample ({self.nft.timesteps_per_sample}) must be <= sampling.num_steps "
                 f"({self.sampling.num_steps}) with nft.timesteps=grid_shuffled"
+            )
+        if (
+            self.nft.timesteps == "grid_first"
+            and not 1 <= times_per_sample(self.nft, self.sampling) <= self.sampling.num_steps
+        ):
+            raise ConfigError(
+                f"nft.timestep_fraction ({self.nft.timestep_fraction}) must keep 1..sampling.num_steps grid times"
             )
         for key, value in (("surgery.alpha", self.surgery.alpha), ("nft.eta_max", self.nft.eta_max)):
             if not 0.0 <= value <= 1.0:

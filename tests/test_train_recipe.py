@@ -1,0 +1,163 @@
+"""The released recipe's options: paired prompts, reward terms, training times and gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ltx_core")
+
+import omninft_fast
+from omninft_fast.rewards import RewardModel
+from omninft_fast.task.synthetic import all_prompts
+from omninft_fast.train import stages
+from omninft_fast.train.builders import PromptRecord, read_prompt_file
+from omninft_fast.train.config import ConfigError, load_config
+from omninft_fast.train.sampler import time_grid
+from omninft_fast.train.trainer import Trainer
+
+MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+
+
+def micro(tmp_path: Path, *overrides: str) -> Trainer:
+    out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    return Trainer(load_config(MICRO, [f"output_dir={out}", *overrides]))
+
+
+def test_prompt_file_reads_json_lines_and_plain_text(tmp_path: Path) -> None:
+    rows = [
+        {"prompt_av": "joint", "prompt_v": "seen", "prompt_a": "heard", "sample_id": 7},
+        {"prompt_av": "only", "id": "x"},
+    ]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert read_prompt_file(jsonl) == [
+        PromptRecord("joint", "seen", "heard", "7"),
+        PromptRecord("only", "only", "only", "x"),
+    ]
+    plain = tmp_path / "p.txt"
+    plain.write_text("a\n\n b \n")
+    assert read_prompt_file(plain) == [PromptRecord("a", "a", "a"), PromptRecord("b", "b", "b")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_av": "ok"}\n{"prompt_v": "no joint"}\n')
+    with pytest.raises(ValueError, match="line 2: needs a non-empty string prompt_av"):
+        read_prompt_file(bad)
+
+
+def test_rewards_read_the_per_modality_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = all_prompts()
+    rows = [
+        {"prompt_av": p, "prompt_v": prompts[-1 - i], "prompt_a": prompts[i + 1]} for i, p in enumerate(prompts[:4])
+    ]
+    path = tmp_path / "paired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = micro(tmp_path, f"prompt_file={path}")
+    seen = []
+    original = RewardModel.__call__
+
+    def spy(self: RewardModel, batch: object) -> dict[str, torch.Tensor]:
+        seen.append(batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(RewardModel, "__call__", spy)
+    trainer.iteration(0)
+    by_av = {r["prompt_av"]: r for r in rows}
+    batch = seen[0]
+    for av, v, a in zip(batch.prompts, batch.prompts_for("video"), batch.prompts_for("audio"), strict=True):
+        assert (v, a) == (by_av[av]["prompt_v"], by_av[av]["prompt_a"])
+
+
+def test_reward_term_combines_signed_outputs_into_one_advantage() -> None:
+    outputs = {"CE": torch.tensor([1.0, 2.0]), "PC": torch.tensor([4.0, 0.0]), "PQ": torch.tensor([3.0, 3.0])}
+    term = stages.reward_term(outputs, {"CE": 0.025, "PQ": 0.025, "PC": -0.025}, "audiobox")
+    torch.testing.assert_close(term, torch.tensor([0.0, 0.125]))
+    with pytest.raises(ValueError, match="'audiobox' has no output named 'CU'"):
+        stages.reward_term(outputs, {"CU": 1.0}, "audiobox")
+
+
+def test_reward_terms_in_the_trainer(tmp_path: Path) -> None:
+    trainer = micro(tmp_path, "rewards.0.outputs={colour: 2.0}", "rewards.0.weight=1.5")
+    samples = stages.rollout(
+        trainer.policies.old,
+        trainer.task,
+        trainer.prompts[:4],
+        torch.Generator().manual_seed(0),
+        sampling=trainer.config.sampling,
+        device=trainer.device,
+    )
+    terms = [dict(r.outputs) for r in trainer.config.rewards]
+    scores = stages.score(trainer.task, trainer.rewards, samples, terms)
+    assert set(scores.values) == {"synthetic_colour", "pitch", "sync"}
+    assert set(scores.outputs) == {"colour", "pitch", "sync"}
+    torch.testing.assert_close(scores.values["synthetic_colour"], 2.0 * scores.outputs["colour"])
+    assert scores.weight["synthetic_colour"] == 1.5
+
+
+def test_gdpo_routing_uses_the_configured_eps() -> None:
+    adv = torch.tensor([[1.0, -1.0], [0.5, -0.5]])
+    zero = torch.zeros_like(adv)
+    loose, _ = omninft_fast.route_advantages(adv, zero, zero, mode="gdpo", eps=10.0)
+    tight, _ = omninft_fast.route_advantages(adv, zero, zero, mode="gdpo", eps=0.0)
+    scores = stages.Scores({"a": adv.flatten()}, {"a": "video"}, {"a": 1.0})
+    config = load_config(MICRO, ["ladder=vanilla", "advantage.eps=10", "advantage.std=group"]).advantage
+    got = stages.advantages(scores, 2, config, torch.device("cpu"))
+    group = omninft_fast.group_advantages(adv, std="group", eps=10.0)
+    expected, _ = omninft_fast.route_advantages(group, zero, zero, mode="gdpo", eps=10.0)
+    torch.testing.assert_close(got.r_video, omninft_fast.optimality_probability(expected).flatten())
+    assert not torch.allclose(loose, tight)
+
+
+def test_grid_first_takes_every_highest_noise_time_once_per_sample() -> None:
+    config = load_config(MICRO, ["sampling.num_steps=20", "nft.timesteps=grid_first", "nft.timestep_fraction=0.4"])
+    index, times = stages.training_times(3, torch.Generator().manual_seed(0), config.nft, config.sampling)
+    grid = time_grid(20)[:8]
+    assert len(index) == 24
+    for b in range(3):
+        torch.testing.assert_close(times[index == b].sort().values, grid.sort().values)
+    with pytest.raises(ConfigError, match="nft.timestep_fraction"):
+        load_config(MICRO, ["nft.timesteps=grid_first", "nft.timestep_fraction=0.01"])
+
+
+def _grads(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in trainer.policies.trainable if p.grad is not None]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_mean_loss(tmp_path: Path) -> None:
+    trainer = micro(tmp_path, "nft.x0_norm=true", "nft.adaptive_weight=false", "reweight.enabled=false")
+    spec, gen = trainer.task.spec, torch.Generator().manual_seed(3)
+    texts = trainer.prompts[:4]
+    batch = stages.UpdateBatch(
+        stages.condition(trainer.task, texts, trainer.device),
+        torch.randn((4, spec.video_tokens, spec.video_channels), generator=gen),
+        torch.randn((4, spec.audio_tokens, spec.audio_channels), generator=gen),
+        torch.tensor([0.1, 0.9, 0.5, 0.7]),
+        torch.tensor([0.8, 0.2, 0.4, 1.0]),
+        None,
+    )
+    index, t = torch.arange(4), torch.tensor([0.9, 0.6, 0.95, 0.3])
+    noise = stages.draw_noise(spec, 4, gen, trainer.device)
+    kwargs = {"nft": trainer.config.nft, "autocast": trainer._autocast}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stages.nft_backward(trainer.policies, batch, index, t, noise, **kwargs)
+    whole = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for half in (slice(0, 2), slice(2, 4)):
+        part = tuple(n[half] for n in noise)
+        stages.nft_backward(trainer.policies, batch, index[half], t[half], part, scale=0.5, **kwargs)
+    for a, b in zip(whole, _grads(trainer), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("accumulate", "steps"), [("mini_batch", 2), ("iteration", 1)])
+def test_one_optimizer_step_per_iteration_or_per_mini_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accumulate: str, steps: int
+) -> None:
+    trainer = micro(tmp_path, f"nft.accumulate={accumulate}")
+    calls = []
+    original = stages.optimizer_step
+    monkeypatch.setattr(stages, "optimizer_step", lambda *a: calls.append(1) or original(*a))
+    trainer.iteration(0)
+    assert len(calls) == steps  # micro: 8 samples x 1 time in mini-batches of 4
