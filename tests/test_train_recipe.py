@@ -16,7 +16,7 @@ from omninft_fast.task.synthetic import all_prompts
 from omninft_fast.train import stages
 from omninft_fast.train.builders import PromptRecord, read_prompt_file
 from omninft_fast.train.config import ConfigError, load_config
-from omninft_fast.train.sampler import time_grid
+from omninft_fast.train.sampler import Guidance, euler_sample, guided_velocity, time_grid
 from omninft_fast.train.trainer import Trainer
 
 MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
@@ -161,3 +161,91 @@ def test_one_optimizer_step_per_iteration_or_per_mini_batch(
     monkeypatch.setattr(stages, "optimizer_step", lambda *a: calls.append(1) or original(*a))
     trainer.iteration(0)
     assert len(calls) == steps  # micro: 8 samples x 1 time in mini-batches of 4
+
+
+def _guided_trainer(tmp_path: Path, *overrides: str) -> Trainer:
+    return micro(
+        tmp_path,
+        "sampling.video_cfg=1.5",
+        "sampling.audio_cfg=3.0",
+        "sampling.stg_scale=1.0",
+        "sampling.stg_blocks=[1]",
+        *overrides,
+    )
+
+
+def test_guidance_is_ltx2s_multimodal_guider_in_one_batched_forward(tmp_path: Path) -> None:
+    from ltx_core.components.guiders import MultiModalGuider, MultiModalGuiderParams
+
+    trainer = _guided_trainer(tmp_path)
+    model, task, spec = trainer.policies.old, trainer.task, trainer.task.spec
+    gen = torch.Generator().manual_seed(1)
+    xv = torch.randn((2, spec.video_tokens, spec.video_channels), generator=gen)
+    xa = torch.randn((2, spec.audio_tokens, spec.audio_channels), generator=gen)
+    t = torch.tensor([0.7, 0.7])
+    cond = stages.condition(task, trainer.prompts[:2], trainer.device)
+    uncond = stages.Condition(*task.unconditional(2))
+    guidance = Guidance(uncond, 1.5, 3.0, 1.0, (1,))
+    calls = []
+    handle = model.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        v_video, v_audio = guided_velocity(model, xv, xa, t, cond, guidance)
+        handle.remove()
+        c = model(xv, xa, t, cond)
+        u = model(xv, xa, t, uncond)
+        p = model(xv, xa, t, cond, [[1], [1]])
+    assert calls == [6]  # three passes of two samples, one forward
+    assert not torch.allclose(p[0], c[0])
+    for got, k, cfg in ((v_video, 0, 1.5), (v_audio, 1, 3.0)):
+        guider = MultiModalGuider(MultiModalGuiderParams(cfg_scale=cfg, stg_scale=1.0, stg_blocks=[1]))
+        torch.testing.assert_close(got, guider.calculate(c[k], u[k], p[k], 0.0), rtol=1e-4, atol=1e-5)
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    @property
+    def step(self) -> int:
+        return self.steps[-1]
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.steps.append(value)
+
+
+def test_capture_takes_the_named_steps_and_passes(tmp_path: Path) -> None:
+    trainer = _guided_trainer(tmp_path, "sampling.num_steps=5", "reweight.last_steps=2", "reweight.last_step=3")
+    spec, cond = trainer.task.spec, stages.condition(trainer.task, trainer.prompts[:2], trainer.device)
+    noise = stages.draw_noise(spec, 2, torch.Generator().manual_seed(0), trainer.device)
+    capture = _Capture()
+    euler_sample(trainer.policies.old, cond, *noise, num_steps=5, capture=capture, capture_until=4)
+    assert capture.steps == [0, 1, 2, 3]
+    texts = trainer.prompts[:2]
+    scores = {}
+    for passes in ("cond", "all"):
+        samples = stages.rollout(
+            trainer.policies.old,
+            trainer.task,
+            texts,
+            torch.Generator().manual_seed(0),
+            sampling=trainer.config.sampling,
+            device=trainer.device,
+            handle=trainer.policies.old_handle,
+            last_steps=2,
+            last_step=3,
+            passes=passes,
+        )
+        scores[passes] = samples.region_scores
+    assert scores["cond"].shape == (2, spec.video_tokens)
+    assert not torch.allclose(scores["cond"], scores["all"])
+
+
+def test_evaluation_uses_eval_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omninft_fast.train import trainer as trainer_module
+
+    trainer = micro(tmp_path, "sampling.eval_steps=5")
+    seen = []
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *a: seen.append(a[4].sampling.num_steps))
+    trainer.evaluate()
+    assert seen == [5] and trainer.config.sampling.num_steps == 3

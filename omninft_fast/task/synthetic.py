@@ -148,6 +148,11 @@ class SyntheticAVTask:
         index = torch.tensor(ids, dtype=torch.long)
         return self.embed_video[index], self.embed_audio[index]
 
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance's empty prompt: three zero word embeddings per stream (no attribute named)."""
+        words = 3
+        return torch.zeros(batch, words, self.spec.text_dim_video), torch.zeros(batch, words, self.spec.text_dim_audio)
+
     # ----- data -----
     def _flash(self, rhythm: str, shift: int = 0) -> torch.Tensor:
         """``(F,)`` flash envelope in [0, 1]: 1 on a beat frame, 0.35 on the next."""

@@ -122,10 +122,22 @@ class RewardConfig:
 
 @dataclass
 class SamplingConfig:
-    """Euler ODE sampler (Eq 1-2)."""
+    """Euler ODE sampler (Eq 1-2) of rollouts (``num_steps``) and evaluation (``eval_steps``, default
+    ``num_steps``), with LTX-2's guidance as an option (off by default: the paper samples without it).
+
+    Per modality ``cond + (cfg - 1) (cond - uncond) + stg_scale (cond - perturbed)`` (ltx-core's multi-modal guider
+    without rescaling; ``video_cfg``/``audio_cfg``), where ``uncond`` is the pass on the empty prompt and
+    ``perturbed`` the pass skipping the video and audio self-attention of ``stg_blocks``; the passes of a step run
+    as one batched forward (the release: 1.5 / 3.0, STG 1.0 at block 29).
+    """
 
     num_steps: int = 10
     shift: float = 1.0
+    eval_steps: int | None = None
+    video_cfg: float = 1.0
+    audio_cfg: float = 1.0
+    stg_scale: float = 0.0
+    stg_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -153,12 +165,19 @@ class SurgeryConfig:
 
 @dataclass
 class ReweightConfig:
-    """Eq 10-11: V2A key mass of layers ``>= boundary`` over the last sampling steps, to video token weights."""
+    """Eq 10-11: V2A key mass of layers ``>= boundary`` over ``last_steps`` sampling steps, to video token weights.
+
+    The steps counted end at ``last_step`` (0-based; default the final step; the release: 9 steps ending at 18 of
+    20). With guided rollouts ``passes`` is ``cond`` (the conditional pass) or ``all`` (the mean over passes, the
+    release).
+    """
 
     enabled: bool = True
     lam: float = 1.5
     last_steps: int = 3
     boundary: int = 2
+    last_step: int | None = None
+    passes: str = "cond"
 
 
 @dataclass
@@ -308,6 +327,7 @@ class TrainConfig:
             "advantage.std": (self.advantage.std, STD_MODES),
             "nft.timesteps": (self.nft.timesteps, TIMESTEP_MODES),
             "nft.accumulate": (self.nft.accumulate, ("mini_batch", "iteration")),
+            "reweight.passes": (self.reweight.passes, ("cond", "all")),
             "nft.kl_space": (self.nft.kl_space, ("velocity", "x0")),
             "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
@@ -333,6 +353,7 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every,
             "sampling.num_steps": self.sampling.num_steps,
             "sampling.shift": self.sampling.shift,
+            "sampling.eval_steps": 1 if self.sampling.eval_steps is None else self.sampling.eval_steps,
             "advantage.clip": self.advantage.clip,
             "nft.beta": self.nft.beta,
             "nft.policy_scale": self.nft.policy_scale,
@@ -359,11 +380,17 @@ class TrainConfig:
             )
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
-        if self.reweight.last_steps > self.sampling.num_steps:
-            raise ConfigError(
-                f"reweight.last_steps ({self.reweight.last_steps}) must be <= sampling.num_steps "
-                f"({self.sampling.num_steps})"
-            )
+        last_step = self.sampling.num_steps - 1 if self.reweight.last_step is None else self.reweight.last_step
+        if not 0 <= last_step < self.sampling.num_steps:
+            raise ConfigError(f"reweight.last_step must be in 0..{self.sampling.num_steps - 1}, got {last_step}")
+        if self.reweight.last_steps > last_step + 1:
+            bound = "sampling.num_steps" if self.reweight.last_step is None else "reweight.last_step + 1"
+            raise ConfigError(f"reweight.last_steps ({self.reweight.last_steps}) must be <= {bound} ({last_step + 1})")
+        for block in self.sampling.stg_blocks:
+            if block < 0:
+                raise ConfigError(f"sampling.stg_blocks must hold block indices >= 0, got {block}")
+        if self.sampling.stg_scale != 0 and not self.sampling.stg_blocks:
+            raise ConfigError("sampling.stg_scale needs sampling.stg_blocks (the blocks whose self-attention to skip)")
         if self.nft.timesteps == "grid_shuffled" and self.nft.timesteps_per_sample > self.sampling.num_steps:
             raise ConfigError(
                 f"nft.timesteps_per_sample ({self.nft.timesteps_per_sample}) must be <= sampling.num_steps "
@@ -383,6 +410,8 @@ class TrainConfig:
             ("nft.eta_rate", self.nft.eta_rate),
             ("nft.kl_weight", self.nft.kl_weight),
             ("nft.video_weight", self.nft.video_weight),
+            ("sampling.video_cfg", self.sampling.video_cfg),
+            ("sampling.audio_cfg", self.sampling.audio_cfg),
             ("nft.audio_weight", self.nft.audio_weight),
             ("reweight.lam", self.reweight.lam),
             ("optim.weight_decay", self.optim.weight_decay),

@@ -33,6 +33,11 @@ class Condition:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         return Condition(self.video.to(device, dtype), self.audio.to(device, dtype))
 
+    @staticmethod
+    def cat(conditions: list[Condition]) -> Condition:
+        """The conditions of ``conditions`` one batch after another."""
+        return Condition(torch.cat([c.video for c in conditions]), torch.cat([c.audio for c in conditions]))
+
 
 class LatentSpec(Protocol):
     """Sizes the trainer reads from a task: token counts and channels of both streams, decoded media rates."""
@@ -61,7 +66,8 @@ class AVTask(Protocol):
 
     ``encode(prompts)`` gives the ``(B, Lv, Dv)`` video and ``(B, La, Da)`` audio text contexts; ``decode(video
     (B, Nv, Cv), audio (B, Na, Ca))`` gives frames ``(B, T, C, H, W)`` in [0, 1] at ``spec.fps`` and waveforms
-    ``(B, S)`` in [-1, 1] at ``spec.sample_rate`` (the reward plugins' ``RewardBatch``).
+    ``(B, S)`` in [-1, 1] at ``spec.sample_rate`` (the reward plugins' ``RewardBatch``). ``unconditional(B)``
+    gives the contexts of classifier-free guidance's unconditional pass, shaped as ``encode``'s.
     """
 
     @property
@@ -69,15 +75,19 @@ class AVTask(Protocol):
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def decode(self, video_latent: torch.Tensor, audio_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class AVVelocityModel(nn.Module):
     """Interface of a dual-stream flow model (Eq 2's ``v_theta``).
 
-    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond) -> (v_video, v_audio)`` with the velocity
-    convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``). ``patch`` returns the handle that applies Eq 8 to
-    the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling (``capture_region_scores``).
+    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None) -> (v_video, v_audio)``
+    with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]`` lists the blocks
+    whose video and audio self-attention sample ``b`` skips (STG's perturbed pass). ``patch`` returns the handle
+    that applies Eq 8 to the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling
+    (``capture_region_scores``).
     """
 
     num_layers: int
@@ -179,13 +189,25 @@ class LTXAVModel(AVVelocityModel):
         return cls(model, video_state.positions, audio_state.positions)
 
     def forward(
-        self, x_video: torch.Tensor, x_audio: torch.Tensor, t: torch.Tensor, cond: Condition
+        self,
+        x_video: torch.Tensor,
+        x_audio: torch.Tensor,
+        t: torch.Tensor,
+        cond: Condition,
+        skip_blocks: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nv, Cv)``, ``(B, Na, Ca)``, ``(B,)`` -> velocities of the same shapes.
 
         One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
+        ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
+        config), ``None``: none.
         """
-        from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+        from ltx_core.guidance.perturbations import (
+            BatchedPerturbationConfig,
+            Perturbation,
+            PerturbationConfig,
+            PerturbationType,
+        )
         from ltx_core.model.transformer.modality import Modality
 
         batch = x_video.shape[0]
@@ -204,7 +226,13 @@ class LTXAVModel(AVVelocityModel):
             positions=self.audio_positions.expand(batch, -1, -1, -1),
             context=cond.audio.to(x_audio.dtype),
         )
-        v_video, v_audio = self.model(video=video, audio=audio, perturbations=BatchedPerturbationConfig.empty(batch))
+        perturbations = BatchedPerturbationConfig.empty(batch)
+        if skip_blocks is not None:
+            skipped = (PerturbationType.SKIP_VIDEO_SELF_ATTN, PerturbationType.SKIP_AUDIO_SELF_ATTN)
+            perturbations = BatchedPerturbationConfig(
+                [PerturbationConfig([Perturbation(kind, list(blocks)) for kind in skipped]) for blocks in skip_blocks]
+            )
+        v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
         return v_video, v_audio
 
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:

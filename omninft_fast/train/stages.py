@@ -28,7 +28,7 @@ from omninft_fast.rewards import RewardBatch, RewardModel
 from omninft_fast.train.builders import STREAMS, Policies
 from omninft_fast.train.config import AdvantageConfig, NFTConfig, SamplingConfig, times_per_sample
 from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
-from omninft_fast.train.sampler import euler_sample, time_grid
+from omninft_fast.train.sampler import Guidance, euler_sample, time_grid
 from omninft_fast.train.validation import check_finite
 
 MODALITIES = ("video", "audio", "av")
@@ -123,27 +123,44 @@ def rollout(
     autocast_dtype: torch.dtype | None = None,
     handle: Any = None,
     last_steps: int = 1,
+    last_step: int | None = None,
+    passes: str = "cond",
     on_step: Callable[[int], None] | None = None,
     video_prompts: list[str] | None = None,
     audio_prompts: list[str] | None = None,
 ) -> Rollout:
-    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2); with the ``ltx2.patch`` ``handle`` of the
-    sampling model also capture the ``(B, Nv)`` Eq 10 scores of the last ``last_steps`` steps. ``video_prompts``
-    and ``audio_prompts`` ride along for the rewards."""
+    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2) and ``sampling``'s guidance; with the
+    ``ltx2.patch`` ``handle`` of the sampling model also capture the ``(B, Nv)`` Eq 10 scores of the ``last_steps``
+    steps ending at ``last_step`` (default the final one), from the conditional pass or the mean of ``all`` passes.
+    ``video_prompts`` and ``audio_prompts`` ride along for the rewards."""
     cond = condition(task, texts, device)
     noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device)
+    uses_uncond = sampling.video_cfg != 1.0 or sampling.audio_cfg != 1.0
+    guidance = Guidance(
+        Condition(*task.unconditional(len(texts))).to(device) if uses_uncond else None,
+        sampling.video_cfg,
+        sampling.audio_cfg,
+        sampling.stg_scale,
+        tuple(sampling.stg_blocks),
+    )
     kwargs: dict[str, Any] = {
         "num_steps": sampling.num_steps,
         "shift": sampling.shift,
+        "guidance": guidance,
         "autocast_dtype": autocast_dtype,
         "on_step": on_step,
     }
     if handle is None:
         video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
         return Rollout(texts, video, audio, None, video_prompts, audio_prompts)
-    with handle.capture_region_scores(num_steps=sampling.num_steps, last_steps=last_steps) as capture:
-        video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=capture, **kwargs)
-        return Rollout(texts, video, audio, capture.scores().float(), video_prompts, audio_prompts)
+    until = sampling.num_steps if last_step is None else last_step + 1
+    with handle.capture_region_scores(num_steps=until, last_steps=last_steps) as capture:
+        video, audio = euler_sample(
+            model, cond, noise_video, noise_audio, capture=capture, capture_until=until, **kwargs
+        )
+        per_pass = capture.scores().float().view(guidance.passes, len(texts), -1)
+        scores = per_pass.mean(dim=0) if passes == "all" else per_pass[0]
+        return Rollout(texts, video, audio, scores, video_prompts, audio_prompts)
 
 
 def reward_term(outputs: dict[str, torch.Tensor], signed: dict[str, float], reward: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ One iteration: ``rollout`` of the old policy with Eq 10 capture -> ``score`` -> 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -244,6 +245,8 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 handle=p.old_handle,
                 last_steps=cfg.reweight.last_steps,
+                last_step=cfg.reweight.last_step,
+                passes=cfg.reweight.passes,
                 on_step=lambda _: bar.update(),
                 video_prompts=[record.video for record in chosen],
                 audio_prompts=[record.audio for record in chosen],
@@ -325,10 +328,12 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> tuple[EvalResult, stages.Rollout]:
-        """The policy on the fixed evaluation set (``report.evaluate``)."""
-        return evaluate(
-            self.policy, self.task, self.rewards, self.prompts, self.config, self.device, self.autocast_dtype
-        )
+        """The policy on the fixed evaluation set (``report.evaluate``) with ``sampling.eval_steps`` steps."""
+        config = self.config
+        if config.sampling.eval_steps is not None:
+            config = copy.deepcopy(config)
+            config.sampling.num_steps = config.sampling.eval_steps
+        return evaluate(self.policy, self.task, self.rewards, self.prompts, config, self.device, self.autocast_dtype)
 
     def save(self, iteration: int) -> None:
         """Checkpoint after ``iteration``: models, optimiser, generator and config."""
