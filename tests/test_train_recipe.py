@@ -249,3 +249,45 @@ def test_evaluation_uses_eval_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(trainer_module, "evaluate", lambda *a: seen.append(a[4].sampling.num_steps))
     trainer.evaluate()
     assert seen == [5] and trainer.config.sampling.num_steps == 3
+
+
+def _a2v_grads(trainer: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of the A2V key/value projections and of the audio patchify layer for a fixed loss."""
+    gen = torch.Generator().manual_seed(0)
+    spec = trainer.task.spec
+    cond = stages.condition(trainer.task, trainer.prompts[:2], trainer.device)
+    xv = torch.randn((2, spec.video_tokens, spec.video_channels), generator=gen)
+    xa = torch.randn((2, spec.audio_tokens, spec.audio_channels), generator=gen)
+    trainer.policy.zero_grad()
+    vv, _ = trainer.policy(xv, xa, torch.tensor([0.4, 0.8]), cond)
+    vv.square().mean().backward()  # the video loss reaches the audio stream only through A2V
+    blocks = trainer.policy.model.transformer_blocks
+    kv = [b.audio_to_video_attn.to_k.weight.grad.clone() for b in blocks]
+    audio = [p.grad.clone() for n, p in trainer.policy.model.named_parameters() if n.startswith("audio_patchify")]
+    return kv, audio
+
+
+def test_input_surgery_keeps_the_a2v_projection_gradients(tmp_path: Path) -> None:
+    plain = _a2v_grads(micro(tmp_path, "surgery.enabled=false"))
+    spec = "surgery.spec='0:0.75'"  # block 0: a quarter of the gradient passes
+    projected = _a2v_grads(micro(tmp_path, spec))
+    entering = _a2v_grads(micro(tmp_path, spec, "surgery.where=input"))
+    torch.testing.assert_close(entering[0][0], plain[0][0])  # the A2V k projection keeps its gradient
+    torch.testing.assert_close(projected[0][0], 0.25 * plain[0][0])  # Eq 8 on projected K/V scales it too
+    for got, full in zip(entering[1], plain[1], strict=True):  # less gradient reaches the audio stream
+        assert not torch.allclose(got, full)
+
+
+def test_frame_zscore_weights_and_warmup(tmp_path: Path) -> None:
+    scores = torch.tensor([[1.0, 3.0, 5.0, 2.0, 2.0, 2.0]])
+    w = omninft_fast.frame_region_weights(scores, frames=2, w_max=1.5)
+    z = torch.tensor([-(1.5**0.5), 0.0, 1.5**0.5])
+    torch.testing.assert_close(w[0, :3], 1 + 0.5 * torch.sigmoid(0.5 * z))
+    torch.testing.assert_close(w[0, 3:], torch.full((3,), 1.25))  # a flat frame: z = 0
+    half = omninft_fast.frame_region_weights(scores, frames=2, w_max=1.5, ramp=0.5)
+    torch.testing.assert_close(half, 1 + 0.5 * (w - 1))
+    config = load_config(MICRO, ["reweight.form=frame_zscore", "reweight.warmup=4"]).reweight
+    got = stages.token_weights(scores, config, torch.device("cpu"), frames=2, iteration=2)
+    torch.testing.assert_close(got, half)
+    trainer = micro(tmp_path, "reweight.form=frame_zscore", "reweight.warmup=2")
+    trainer.iteration(1)

@@ -99,8 +99,12 @@ class TaskSpec:
     seed: int = 1234
 
     @property
+    def latent_frames(self) -> int:
+        return self.frames
+
+    @property
     def video_tokens(self) -> int:
-        return self.frames * self.height * self.width
+        return self.latent_frames * self.height * self.width
 
     @property
     def audio_tokens(self) -> int:

@@ -210,7 +210,7 @@ class Policies:
         old: ``theta_old``, samples the rollouts (an EMA copy, or the policy through its ``old`` LoRA adapter).
         ref: the KL reference (``nft.kl_weight > 0``), else ``None``.
         adapters: the two LoRA adapters (``finetune.mode=lora``), else ``None``.
-        policy_handle: the policy's ``ltx2.patch`` handle when surgery is on.
+        policy_handle: the policy's ``ltx2.patch`` handle with surgery on the projected keys/values.
         old_handle: the handle that captures Eq 10 scores while ``old`` samples (``reweight.enabled``).
         trainable: what the optimiser updates.
         parameters: every parameter of the policy (gradient clipping takes those with a gradient).
@@ -247,6 +247,9 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
     alphas = None
     if s.enabled:
         alphas = omninft_fast.detach_schedule(layers, boundary=s.boundary, alpha=s.alpha, spec=s.spec)
+        if s.where == "input":
+            policy.detach_a2v_input(alphas)
+            alphas = None
     region_layers = list(range(rw.boundary, layers))
     if rw.enabled and not region_layers:
         raise ValueError(f"reweight.boundary ({rw.boundary}) leaves no layer of {layers} for Eq 10")
@@ -256,14 +259,15 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         adapters = LoraAdapters(policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
         old: AVVelocityModel = AdapterView(policy, adapters, OLD)
         ref = AdapterView(policy, adapters, None) if config.nft.kl_weight > 0 else None
-        handle = policy.patch(detach=alphas, region_layers=region_layers) if s.enabled or rw.enabled else None
-        policy_handle = handle if s.enabled else None
+        projected = alphas is not None
+        handle = policy.patch(detach=alphas, region_layers=region_layers) if projected or rw.enabled else None
+        policy_handle = handle if projected else None
         old_handle = handle if rw.enabled else None
         trainable = adapters.trainable_parameters()
     else:
         old = copy.deepcopy(policy).requires_grad_(False).eval()
         ref = copy.deepcopy(old) if config.nft.kl_weight > 0 else None
-        policy_handle = policy.patch(detach=alphas) if s.enabled else None
+        policy_handle = policy.patch(detach=alphas) if alphas is not None else None
         old_handle = old.patch(region_layers=region_layers) if rw.enabled else None
         trainable = [p for p in policy.parameters() if p.requires_grad]
     if config.fp8.enabled:

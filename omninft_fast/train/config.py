@@ -155,9 +155,15 @@ class AdvantageConfig:
 
 @dataclass
 class SurgeryConfig:
-    """Eq 8-9: partial detach of A2V keys/values in layers ``< boundary`` (or an explicit ``spec``)."""
+    """Eq 8-9: partial detach in A2V of layers ``< boundary`` with ``alpha`` (or an explicit ``spec`` such as
+    ``"0:1,1-10:0.9,40-47:0.7"``, the release's gradient factors 0 / 0.1 / 0.3 as alphas).
+
+    ``where``: ``projected`` (the paper's Eq 8 on the projected keys/values) or ``input`` (the release: the audio
+    stream entering A2V, so the A2V key/value projections keep their full gradient).
+    """
 
     enabled: bool = True
+    where: str = "projected"
     boundary: int = 2
     alpha: float = 0.1
     spec: str | None = None
@@ -169,7 +175,8 @@ class ReweightConfig:
 
     The steps counted end at ``last_step`` (0-based; default the final step; the release: 9 steps ending at 18 of
     20). With guided rollouts ``passes`` is ``cond`` (the conditional pass) or ``all`` (the mean over passes, the
-    release).
+    release). ``form``: ``minmax`` (Eq 11 with ``lam``) or ``frame_zscore`` (the release: per latent frame
+    z-score sigmoid up to ``w_max``, ramped in linearly over the first ``warmup`` iterations).
     """
 
     enabled: bool = True
@@ -178,6 +185,9 @@ class ReweightConfig:
     boundary: int = 2
     last_step: int | None = None
     passes: str = "cond"
+    form: str = "minmax"
+    w_max: float = 1.5
+    warmup: int = 0
 
 
 @dataclass
@@ -328,6 +338,8 @@ class TrainConfig:
             "nft.timesteps": (self.nft.timesteps, TIMESTEP_MODES),
             "nft.accumulate": (self.nft.accumulate, ("mini_batch", "iteration")),
             "reweight.passes": (self.reweight.passes, ("cond", "all")),
+            "surgery.where": (self.surgery.where, ("projected", "input")),
+            "reweight.form": (self.reweight.form, ("minmax", "frame_zscore")),
             "nft.kl_space": (self.nft.kl_space, ("velocity", "x0")),
             "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
@@ -403,6 +415,8 @@ class TrainConfig:
             raise ConfigError(
                 f"nft.timestep_fraction ({self.nft.timestep_fraction}) must keep 1..sampling.num_steps grid times"
             )
+        if self.reweight.w_max < 1:
+            raise ConfigError(f"reweight.w_max must be >= 1, got {self.reweight.w_max!r}")
         for key, value in (("surgery.alpha", self.surgery.alpha), ("nft.eta_max", self.nft.eta_max)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {value!r}")
@@ -414,6 +428,7 @@ class TrainConfig:
             ("sampling.audio_cfg", self.sampling.audio_cfg),
             ("nft.audio_weight", self.nft.audio_weight),
             ("reweight.lam", self.reweight.lam),
+            ("reweight.warmup", self.reweight.warmup),
             ("optim.weight_decay", self.optim.weight_decay),
             ("advantage.eps", self.advantage.eps),
             ("surgery.boundary", self.surgery.boundary),

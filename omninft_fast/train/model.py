@@ -8,6 +8,7 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +42,9 @@ class Condition:
 
 class LatentSpec(Protocol):
     """Sizes the trainer reads from a task: token counts and channels of both streams, decoded media rates."""
+
+    @property
+    def latent_frames(self) -> int: ...
 
     @property
     def video_tokens(self) -> int: ...
@@ -98,6 +102,11 @@ class AVVelocityModel(nn.Module):
     def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
         """Run the transformer's linear layers in FP8 (``omninft_fast.fp8.patch``); returns its handle."""
         raise NotImplementedError(f"{type(self).__name__} has no FP8 layers")
+
+    def detach_a2v_input(self, alphas: list[float]) -> None:
+        """Eq 8 on the audio stream entering each block's A2V attention (before its key/value projections, which
+        keep their full gradient): ``partial_detach(audio, alphas[block])``."""
+        raise NotImplementedError(f"{type(self).__name__} has no A2V input surgery")
 
 
 class LTXAVModel(AVVelocityModel):
@@ -248,6 +257,24 @@ class LTXAVModel(AVVelocityModel):
         else:
             self._handle.set_detach(detach)
         return self._handle
+
+    def detach_a2v_input(self, alphas: list[float]) -> None:
+        """Eq 8 on the A2V context (the audio stream) of every block with ``alphas[block] > 0``: a forward pre-hook
+        on ``audio_to_video_attn`` (value unchanged, gradient scaled by ``1 - alpha``)."""
+        import omninft_fast
+
+        if len(alphas) != self.num_layers:
+            raise ValueError(f"alphas must have one value per block ({self.num_layers}), got {len(alphas)}")
+
+        def hook(alpha: float) -> Callable[..., Any]:
+            def scale(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+                return args, {**kwargs, "context": omninft_fast.partial_detach(kwargs["context"], alpha)}
+
+            return scale
+
+        for block, alpha in zip(self.model.transformer_blocks, alphas, strict=True):
+            if alpha > 0:
+                block.audio_to_video_attn.register_forward_pre_hook(hook(alpha), with_kwargs=True)
 
     def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
         """``omninft_fast.fp8.patch`` on the blocks' attention projections and feed-forward layers."""

@@ -4,7 +4,7 @@
 - scoring: ``score`` (the reward plugins, their outputs combined into reward terms by ``reward_term``)
 - advantages and routing: ``advantages`` (Eq 6 ``group_advantages``, ``optimality_probability``; Eq 7
   ``route_advantages``)
-- region weights: ``token_weights`` (Eq 11 ``region_weights``)
+- region weights: ``token_weights`` (Eq 11 ``region_weights``, or ``frame_region_weights``)
 - NFT update: ``nft_update`` -> ``nft_backward`` -> ``nft_losses`` (Eq 3-5 and Eq 12: ``nft_loss`` with the
   region weights on the video stream, ``adaptive_x0_weight``), ``optimizer_step`` per micro-batch or per iteration
 - old-policy update: ``update_old_policy`` (``theta_old <- eta theta_old + (1 - eta) theta``)
@@ -26,7 +26,7 @@ import torch
 import omninft_fast
 from omninft_fast.rewards import RewardBatch, RewardModel
 from omninft_fast.train.builders import STREAMS, Policies
-from omninft_fast.train.config import AdvantageConfig, NFTConfig, SamplingConfig, times_per_sample
+from omninft_fast.train.config import AdvantageConfig, NFTConfig, ReweightConfig, SamplingConfig, times_per_sample
 from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
 from omninft_fast.train.sampler import Guidance, euler_sample, time_grid
 from omninft_fast.train.validation import check_finite
@@ -254,11 +254,24 @@ def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: tor
     )
 
 
-def token_weights(region_scores: torch.Tensor | None, lam: float, device: torch.device) -> torch.Tensor | None:
-    """Eq 11: ``(B, Nv)`` min-max region weights of the Eq 10 scores (``None`` without reweighting)."""
+def token_weights(
+    region_scores: torch.Tensor | None,
+    reweight: ReweightConfig,
+    device: torch.device,
+    *,
+    frames: int = 1,
+    iteration: int = 0,
+) -> torch.Tensor | None:
+    """Eq 11: ``(B, Nv)`` min-max region weights of the Eq 10 scores, or the release's per-frame z-score form over
+    ``frames`` latent frames ramped in over ``reweight.warmup`` iterations (``None`` without reweighting)."""
     if region_scores is None:
         return None
-    return omninft_fast.region_weights(region_scores, lam=lam).to(device)
+    if reweight.form == "minmax":
+        weights = omninft_fast.region_weights(region_scores, lam=reweight.lam)
+    else:
+        ramp = min(iteration / reweight.warmup, 1.0) if reweight.warmup > 0 else 1.0
+        weights = omninft_fast.frame_region_weights(region_scores, frames=frames, w_max=reweight.w_max, ramp=ramp)
+    return weights.to(device)
 
 
 def training_times(

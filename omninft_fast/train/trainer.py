@@ -271,7 +271,13 @@ class Trainer:
                     raise TrainingDiverged("every group holds a non-finite reward")
         check_rewards(scores.values)
         adv = stages.advantages(scores, groups, cfg.advantage, self.device)
-        token_weight = stages.token_weights(samples.region_scores, cfg.reweight.lam, self.device)
+        token_weight = stages.token_weights(
+            samples.region_scores,
+            cfg.reweight,
+            self.device,
+            frames=self.task.spec.latent_frames,
+            iteration=iteration,
+        )
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
         timer["rewards"] = time.perf_counter() - mark
 
