@@ -12,7 +12,17 @@ from omninft_fast.train.config import ConfigError, TrainConfig, load_config, sav
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["cpu_default.yaml", "micro.yaml", "ltx2_19b_example.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cpu_default.yaml",
+        "cpu_official.yaml",
+        "micro.yaml",
+        "ltx2_19b_example.yaml",
+        "ltx2_19b_official.yaml",
+        "ltx2_19b_paper.yaml",
+    ],
+)
 def test_shipped_configs_parse_and_round_trip(name: str, tmp_path: Path) -> None:
     config = load_config(CONFIGS / name)
     assert config.rewards and config.iterations > 0
