@@ -291,3 +291,11 @@ def test_frame_zscore_weights_and_warmup(tmp_path: Path) -> None:
     torch.testing.assert_close(got, half)
     trainer = micro(tmp_path, "reweight.form=frame_zscore", "reweight.warmup=2")
     trainer.iteration(1)
+
+
+def test_the_text_cache_prompts_include_the_empty_prompt_under_guidance() -> None:
+    from omninft_fast.train.builders import load_prompts
+
+    plain = load_prompts(load_config(MICRO))
+    guided = load_prompts(load_config(MICRO, ["sampling.audio_cfg=3.0"]))
+    assert "" not in plain and guided == [*plain, ""]

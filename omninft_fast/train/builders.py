@@ -125,7 +125,7 @@ def read_prompt_file(path: Path) -> list[PromptRecord]:
 
 def load_prompt_records(config: TrainConfig) -> list[PromptRecord]:
     """``prompts``, else ``prompt_file`` (``read_prompt_file``), else the synthetic task's prompts or
-    ``ltx.text_cache``'s; plain prompts are judged as they are."""
+    ``ltx.text_cache``'s (but the empty prompt); plain prompts are judged as they are."""
     if config.prompt_file is not None:
         path = resolve_path(config.prompt_file)
         if not path.is_file():
@@ -134,15 +134,18 @@ def load_prompt_records(config: TrainConfig) -> list[PromptRecord]:
     if config.prompts is not None:
         texts = list(config.prompts)
     elif config.model.kind == "ltx":
-        texts = text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
+        texts = [text for text in text_cache_prompts(resolve_path(config.ltx.text_cache or "")) if text]
     else:
         texts = all_prompts()
     return [PromptRecord(text, text, text) for text in texts]
 
 
 def load_prompts(config: TrainConfig) -> list[str]:
-    """The conditioning prompts (``prompt_av``) of ``load_prompt_records``."""
-    return [record.av for record in load_prompt_records(config)]
+    """What the model is conditioned on: the ``prompt_av`` of ``load_prompt_records``, and the empty prompt when
+    classifier-free guidance is on (``sampling.video_cfg`` or ``audio_cfg`` not 1; the text cache must hold it)."""
+    prompts = [record.av for record in load_prompt_records(config)]
+    guided = config.sampling.video_cfg != 1.0 or config.sampling.audio_cfg != 1.0
+    return [*prompts, ""] if guided else prompts
 
 
 def build_rewards(config: TrainConfig) -> list[RewardModel]:
