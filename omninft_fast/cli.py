@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        if hasattr(args, "device"):
+        if getattr(args, "device", None) is not None:
             _check_device(args.device)
         return args.func(args)
     except USER_ERRORS as error:
