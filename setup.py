@@ -47,7 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["omninft_fast", "omninft_fast.*"]), "omninft_fast.kernels"],
     package_dir={"omninft_fast.kernels": "kernels"},
-    package_data={"omninft_fast": ["checkpoints/*.safetensors"]},
+    package_data={"omninft_fast": ["checkpoints/*.safetensors", "task/*.jsonl"]},
     install_requires=["torch>=2.5", "nvtx", "omegaconf>=2.4", "ruamel.yaml>=0.18"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,

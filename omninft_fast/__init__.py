@@ -6,7 +6,7 @@ Public ops (one module per equation of the paper, see ``docs/architecture.md``):
 - ``nft_loss`` (Eq 3-5, 12), ``adaptive_x0_weight`` (DiffusionNFT's per-sample weight)
 - ``partial_detach`` (Eq 8), ``detach_schedule`` (Eq 9)
 - ``cross_attention`` (Eq 8 on K/V, Eq 10's inner sum as key mass)
-- ``RegionScoreAccumulator`` (Eq 10), ``region_weights`` (Eq 11)
+- ``RegionScoreAccumulator`` (Eq 10), ``region_weights`` (Eq 11; ``frame_region_weights``: the release's form)
 - ``CrossAttentionFunction``: ``cross_attention`` as an ltx-core ``attention_function`` on ``(B, T, H*D)``
 
 Ops check tensor values (ranges, NaN) only where it costs no GPU synchronisation (CPU tensors, eager) unless told
@@ -24,7 +24,12 @@ from omninft_fast.ops.advantages import (
 )
 from omninft_fast.ops.attention import check_cross_attention_values, cross_attention
 from omninft_fast.ops.nft_loss import adaptive_x0_weight, check_nft_loss_values, nft_loss
-from omninft_fast.ops.region import RegionScoreAccumulator, check_region_weights_values, region_weights
+from omninft_fast.ops.region import (
+    RegionScoreAccumulator,
+    check_region_weights_values,
+    frame_region_weights,
+    region_weights,
+)
 from omninft_fast.ops.surgery import detach_schedule, partial_detach
 
 __version__ = "0.1.0"
@@ -41,6 +46,7 @@ __all__ = [
     "check_route_advantages_values",
     "cross_attention",
     "detach_schedule",
+    "frame_region_weights",
     "group_advantages",
     "nft_loss",
     "optimality_probability",

@@ -42,7 +42,7 @@ def _advantages(trainer: Trainer, gen: torch.Generator) -> stages.Advantages:
 @pytest.mark.parametrize(
     ("rung", "routing", "surgery", "reweight"),
     [
-        ("vanilla", "shared", False, False),
+        ("vanilla", "gdpo", False, False),
         ("routing", "modality", False, False),
         ("surgery", "modality", True, False),
         ("full", "modality", True, True),

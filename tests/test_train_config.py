@@ -12,7 +12,17 @@ from omninft_fast.train.config import ConfigError, TrainConfig, load_config, sav
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["cpu_default.yaml", "micro.yaml", "ltx2_19b_example.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cpu_default.yaml",
+        "cpu_official.yaml",
+        "micro.yaml",
+        "ltx2_19b_example.yaml",
+        "ltx2_19b_official.yaml",
+        "ltx2_19b_paper.yaml",
+    ],
+)
 def test_shipped_configs_parse_and_round_trip(name: str, tmp_path: Path) -> None:
     config = load_config(CONFIGS / name)
     assert config.rewards and config.iterations > 0
@@ -39,7 +49,7 @@ def test_values_follow_yaml_1_2_and_the_field_type() -> None:
 def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "cpu_default.yaml", ["ladder=vanilla"])
     assert config.ladder == "vanilla"
-    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == ("shared", False, False)
+    assert (config.advantage.routing, config.surgery.enabled, config.reweight.enabled) == ("gdpo", False, False)
     config.validate()
     assert config.ladder == "vanilla" and config.surgery.enabled is False
     save_config(config, tmp_path / "config.yaml")

@@ -104,6 +104,44 @@ def region_weights(scores: torch.Tensor, *, lam: float = 1.5, check_values: bool
     return 1.0 + lam * normalised
 
 
+def frame_region_weights(
+    scores: torch.Tensor,
+    *,
+    frames: int,
+    w_max: float = 1.5,
+    ramp: float = 1.0,
+    check_values: bool | None = None,
+) -> torch.Tensor:
+    """The authors' released alternative to Eq 11: per latent frame, the z-score ``z`` of the scores over that
+    frame's tokens, ``w = 1 + (w_max - 1) * sigmoid(z (w_max - 1))``, warmed up as ``1 + ramp (w - 1)``.
+
+    A frame whose scores are all equal gets ``z = 0``. Value checks as ``region_weights``.
+
+    Args:
+        scores: ``(B, N)`` per-token scores, frame-major (``N = frames * tokens_per_frame``).
+        frames: latent frames per sample, dividing ``N``.
+        w_max: largest weight, ``>= 1``.
+        ramp: warm-up factor in ``[0, 1]`` (the release: ``iteration / 400``, capped at 1).
+        check_values: as ``region_weights``.
+
+    Returns:
+        ``(B, N)`` weights in ``[1, 1 + ramp (w_max - 1))``, float32 (float64 for float64 scores).
+    """
+    check_tensor("scores", scores, ndim=2)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or scores.shape[1] % frames:
+        raise ValueError(f"frames must be a positive int dividing {scores.shape[1]} tokens, got {frames!r}")
+    w_max = check_scalar("w_max", w_max, low=1.0)
+    ramp = check_scalar("ramp", ramp, low=0.0, high=1.0)
+    if value_checks_on(check_values, scores.device):
+        check_region_weights_values(scores)
+    s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    per_frame = s.view(s.shape[0], frames, -1)
+    std = per_frame.std(dim=2, keepdim=True, correction=0)
+    z = torch.where(std > 0, (per_frame - per_frame.mean(dim=2, keepdim=True)) / torch.where(std > 0, std, 1.0), 0.0)
+    w = 1.0 + (w_max - 1.0) * torch.sigmoid(z * (w_max - 1.0))
+    return (1.0 + ramp * (w - 1.0)).view_as(s)
+
+
 def check_region_weights_values(scores: torch.Tensor) -> None:
     """The value check of ``region_weights``: ``ValueError`` naming the first non-finite element of ``scores``.
     Reads the values, so it waits for a GPU to finish the work queued so far."""

@@ -99,8 +99,12 @@ class TaskSpec:
     seed: int = 1234
 
     @property
+    def latent_frames(self) -> int:
+        return self.frames
+
+    @property
     def video_tokens(self) -> int:
-        return self.frames * self.height * self.width
+        return self.latent_frames * self.height * self.width
 
     @property
     def audio_tokens(self) -> int:
@@ -147,6 +151,11 @@ class SyntheticAVTask:
             ids.append([self.vocab[prompt.colour], self.vocab[prompt.rhythm], self.vocab[prompt.pitch]])
         index = torch.tensor(ids, dtype=torch.long)
         return self.embed_video[index], self.embed_audio[index]
+
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance's empty prompt: three zero word embeddings per stream (no attribute named)."""
+        words = 3
+        return torch.zeros(batch, words, self.spec.text_dim_video), torch.zeros(batch, words, self.spec.text_dim_audio)
 
     # ----- data -----
     def _flash(self, rhythm: str, shift: int = 0) -> torch.Tensor:

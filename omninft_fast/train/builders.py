@@ -7,6 +7,7 @@ from the files shipped inside the package (the tiny base policy ``checkpoints/ti
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,21 +84,68 @@ def build_ltx_pipeline(config: TrainConfig) -> AVTask:
     )
 
 
-def load_prompts(config: TrainConfig) -> list[str]:
-    """``prompts``, else the lines of ``prompt_file``, else the synthetic task's prompts or ``ltx.text_cache``'s."""
-    if config.prompts is not None:
-        return list(config.prompts)
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: ``av`` conditions the model, ``video`` and ``audio`` are what video and audio rewards judge."""
+
+    av: str
+    video: str
+    audio: str
+    id: str | None = None
+
+
+def read_prompt_file(path: Path) -> list[PromptRecord]:
+    """Prompts of ``path``: JSON lines (``prompt_av``, optional ``prompt_v``/``prompt_a`` defaulting to it, optional
+    ``id`` or ``sample_id``) when the first non-empty line starts with ``{``, else one plain prompt a line."""
+    lines = [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
+    if not lines[0][1].startswith("{"):
+        return [PromptRecord(text, text, text) for _, text in lines]
+    records = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"prompt_file {str(path)!r} line {number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt_av"), str) or not row["prompt_av"].strip():
+            raise ValueError(f"prompt_file {str(path)!r} line {number}: needs a non-empty string prompt_av")
+        judged = {key: row.get(key, row["prompt_av"]) for key in ("prompt_v", "prompt_a")}
+        for key, value in judged.items():
+            if not isinstance(value, str):
+                raise ValueError(f"prompt_file {str(path)!r} line {number}: {key} must be a string")
+        ident = row.get("id", row.get("sample_id"))
+        records.append(
+            PromptRecord(
+                row["prompt_av"], judged["prompt_v"], judged["prompt_a"], None if ident is None else str(ident)
+            )
+        )
+    return records
+
+
+def load_prompt_records(config: TrainConfig) -> list[PromptRecord]:
+    """``prompts``, else ``prompt_file`` (``read_prompt_file``), else the synthetic task's prompts or
+    ``ltx.text_cache``'s (but the empty prompt); plain prompts are judged as they are."""
     if config.prompt_file is not None:
         path = resolve_path(config.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt_file {str(path)!r} holds no prompt")
-        return prompts
-    if config.model.kind == "ltx":
-        return text_cache_prompts(resolve_path(config.ltx.text_cache or ""))
-    return all_prompts()
+        return read_prompt_file(path)
+    if config.prompts is not None:
+        texts = list(config.prompts)
+    elif config.model.kind == "ltx":
+        texts = [text for text in text_cache_prompts(resolve_path(config.ltx.text_cache or "")) if text]
+    else:
+        texts = all_prompts()
+    return [PromptRecord(text, text, text) for text in texts]
+
+
+def load_prompts(config: TrainConfig) -> list[str]:
+    """What the model is conditioned on: the ``prompt_av`` of ``load_prompt_records``, and the empty prompt when
+    classifier-free guidance is on (``sampling.video_cfg`` or ``audio_cfg`` not 1; the text cache must hold it)."""
+    prompts = [record.av for record in load_prompt_records(config)]
+    guided = config.sampling.video_cfg != 1.0 or config.sampling.audio_cfg != 1.0
+    return [*prompts, ""] if guided else prompts
 
 
 def build_rewards(config: TrainConfig) -> list[RewardModel]:
@@ -165,7 +213,7 @@ class Policies:
         old: ``theta_old``, samples the rollouts (an EMA copy, or the policy through its ``old`` LoRA adapter).
         ref: the KL reference (``nft.kl_weight > 0``), else ``None``.
         adapters: the two LoRA adapters (``finetune.mode=lora``), else ``None``.
-        policy_handle: the policy's ``ltx2.patch`` handle when surgery is on.
+        policy_handle: the policy's ``ltx2.patch`` handle with surgery on the projected keys/values.
         old_handle: the handle that captures Eq 10 scores while ``old`` samples (``reweight.enabled``).
         trainable: what the optimiser updates.
         parameters: every parameter of the policy (gradient clipping takes those with a gradient).
@@ -202,6 +250,9 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
     alphas = None
     if s.enabled:
         alphas = omninft_fast.detach_schedule(layers, boundary=s.boundary, alpha=s.alpha, spec=s.spec)
+        if s.where == "input":
+            policy.detach_a2v_input(alphas)
+            alphas = None
     region_layers = list(range(rw.boundary, layers))
     if rw.enabled and not region_layers:
         raise ValueError(f"reweight.boundary ({rw.boundary}) leaves no layer of {layers} for Eq 10")
@@ -211,14 +262,15 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         adapters = LoraAdapters(policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
         old: AVVelocityModel = AdapterView(policy, adapters, OLD)
         ref = AdapterView(policy, adapters, None) if config.nft.kl_weight > 0 else None
-        handle = policy.patch(detach=alphas, region_layers=region_layers) if s.enabled or rw.enabled else None
-        policy_handle = handle if s.enabled else None
+        projected = alphas is not None
+        handle = policy.patch(detach=alphas, region_layers=region_layers) if projected or rw.enabled else None
+        policy_handle = handle if projected else None
         old_handle = handle if rw.enabled else None
         trainable = adapters.trainable_parameters()
     else:
         old = copy.deepcopy(policy).requires_grad_(False).eval()
         ref = copy.deepcopy(old) if config.nft.kl_weight > 0 else None
-        policy_handle = policy.patch(detach=alphas) if s.enabled else None
+        policy_handle = policy.patch(detach=alphas) if alphas is not None else None
         old_handle = old.patch(region_layers=region_layers) if rw.enabled else None
         trainable = [p for p in policy.parameters() if p.requires_grad]
     if config.fp8.enabled:

@@ -24,15 +24,18 @@ from ruamel.yaml.error import YAMLError
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
+TIMESTEP_MODES = ("grid_shuffled", "uniform", "grid_first")
 LADDER = ("vanilla", "routing", "surgery", "full")
 TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_channels", "fps", "sample_rate")
 
 
 def ladder_preset(rung: str) -> dict[str, Any]:
-    """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting."""
+    """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting. The vanilla row is
+    GDPO aggregation (Table 1's "LTX-2 + GDPO" equals Table 3's vanilla row): per-reward normalisation, summed and
+    whitened, one advantage shared by both branches."""
     index = LADDER.index(rung)
     return {
-        "advantage.routing": "shared" if index == 0 else "modality",
+        "advantage.routing": "gdpo" if index == 0 else "modality",
         "surgery.enabled": index >= 2,
         "reweight.enabled": index >= 3,
     }
@@ -100,10 +103,16 @@ class LTXConfig:
 
 @dataclass
 class RewardConfig:
-    """One reward plugin (``omninft_fast.rewards`` registry)."""
+    """One reward plugin (``omninft_fast.rewards`` registry) and the reward term(s) it gives.
+
+    ``outputs`` (signed weights of the plugin's named outputs, e.g. ``{VQ: 0.5, TA: 0.5}``) makes the plugin one
+    term named ``name``, ``sum_k w_k output_k``; empty, every output is its own term. ``weight`` is the term weight
+    (each term gets one advantage, Eq 6).
+    """
 
     name: str = "synthetic_colour"
     weight: float = 1.0
+    outputs: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
     micro_batch: int = 64
@@ -113,10 +122,22 @@ class RewardConfig:
 
 @dataclass
 class SamplingConfig:
-    """Euler ODE sampler (Eq 1-2)."""
+    """Euler ODE sampler (Eq 1-2) of rollouts (``num_steps``) and evaluation (``eval_steps``, default
+    ``num_steps``), with LTX-2's guidance as an option (off by default: the paper samples without it).
+
+    Per modality ``cond + (cfg - 1) (cond - uncond) + stg_scale (cond - perturbed)`` (ltx-core's multi-modal guider
+    without rescaling; ``video_cfg``/``audio_cfg``), where ``uncond`` is the pass on the empty prompt and
+    ``perturbed`` the pass skipping the video and audio self-attention of ``stg_blocks``; the passes of a step run
+    as one batched forward (the release: 1.5 / 3.0, STG 1.0 at block 29).
+    """
 
     num_steps: int = 10
     shift: float = 1.0
+    eval_steps: int | None = None
+    video_cfg: float = 1.0
+    audio_cfg: float = 1.0
+    stg_scale: float = 0.0
+    stg_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,9 +155,15 @@ class AdvantageConfig:
 
 @dataclass
 class SurgeryConfig:
-    """Eq 8-9: partial detach of A2V keys/values in layers ``< boundary`` (or an explicit ``spec``)."""
+    """Eq 8-9: partial detach in A2V of layers ``< boundary`` with ``alpha`` (or an explicit ``spec`` such as
+    ``"0:1,1-10:0.9,40-47:0.7"``, the release's gradient factors 0 / 0.1 / 0.3 as alphas).
+
+    ``where``: ``projected`` (the paper's Eq 8 on the projected keys/values) or ``input`` (the release: the audio
+    stream entering A2V, so the A2V key/value projections keep their full gradient).
+    """
 
     enabled: bool = True
+    where: str = "projected"
     boundary: int = 2
     alpha: float = 0.1
     spec: str | None = None
@@ -144,17 +171,34 @@ class SurgeryConfig:
 
 @dataclass
 class ReweightConfig:
-    """Eq 10-11: V2A key mass of layers ``>= boundary`` over the last sampling steps, to video token weights."""
+    """Eq 10-11: V2A key mass of layers ``>= boundary`` over ``last_steps`` sampling steps, to video token weights.
+
+    The steps counted end at ``last_step`` (0-based; default the final step; the release: 9 steps ending at 18 of
+    20). With guided rollouts ``passes`` is ``cond`` (the conditional pass) or ``all`` (the mean over passes, the
+    release). ``form``: ``minmax`` (Eq 11 with ``lam``) or ``frame_zscore`` (the release: per latent frame
+    z-score sigmoid up to ``w_max``, ramped in linearly over the first ``warmup`` iterations).
+    """
 
     enabled: bool = True
     lam: float = 1.5
     last_steps: int = 3
     boundary: int = 2
+    last_step: int | None = None
+    passes: str = "cond"
+    form: str = "minmax"
+    w_max: float = 1.5
+    warmup: int = 0
 
 
 @dataclass
 class NFTConfig:
-    """The DiffusionNFT objective and old-policy update.
+    """The DiffusionNFT objective, its training times and steps, and the old-policy update.
+
+    Training times per sample: ``grid_shuffled`` draws ``timesteps_per_sample`` distinct sampler-grid times,
+    ``uniform`` that many uniform times in the grid's range, ``grid_first`` takes every one of the first
+    ``round(timestep_fraction * sampling.num_steps)`` grid times (the highest noise; the release: 0.4 of 20 = 8),
+    each with fresh noise. ``accumulate``: one optimiser step per ``mini_batch`` (``mini_batch``) or per iteration
+    (``iteration``, the release), each micro-batch's loss divided by the number of micro-batches in the step.
 
     ``x0_norm`` self-normalises each term per sample in x0 space (``nft_loss(x0_norm_t=t)``, DiffusionNFT's and
     the authors' form; it replaces ``adaptive_weight``); ``policy_scale`` multiplies the policy term (the release:
@@ -165,7 +209,9 @@ class NFTConfig:
     beta: float = 1.0
     timesteps: str = "grid_shuffled"
     timesteps_per_sample: int = 2
+    timestep_fraction: float = 0.4
     mini_batch: int = 16
+    accumulate: str = "mini_batch"
     adaptive_weight: bool = True
     x0_norm: bool = False
     inverse_beta_scale: bool = False
@@ -177,6 +223,14 @@ class NFTConfig:
     modality_reduction: str = "sum"
     eta_rate: float = 0.001
     eta_max: float = 0.5
+
+
+def times_per_sample(nft: NFTConfig, sampling: SamplingConfig) -> int:
+    """Training times per sample: ``round(timestep_fraction * num_steps)`` with ``grid_first``, else
+    ``timesteps_per_sample``."""
+    if nft.timesteps == "grid_first":
+        return round(nft.timestep_fraction * sampling.num_steps)
+    return nft.timesteps_per_sample
 
 
 @dataclass
@@ -281,7 +335,11 @@ class TrainConfig:
             "model.kind": (self.model.kind, ("ltx_tiny", "ltx")),
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),
-            "nft.timesteps": (self.nft.timesteps, ("grid_shuffled", "uniform")),
+            "nft.timesteps": (self.nft.timesteps, TIMESTEP_MODES),
+            "nft.accumulate": (self.nft.accumulate, ("mini_batch", "iteration")),
+            "reweight.passes": (self.reweight.passes, ("cond", "all")),
+            "surgery.where": (self.surgery.where, ("projected", "input")),
+            "reweight.form": (self.reweight.form, ("minmax", "frame_zscore")),
             "nft.kl_space": (self.nft.kl_space, ("velocity", "x0")),
             "nft.modality_reduction": (self.nft.modality_reduction, ("sum", "mean")),
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
@@ -307,6 +365,7 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every,
             "sampling.num_steps": self.sampling.num_steps,
             "sampling.shift": self.sampling.shift,
+            "sampling.eval_steps": 1 if self.sampling.eval_steps is None else self.sampling.eval_steps,
             "advantage.clip": self.advantage.clip,
             "nft.beta": self.nft.beta,
             "nft.policy_scale": self.nft.policy_scale,
@@ -333,16 +392,31 @@ class TrainConfig:
             )
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
-        if self.reweight.last_steps > self.sampling.num_steps:
-            raise ConfigError(
-                f"reweight.last_steps ({self.reweight.last_steps}) must be <= sampling.num_steps "
-                f"({self.sampling.num_steps})"
-            )
+        last_step = self.sampling.num_steps - 1 if self.reweight.last_step is None else self.reweight.last_step
+        if not 0 <= last_step < self.sampling.num_steps:
+            raise ConfigError(f"reweight.last_step must be in 0..{self.sampling.num_steps - 1}, got {last_step}")
+        if self.reweight.last_steps > last_step + 1:
+            bound = "sampling.num_steps" if self.reweight.last_step is None else "reweight.last_step + 1"
+            raise ConfigError(f"reweight.last_steps ({self.reweight.last_steps}) must be <= {bound} ({last_step + 1})")
+        for block in self.sampling.stg_blocks:
+            if block < 0:
+                raise ConfigError(f"sampling.stg_blocks must hold block indices >= 0, got {block}")
+        if self.sampling.stg_scale != 0 and not self.sampling.stg_blocks:
+            raise ConfigError("sampling.stg_scale needs sampling.stg_blocks (the blocks whose self-attention to skip)")
         if self.nft.timesteps == "grid_shuffled" and self.nft.timesteps_per_sample > self.sampling.num_steps:
             raise ConfigError(
                 f"nft.timesteps_per_sample ({self.nft.timesteps_per_sample}) must be <= sampling.num_steps "
                 f"({self.sampling.num_steps}) with nft.timesteps=grid_shuffled"
             )
+        if (
+            self.nft.timesteps == "grid_first"
+            and not 1 <= times_per_sample(self.nft, self.sampling) <= self.sampling.num_steps
+        ):
+            raise ConfigError(
+                f"nft.timestep_fraction ({self.nft.timestep_fraction}) must keep 1..sampling.num_steps grid times"
+            )
+        if self.reweight.w_max < 1:
+            raise ConfigError(f"reweight.w_max must be >= 1, got {self.reweight.w_max!r}")
         for key, value in (("surgery.alpha", self.surgery.alpha), ("nft.eta_max", self.nft.eta_max)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1], got {value!r}")
@@ -350,8 +424,11 @@ class TrainConfig:
             ("nft.eta_rate", self.nft.eta_rate),
             ("nft.kl_weight", self.nft.kl_weight),
             ("nft.video_weight", self.nft.video_weight),
+            ("sampling.video_cfg", self.sampling.video_cfg),
+            ("sampling.audio_cfg", self.sampling.audio_cfg),
             ("nft.audio_weight", self.nft.audio_weight),
             ("reweight.lam", self.reweight.lam),
+            ("reweight.warmup", self.reweight.warmup),
             ("optim.weight_decay", self.optim.weight_decay),
             ("advantage.eps", self.advantage.eps),
             ("surgery.boundary", self.surgery.boundary),

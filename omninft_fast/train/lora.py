@@ -125,7 +125,12 @@ class AdapterView(AVVelocityModel):
         self.num_layers = model.num_layers
 
     def forward(
-        self, x_video: torch.Tensor, x_audio: torch.Tensor, t: torch.Tensor, cond: Condition
+        self,
+        x_video: torch.Tensor,
+        x_audio: torch.Tensor,
+        t: torch.Tensor,
+        cond: Condition,
+        skip_blocks: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.adapters.use(self.name):
-            return self._model[0](x_video, x_audio, t, cond)
+            return self._model[0](x_video, x_audio, t, cond, skip_blocks)

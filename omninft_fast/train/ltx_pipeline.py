@@ -444,6 +444,10 @@ class LTX2Pipeline:
             torch.stack([self._contexts[p][1] for p in prompts]),
         )
 
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance's contexts: the empty prompt ``""`` (in the text cache or encoded by Gemma)."""
+        return self.encode([""] * batch)
+
     @torch.no_grad()
     def decode_video(self, latent: torch.Tensor) -> torch.Tensor:
         """``(B, Nv, Cv)`` tokens -> ``(B, T, 3, H, W)`` float32 frames in [0, 1] on the CPU."""

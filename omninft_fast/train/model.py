@@ -9,7 +9,7 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,9 +35,17 @@ class Condition:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         return Condition(self.video.to(device, dtype), self.audio.to(device, dtype))
 
+    @staticmethod
+    def cat(conditions: list[Condition]) -> Condition:
+        """The conditions of ``conditions`` one batch after another."""
+        return Condition(torch.cat([c.video for c in conditions]), torch.cat([c.audio for c in conditions]))
+
 
 class LatentSpec(Protocol):
     """Sizes the trainer reads from a task: token counts and channels of both streams, decoded media rates."""
+
+    @property
+    def latent_frames(self) -> int: ...
 
     @property
     def video_tokens(self) -> int: ...
@@ -63,7 +71,8 @@ class AVTask(Protocol):
 
     ``encode(prompts)`` gives the ``(B, Lv, Dv)`` video and ``(B, La, Da)`` audio text contexts; ``decode(video
     (B, Nv, Cv), audio (B, Na, Ca))`` gives frames ``(B, T, C, H, W)`` in [0, 1] at ``spec.fps`` and waveforms
-    ``(B, S)`` in [-1, 1] at ``spec.sample_rate`` (the reward plugins' ``RewardBatch``).
+    ``(B, S)`` in [-1, 1] at ``spec.sample_rate`` (the reward plugins' ``RewardBatch``). ``unconditional(B)``
+    gives the contexts of classifier-free guidance's unconditional pass, shaped as ``encode``'s.
     """
 
     @property
@@ -71,15 +80,19 @@ class AVTask(Protocol):
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def decode(self, video_latent: torch.Tensor, audio_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class AVVelocityModel(nn.Module):
     """Interface of a dual-stream flow model (Eq 2's ``v_theta``).
 
-    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond) -> (v_video, v_audio)`` with the velocity
-    convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``). ``patch`` returns the handle that applies Eq 8 to
-    the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling (``capture_region_scores``).
+    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None) -> (v_video, v_audio)``
+    with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]`` lists the blocks
+    whose video and audio self-attention sample ``b`` skips (STG's perturbed pass). ``patch`` returns the handle
+    that applies Eq 8 to the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling
+    (``capture_region_scores``).
     """
 
     num_layers: int
@@ -90,6 +103,11 @@ class AVVelocityModel(nn.Module):
     def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
         """Run the transformer's linear layers in FP8 (``omninft_fast.fp8.patch``); returns its handle."""
         raise NotImplementedError(f"{type(self).__name__} has no FP8 layers")
+
+    def detach_a2v_input(self, alphas: list[float]) -> None:
+        """Eq 8 on the audio stream entering each block's A2V attention (before its key/value projections, which
+        keep their full gradient): ``partial_detach(audio, alphas[block])``."""
+        raise NotImplementedError(f"{type(self).__name__} has no A2V input surgery")
 
 
 class LTXAVModel(AVVelocityModel):
@@ -182,11 +200,18 @@ class LTXAVModel(AVVelocityModel):
         return cls(model, video_state.positions, audio_state.positions)
 
     def forward(
-        self, x_video: torch.Tensor, x_audio: torch.Tensor, t: torch.Tensor, cond: Condition
+        self,
+        x_video: torch.Tensor,
+        x_audio: torch.Tensor,
+        t: torch.Tensor,
+        cond: Condition,
+        skip_blocks: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nv, Cv)``, ``(B, Na, Ca)``, ``(B,)`` -> velocities of the same shapes.
 
         One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
+        ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
+        config), ``None``: none.
         """
         from ltx_core.model.transformer.modality import Modality
 
@@ -206,7 +231,8 @@ class LTXAVModel(AVVelocityModel):
             positions=self.audio_positions.expand(batch, -1, -1, -1),
             context=cond.audio.to(x_audio.dtype),
         )
-        v_video, v_audio = self.model(video=video, audio=audio, perturbations=self._perturbations(batch))
+        perturbations = self._perturbations(batch, skip_blocks)
+        v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
         return v_video, v_audio
 
     @contextlib.contextmanager
@@ -222,8 +248,9 @@ class LTXAVModel(AVVelocityModel):
         finally:
             self._skip = previous
 
-    def _perturbations(self, batch: int) -> Any:
-        """ltx-core's batched perturbation config: empty unless inside ``skip_cross_attention``."""
+    def _perturbations(self, batch: int, skip_blocks: Sequence[Sequence[int]] | None) -> Any:
+        """ltx-core's batched perturbation config: the cross-attention skips of ``skip_cross_attention`` for every
+        sample, plus sample ``b``'s video and audio self-attention skips ``skip_blocks[b]`` (STG); empty otherwise."""
         from ltx_core.guidance.perturbations import (
             BatchedPerturbationConfig,
             Perturbation,
@@ -231,11 +258,19 @@ class LTXAVModel(AVVelocityModel):
             PerturbationType,
         )
 
-        if not any(self._skip.values()):
+        cross = {"a2v": PerturbationType.SKIP_A2V_CROSS_ATTN, "v2a": PerturbationType.SKIP_V2A_CROSS_ATTN}
+        shared = [Perturbation(cross[k], list(b)) for k, b in self._skip.items() if b]
+        if not shared and skip_blocks is None:
             return BatchedPerturbationConfig.empty(batch)
-        kinds = {"a2v": PerturbationType.SKIP_A2V_CROSS_ATTN, "v2a": PerturbationType.SKIP_V2A_CROSS_ATTN}
-        sample = PerturbationConfig([Perturbation(kinds[k], list(b)) for k, b in self._skip.items() if b])
-        return BatchedPerturbationConfig([sample] * batch)
+        own = (PerturbationType.SKIP_VIDEO_SELF_ATTN, PerturbationType.SKIP_AUDIO_SELF_ATTN)
+        return BatchedPerturbationConfig(
+            [
+                PerturbationConfig(
+                    shared + ([] if skip_blocks is None else [Perturbation(k, list(skip_blocks[b])) for k in own])
+                )
+                for b in range(batch)
+            ]
+        )
 
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
         """Attach ``omninft_fast.ltx2``'s surgery/capture handle (A2V detach ratios per block, Eq 10 region blocks).
@@ -250,6 +285,24 @@ class LTXAVModel(AVVelocityModel):
         else:
             self._handle.set_detach(detach)
         return self._handle
+
+    def detach_a2v_input(self, alphas: list[float]) -> None:
+        """Eq 8 on the A2V context (the audio stream) of every block with ``alphas[block] > 0``: a forward pre-hook
+        on ``audio_to_video_attn`` (value unchanged, gradient scaled by ``1 - alpha``)."""
+        import omninft_fast
+
+        if len(alphas) != self.num_layers:
+            raise ValueError(f"alphas must have one value per block ({self.num_layers}), got {len(alphas)}")
+
+        def hook(alpha: float) -> Callable[..., Any]:
+            def scale(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+                return args, {**kwargs, "context": omninft_fast.partial_detach(kwargs["context"], alpha)}
+
+            return scale
+
+        for block, alpha in zip(self.model.transformer_blocks, alphas, strict=True):
+            if alpha > 0:
+                block.audio_to_video_attn.register_forward_pre_hook(hook(alpha), with_kwargs=True)
 
     def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise") -> Any:
         """``omninft_fast.fp8.patch`` on the blocks' attention projections and feed-forward layers."""

@@ -1,24 +1,24 @@
 """The stages of Algorithm 1, each a function from explicit inputs to explicit outputs.
 
 - rollout with region capture: ``rollout`` (Eq 1-2 through ``euler_sample``; Eq 10 through the handle's capture)
-- scoring: ``score`` (the reward plugins)
+- scoring: ``score`` (the reward plugins, their outputs combined into reward terms by ``reward_term``)
 - advantages and routing: ``advantages`` (Eq 6 ``group_advantages``, ``optimality_probability``; Eq 7
   ``route_advantages``)
-- region weights: ``token_weights`` (Eq 11 ``region_weights``)
-- NFT update: ``nft_update`` -> ``nft_step`` -> ``nft_losses`` (Eq 3-5 and Eq 12: ``nft_loss`` with the region
-  weights on the video stream, ``adaptive_x0_weight``)
+- region weights: ``token_weights`` (Eq 11 ``region_weights``, or ``frame_region_weights``)
+- NFT update: ``nft_update`` -> ``nft_backward`` -> ``nft_losses`` (Eq 3-5 and Eq 12: ``nft_loss`` with the
+  region weights on the video stream, ``adaptive_x0_weight``), ``optimizer_step`` per micro-batch or per iteration
 - old-policy update: ``update_old_policy`` (``theta_old <- eta theta_old + (1 - eta) theta``)
 
 What passes between stages is a small dataclass (``Rollout``, ``Scores``, ``Advantages``, ``UpdateBatch``), so a
 stage can be replaced on its own: batched guided rollouts return a ``Rollout``, a distributed step replaces
-``nft_step``.
+``optimizer_step``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +26,9 @@ import torch
 import omninft_fast
 from omninft_fast.rewards import RewardBatch, RewardModel
 from omninft_fast.train.builders import STREAMS, Policies
-from omninft_fast.train.config import AdvantageConfig, NFTConfig, SamplingConfig
+from omninft_fast.train.config import AdvantageConfig, NFTConfig, ReweightConfig, SamplingConfig, times_per_sample
 from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
-from omninft_fast.train.sampler import euler_sample, time_grid
+from omninft_fast.train.sampler import Guidance, euler_sample, time_grid
 from omninft_fast.train.validation import check_finite
 
 MODALITIES = ("video", "audio", "av")
@@ -42,21 +42,26 @@ class Rollout:
         texts: ``B`` prompts, ``G`` consecutive samples per prompt.
         video, audio: ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` clean latents ``x0``.
         region_scores: ``(B, Nv)`` Eq 10 scores captured while sampling, or ``None``.
+        video_prompts, audio_prompts: ``B`` prompts that video and audio rewards judge (default: ``texts``).
     """
 
     texts: list[str]
     video: torch.Tensor
     audio: torch.Tensor
     region_scores: torch.Tensor | None
+    video_prompts: list[str] | None = None
+    audio_prompts: list[str] | None = None
 
 
 @dataclass
 class Scores:
-    """Named ``(B,)`` float32 rewards with the modality and advantage weight of the plugin that gave each."""
+    """Named ``(B,)`` float32 reward terms (one advantage each) with the modality and term weight of the plugin
+    that gave each, and every plugin's raw named outputs (for the logs)."""
 
     values: dict[str, torch.Tensor]
     modality: dict[str, str]
     weight: dict[str, float]
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,35 +123,86 @@ def rollout(
     autocast_dtype: torch.dtype | None = None,
     handle: Any = None,
     last_steps: int = 1,
+    last_step: int | None = None,
+    passes: str = "cond",
     on_step: Callable[[int], None] | None = None,
+    video_prompts: list[str] | None = None,
+    audio_prompts: list[str] | None = None,
 ) -> Rollout:
-    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2); with the ``ltx2.patch`` ``handle`` of the
-    sampling model also capture the ``(B, Nv)`` Eq 10 scores of the last ``last_steps`` steps."""
+    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2) and ``sampling``'s guidance; with the
+    ``ltx2.patch`` ``handle`` of the sampling model also capture the ``(B, Nv)`` Eq 10 scores of the ``last_steps``
+    steps ending at ``last_step`` (default the final one), from the conditional pass or the mean of ``all`` passes.
+    ``video_prompts`` and ``audio_prompts`` ride along for the rewards."""
     cond = condition(task, texts, device)
     noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device)
+    uses_uncond = sampling.video_cfg != 1.0 or sampling.audio_cfg != 1.0
+    guidance = Guidance(
+        Condition(*task.unconditional(len(texts))).to(device) if uses_uncond else None,
+        sampling.video_cfg,
+        sampling.audio_cfg,
+        sampling.stg_scale,
+        tuple(sampling.stg_blocks),
+    )
     kwargs: dict[str, Any] = {
         "num_steps": sampling.num_steps,
         "shift": sampling.shift,
+        "guidance": guidance,
         "autocast_dtype": autocast_dtype,
         "on_step": on_step,
     }
     if handle is None:
         video, audio = euler_sample(model, cond, noise_video, noise_audio, **kwargs)
-        return Rollout(texts, video, audio, None)
-    with handle.capture_region_scores(num_steps=sampling.num_steps, last_steps=last_steps) as capture:
-        video, audio = euler_sample(model, cond, noise_video, noise_audio, capture=capture, **kwargs)
-        return Rollout(texts, video, audio, capture.scores().float())
+        return Rollout(texts, video, audio, None, video_prompts, audio_prompts)
+    until = sampling.num_steps if last_step is None else last_step + 1
+    with handle.capture_region_scores(num_steps=until, last_steps=last_steps) as capture:
+        video, audio = euler_sample(
+            model, cond, noise_video, noise_audio, capture=capture, capture_until=until, **kwargs
+        )
+        per_pass = capture.scores().float().view(guidance.passes, len(texts), -1)
+        scores = per_pass.mean(dim=0) if passes == "all" else per_pass[0]
+        return Rollout(texts, video, audio, scores, video_prompts, audio_prompts)
 
 
-def score(task: AVTask, rewards: list[RewardModel], batch: Rollout) -> Scores:
-    """Decode the rollout and score it with every reward plugin."""
+def reward_term(outputs: dict[str, torch.Tensor], signed: dict[str, float], reward: str) -> torch.Tensor:
+    """One reward term ``sum_k signed[k] * outputs[k]`` of a plugin's ``(B,)`` named outputs (``reward`` names the
+    plugin in errors)."""
+    missing = sorted(set(signed) - set(outputs))
+    if missing:
+        raise ValueError(f"reward {reward!r} has no output named {missing[0]!r} (it gives {sorted(outputs)})")
+    return sum((w * outputs[k] for k, w in signed.items()), torch.zeros_like(next(iter(outputs.values()))))
+
+
+def score(
+    task: AVTask,
+    rewards: list[RewardModel],
+    batch: Rollout,
+    terms: list[dict[str, float] | None] | None = None,
+) -> Scores:
+    """Decode the rollout and score it with every reward plugin (video and audio rewards read the rollout's
+    per-modality prompts). ``terms[i]`` (signed weights of plugin ``i``'s named outputs) makes that plugin one
+    reward term named after it (``reward_term``); without it every output is its own term."""
     frames, waveform = task.decode(batch.video, batch.audio)
-    media = RewardBatch(frames, task.spec.fps, waveform, task.spec.sample_rate, batch.texts)
+    media = RewardBatch(
+        frames,
+        task.spec.fps,
+        waveform,
+        task.spec.sample_rate,
+        batch.texts,
+        video_prompts=batch.video_prompts,
+        audio_prompts=batch.audio_prompts,
+    )
     scores = Scores({}, {}, {})
-    for reward in rewards:
-        for key, value in reward(media).items():
-            if key in scores.values:
+    for i, reward in enumerate(rewards):
+        outputs = reward(media)
+        for key, value in outputs.items():
+            if key in scores.outputs:
                 raise ValueError(f"two rewards return a score named {key!r}")
+            scores.outputs[key] = value
+        signed = None if terms is None else terms[i]
+        named = {reward.name: reward_term(outputs, signed, reward.name)} if signed else outputs
+        for key, value in named.items():
+            if key in scores.values:
+                raise ValueError(f"two reward terms are named {key!r}")
             scores.values[key] = value
             scores.modality[key] = reward.modality
             scores.weight[key] = reward.weight
@@ -168,14 +224,20 @@ def drop_nonfinite_groups(samples: Rollout, scores: Scores, groups: int) -> tupl
         samples.video[keep.to(samples.video.device)],
         samples.audio[keep.to(samples.audio.device)],
         None if samples.region_scores is None else samples.region_scores[keep.to(samples.region_scores.device)],
+        *(
+            None if prompts is None else [p for p, k in zip(prompts, keep.tolist(), strict=True) if k]
+            for prompts in (samples.video_prompts, samples.audio_prompts)
+        ),
     )
     values = {name: value[keep.to(value.device)] for name, value in scores.values.items()}
-    return kept, Scores(values, scores.modality, scores.weight), counts
+    outputs = {name: value[keep.to(value.device)] for name, value in scores.outputs.items()}
+    return kept, Scores(values, scores.modality, scores.weight, outputs), counts
 
 
 def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: torch.device) -> Advantages:
-    """Eq 6-7: one group advantage per reward (``groups`` prompts), summed per modality with the reward weights,
-    routed to the video and audio branches and turned into optimality probabilities ``r``."""
+    """Eq 6-7: one group advantage per reward term (``groups`` prompts; ``advantage.std`` and ``eps``), summed per
+    modality with the term weights, routed to the video and audio branches (``gdpo`` whitens the sum with the same
+    ``eps``) and turned into optimality probabilities ``r``."""
     size = len(next(iter(scores.values.values()))) // groups
     per_modality = {m: torch.zeros(groups, size) for m in MODALITIES}
     for name, value in scores.values.items():
@@ -183,7 +245,7 @@ def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: tor
         modality = scores.modality[name]
         per_modality[modality] = per_modality[modality] + scores.weight[name] * adv
     adv_v, adv_a, adv_av = per_modality["video"], per_modality["audio"], per_modality["av"]
-    routed_v, routed_a = omninft_fast.route_advantages(adv_v, adv_a, adv_av, mode=config.routing)
+    routed_v, routed_a = omninft_fast.route_advantages(adv_v, adv_a, adv_av, mode=config.routing, eps=config.eps)
     return Advantages(
         adv_v.flatten(),
         adv_a.flatten(),
@@ -192,21 +254,37 @@ def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: tor
     )
 
 
-def token_weights(region_scores: torch.Tensor | None, lam: float, device: torch.device) -> torch.Tensor | None:
-    """Eq 11: ``(B, Nv)`` min-max region weights of the Eq 10 scores (``None`` without reweighting)."""
+def token_weights(
+    region_scores: torch.Tensor | None,
+    reweight: ReweightConfig,
+    device: torch.device,
+    *,
+    frames: int = 1,
+    iteration: int = 0,
+) -> torch.Tensor | None:
+    """Eq 11: ``(B, Nv)`` min-max region weights of the Eq 10 scores, or the release's per-frame z-score form over
+    ``frames`` latent frames ramped in over ``reweight.warmup`` iterations (``None`` without reweighting)."""
     if region_scores is None:
         return None
-    return omninft_fast.region_weights(region_scores, lam=lam).to(device)
+    if reweight.form == "minmax":
+        weights = omninft_fast.region_weights(region_scores, lam=reweight.lam)
+    else:
+        ramp = min(iteration / reweight.warmup, 1.0) if reweight.warmup > 0 else 1.0
+        weights = omninft_fast.frame_region_weights(region_scores, frames=frames, w_max=reweight.w_max, ramp=ramp)
+    return weights.to(device)
 
 
 def training_times(
     batch: int, generator: torch.Generator, nft: NFTConfig, sampling: SamplingConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B * K,)`` sample indices and flow times: ``K`` distinct sampler-grid times per sample (shuffled) or
-    ``K`` uniform times in the grid's range, in a random order."""
-    k, steps = nft.timesteps_per_sample, sampling.num_steps
+    """``(B * K,)`` sample indices and flow times in a random order: ``K`` distinct sampler-grid times per sample
+    (``grid_shuffled``), ``K`` uniform times in the grid's range (``uniform``), or every one of the first ``K`` grid
+    times (``grid_first``; ``K = times_per_sample``)."""
+    k, steps = times_per_sample(nft, sampling), sampling.num_steps
     grid = time_grid(steps, shift=sampling.shift)[:-1]
-    if nft.timesteps == "grid_shuffled":
+    if nft.timesteps == "grid_first":
+        times = grid[:k].expand(batch, k)
+    elif nft.timesteps == "grid_shuffled":
         picks = torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(batch)])
         times = grid[picks]
     else:
@@ -296,35 +374,34 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def nft_step(
+def nft_backward(
     policies: Policies,
-    optimizer: torch.optim.Optimizer,
     batch: UpdateBatch,
     index: torch.Tensor,
     t: torch.Tensor,
     noise: tuple[torch.Tensor, torch.Tensor],
     *,
     nft: NFTConfig,
-    grad_clip: float,
     autocast: Callable[[], contextlib.AbstractContextManager],
-) -> dict[str, float]:
-    """One optimiser step on one mini-batch's Eq 12 loss (video and audio, ``modality_loss``), with gradient
-    clipping; returns its losses and gradient norms (total and per stream)."""
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Back-propagate ``scale`` times one micro-batch's Eq 12 loss (``modality_loss``), adding to the gradients;
+    ``scale = 1 / micro-batches per optimiser step`` keeps the gradient of an accumulated step that of the mean
+    loss. Returns the detached ``{"video", "audio"}`` losses (unscaled)."""
     losses = nft_losses(policies, batch, index, t, noise, nft, autocast)
-    loss = modality_loss(losses, nft)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (modality_loss(losses, nft) * scale).backward()
+    return {name: loss.detach() for name, loss in losses.items()}
+
+
+def optimizer_step(policies: Policies, optimizer: torch.optim.Optimizer, grad_clip: float) -> dict[str, float]:
+    """Clip the accumulated gradients, step and clear them; returns the gradient norms (total and per stream)."""
     norms = {f"grad_norm/{stream}_params": _grad_norm(policies.streams[stream]) for stream in STREAMS}
     with_grad = [p for p in policies.parameters if p.grad is not None]
     grad_total = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip)
     check_finite("gradient norm", grad_total)
     optimizer.step()
-    return {
-        "loss/video": losses["video"].item(),
-        "loss/audio": losses["audio"].item(),
-        "grad_norm/total": float(grad_total),
-        **norms,
-    }
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm/total": float(grad_total), **norms}
 
 
 def nft_update(
@@ -341,30 +418,28 @@ def nft_update(
     autocast: Callable[[], contextlib.AbstractContextManager],
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """The NFT update of one iteration: ``K`` training times per sample, shuffled into mini-batches of
-    ``nft.mini_batch``, one ``nft_step`` each; returns the metrics averaged over the mini-batches."""
+    """The NFT update of one iteration: ``K`` training times per sample (``training_times``), shuffled into
+    micro-batches of ``nft.mini_batch`` with fresh noise each, one optimiser step per micro-batch or per iteration
+    (``nft.accumulate``); returns the losses averaged over the micro-batches and the gradient norms over the
+    steps."""
     index, times = training_times(len(batch.video), generator, nft, sampling)
-    steps = []
-    for lo in range(0, len(index), nft.mini_batch):
+    starts = range(0, len(index), nft.mini_batch)
+    per_step = len(starts) if nft.accumulate == "iteration" else 1
+    losses, steps = [], []
+    optimizer.zero_grad(set_to_none=True)
+    for i, lo in enumerate(starts):
         part = index[lo : lo + nft.mini_batch]
         noise = draw_noise(spec, len(part), generator, device)
         t = times[lo : lo + nft.mini_batch].to(device)
-        steps.append(
-            nft_step(
-                policies,
-                optimizer,
-                batch,
-                part.to(device),
-                t,
-                noise,
-                nft=nft,
-                grad_clip=grad_clip,
-                autocast=autocast,
-            )
+        losses.append(
+            nft_backward(policies, batch, part.to(device), t, noise, nft=nft, autocast=autocast, scale=1.0 / per_step)
         )
+        if (i + 1) % per_step == 0:
+            steps.append(optimizer_step(policies, optimizer, grad_clip))
         if on_step is not None:
             on_step()
-    return {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
+    metrics = {f"loss/{name}": float(torch.stack([m[name] for m in losses]).mean()) for name in ("video", "audio")}
+    return metrics | {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
 
 
 def old_policy_eta(iteration: int, nft: NFTConfig) -> float:

@@ -8,6 +8,7 @@ One iteration: ``rollout`` of the old policy with Eq 10 capture -> ``score`` -> 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -28,11 +29,11 @@ from omninft_fast.train.builders import (
     build_policies,
     build_rewards,
     build_task,
-    load_prompts,
+    load_prompt_records,
     make_optimizer,
 )
 from omninft_fast.train.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
-from omninft_fast.train.config import TrainConfig, save_config
+from omninft_fast.train.config import TrainConfig, save_config, times_per_sample
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
 from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, check_rewards
@@ -175,7 +176,8 @@ class Trainer:
             else None
         )
         self.task = build_task(config)
-        self.prompts = load_prompts(config)
+        self.records = load_prompt_records(config)
+        self.prompts = [record.av for record in self.records]
         if config.prompts_per_iter > len(self.prompts):
             raise ValueError(f"prompts_per_iter must be <= {len(self.prompts)} (distinct prompts of the task)")
         self.rewards = build_rewards(config)
@@ -229,7 +231,8 @@ class Trainer:
         timer: dict[str, float] = {}
         start = time.perf_counter()
         picks = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_iter]
-        texts = [self.prompts[int(i)] for i in picks for _ in range(cfg.group_size)]
+        chosen = [self.records[int(i)] for i in picks for _ in range(cfg.group_size)]
+        texts = [record.av for record in chosen]
 
         self.policy.eval()
         with progress_bar(cfg.sampling.num_steps, f"sampling {len(texts)}", enabled=cfg.progress) as bar:
@@ -243,12 +246,16 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 handle=p.old_handle,
                 last_steps=cfg.reweight.last_steps,
+                last_step=cfg.reweight.last_step,
+                passes=cfg.reweight.passes,
                 on_step=lambda _: bar.update(),
+                video_prompts=[record.video for record in chosen],
+                audio_prompts=[record.audio for record in chosen],
             )
         timer["sampling"] = time.perf_counter() - start
 
         mark = time.perf_counter()
-        scores = stages.score(self.task, self.rewards, samples)
+        scores = stages.score(self.task, self.rewards, samples, [dict(r.outputs) for r in cfg.rewards])
         groups, dropped = cfg.prompts_per_iter, {}
         if cfg.on_nonfinite == "drop":
             samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
@@ -265,7 +272,13 @@ class Trainer:
                     raise TrainingDiverged("every group holds a non-finite reward")
         check_rewards(scores.values)
         adv = stages.advantages(scores, groups, cfg.advantage, self.device)
-        token_weight = stages.token_weights(samples.region_scores, cfg.reweight.lam, self.device)
+        token_weight = stages.token_weights(
+            samples.region_scores,
+            cfg.reweight,
+            self.device,
+            frames=self.task.spec.latent_frames,
+            iteration=iteration,
+        )
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
         timer["rewards"] = time.perf_counter() - mark
 
@@ -279,7 +292,7 @@ class Trainer:
             adv.r_audio,
             token_weight,
         )
-        steps = math.ceil(len(texts) * cfg.nft.timesteps_per_sample / cfg.nft.mini_batch)
+        steps = math.ceil(len(texts) * times_per_sample(cfg.nft, cfg.sampling) / cfg.nft.mini_batch)
         with progress_bar(steps, f"iter {iteration} train", enabled=cfg.progress) as bar:
             update = stages.nft_update(
                 p,
@@ -306,6 +319,9 @@ class Trainer:
         for name, value in scores.values.items():
             metrics[f"reward/{name}/mean"] = float(value.mean())
             metrics[f"reward/{name}/std"] = float(value.std(correction=0))
+        for name, value in scores.outputs.items():
+            if name not in scores.values:
+                metrics[f"reward_output/{name}/mean"] = float(value.mean())
         metrics["advantage/conflict_rate"] = float(((adv.video * adv.audio) < 0).float().mean())
         metrics["advantage/r_video_mean"] = float(adv.r_video.mean())
         metrics["advantage/r_audio_mean"] = float(adv.r_audio.mean())
@@ -319,10 +335,12 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> tuple[EvalResult, stages.Rollout]:
-        """The policy on the fixed evaluation set (``report.evaluate``)."""
-        return evaluate(
-            self.policy, self.task, self.rewards, self.prompts, self.config, self.device, self.autocast_dtype
-        )
+        """The policy on the fixed evaluation set (``report.evaluate``) with ``sampling.eval_steps`` steps."""
+        config = self.config
+        if config.sampling.eval_steps is not None:
+            config = copy.deepcopy(config)
+            config.sampling.num_steps = config.sampling.eval_steps
+        return evaluate(self.policy, self.task, self.rewards, self.prompts, config, self.device, self.autocast_dtype)
 
     def save(self, iteration: int) -> None:
         """Checkpoint after ``iteration``: models, optimiser, generator and config."""
