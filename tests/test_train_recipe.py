@@ -64,10 +64,11 @@ def test_rewards_read_the_per_modality_prompts(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(RewardModel, "__call__", spy)
     trainer.iteration(0)
+    trainer.evaluate()
     by_av = {r["prompt_av"]: r for r in rows}
-    batch = seen[0]
-    for av, v, a in zip(batch.prompts, batch.prompts_for("video"), batch.prompts_for("audio"), strict=True):
-        assert (v, a) == (by_av[av]["prompt_v"], by_av[av]["prompt_a"])
+    for batch in (seen[0], seen[-1]):  # a training iteration and the fixed evaluation set
+        for av, v, a in zip(batch.prompts, batch.prompts_for("video"), batch.prompts_for("audio"), strict=True):
+            assert (v, a) == (by_av[av]["prompt_v"], by_av[av]["prompt_a"])
 
 
 def test_reward_term_combines_signed_outputs_into_one_advantage() -> None:

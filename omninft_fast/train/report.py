@@ -11,6 +11,7 @@ import torch
 
 from omninft_fast.media import write_sample_folder
 from omninft_fast.rewards import RewardModel
+from omninft_fast.train.builders import PromptRecord
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.metrics import progress_bar
 from omninft_fast.train.model import AVTask, AVVelocityModel
@@ -33,20 +34,24 @@ def evaluate(
     model: AVVelocityModel,
     task: AVTask,
     rewards: list[RewardModel],
-    prompts: list[str],
+    prompts: list[PromptRecord],
     config: TrainConfig,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
 ) -> tuple[EvalResult, Rollout]:
-    """Each reward's mean and standard error over every prompt x ``eval.samples_per_prompt`` samples drawn from
-    ``eval.seed``, sampled in chunks of one iteration's batch; also returns the samples."""
-    texts = [p for p in prompts for _ in range(config.eval.samples_per_prompt)]
+    """Each reward term's mean and standard error over every prompt x ``eval.samples_per_prompt`` samples drawn from
+    ``eval.seed``, sampled in chunks of one iteration's batch, conditioned and judged as in training (``prompt_av``
+    conditions, ``prompt_v`` / ``prompt_a`` reach the rewards, ``rewards.N.outputs`` form the terms); also returns the
+    samples."""
+    records = [p for p in prompts for _ in range(config.eval.samples_per_prompt)]
+    texts = [record.av for record in records]
+    terms = [dict(r.outputs) for r in config.rewards]
     generator = torch.Generator().manual_seed(config.eval.seed)
     model.eval()
     samples, scores = [], []
     chunk = config.prompts_per_iter * config.group_size
     for lo in range(0, len(texts), chunk):
-        part = texts[lo : lo + chunk]
+        part, part_records = texts[lo : lo + chunk], records[lo : lo + chunk]
         bar = progress_bar(config.sampling.num_steps, f"sampling {len(part)}", enabled=config.progress)
         with bar:
             samples.append(
@@ -59,9 +64,11 @@ def evaluate(
                     device=device,
                     autocast_dtype=autocast_dtype,
                     on_step=lambda _, bar=bar: bar.update(),
+                    video_prompts=[record.video for record in part_records],
+                    audio_prompts=[record.audio for record in part_records],
                 )
             )
-        scores.append(score(task, rewards, samples[-1]))
+        scores.append(score(task, rewards, samples[-1], terms))
     merged = {key: torch.cat([s.values[key] for s in scores]) for key in scores[0].values}
     n = len(texts)
     mean = {key: float(v.mean()) for key, v in merged.items()}

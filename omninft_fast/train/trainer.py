@@ -340,7 +340,7 @@ class Trainer:
         if config.sampling.eval_steps is not None:
             config = copy.deepcopy(config)
             config.sampling.num_steps = config.sampling.eval_steps
-        return evaluate(self.policy, self.task, self.rewards, self.prompts, config, self.device, self.autocast_dtype)
+        return evaluate(self.policy, self.task, self.rewards, self.records, config, self.device, self.autocast_dtype)
 
     def save(self, iteration: int) -> None:
         """Checkpoint after ``iteration``: models, optimiser, generator and config."""
