@@ -15,19 +15,8 @@ import json
 import torch
 from bench_ltx2_step import LTX2_19B, TOY, _block_step
 from timing import device_ms
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from omninft_fast import fp8
-
-
-class _CountScaledMM(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.aten._scaled_mm.default
-        return func(*args, **(kwargs or {}))
 
 
 def fp8_comparison(dry_run: bool) -> dict:
@@ -42,7 +31,7 @@ def fp8_comparison(dry_run: bool) -> dict:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
                 return [x.float() for x in model(**data["inputs"])]
 
-        with _CountScaledMM() as counter:
+        with fp8.ScaledMMCounter() as counter:
             velocities = rollout()
         reference = velocities if reference is None else reference
         error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from omninft_fast.dispatch import BackendError
 
@@ -131,6 +132,19 @@ def fp8_linear(
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     return _FP8Linear.apply(x, weight, bias, recipe == "rowwise", _WeightCache())
+
+
+class ScaledMMCounter(TorchDispatchMode):
+    """``with ScaledMMCounter() as counter: ...`` counts the FP8 GEMMs (``aten._scaled_mm``) run inside, to check that
+    a patched model really runs FP8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten._scaled_mm.default
+        return func(*args, **(kwargs or {}))
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from omninft_fast import fp8
 from omninft_fast.dispatch import BackendError
 
 # Bounds derived in omninft_fast.fp8's docstring: e4m3 x e4m3 products within 13% of |x| |w|, e5m2 x e4m3 within 20%.
 FORWARD_BOUND, BACKWARD_BOUND = 0.13, 0.2
-
-
-class CountScaledMM(TorchDispatchMode):
-    """Counts ``aten._scaled_mm`` calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.aten._scaled_mm.default
-        return func(*args, **(kwargs or {}))
 
 
 def _activations(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
@@ -81,7 +68,7 @@ def test_patched_model_runs_fp8_and_stays_close(tiny) -> None:
     names = list(handle.layers)
     assert names and all(".transformer_blocks." in f".{name}" for name in names)
     assert not any(part in name for name in names for part in ("patchify", "proj_out", "adaln", "norm"))
-    with torch.no_grad(), CountScaledMM() as counter:
+    with torch.no_grad(), fp8.ScaledMMCounter() as counter:
         got = tiny.run(model, x)
     assert counter.calls == len(handle.layers) - _skipped_calls(tiny, handle)
     for g, w in zip(got, want, strict=True):

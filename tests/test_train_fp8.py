@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("ltx_core")
 
-from test_fp8 import CountScaledMM
 
+from omninft_fast import fp8
 from omninft_fast.train import Trainer
 from omninft_fast.train.config import ConfigError, load_config
 
@@ -29,7 +29,7 @@ def test_an_iteration_trains_through_fp8_layers(tmp_path: Path, mode: str) -> No
     if mode == "full":
         assert _fp8_layers(policies.old) == _fp8_layers(policies.policy)
     before = [p.detach().clone() for p in policies.trainable]
-    with CountScaledMM() as counter:
+    with fp8.ScaledMMCounter() as counter:
         trainer.iteration(0)
     assert counter.calls > 0
     assert any(not torch.equal(b, p) for b, p in zip(before, policies.trainable, strict=True))
