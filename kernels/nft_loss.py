@@ -31,6 +31,15 @@ _X0_MIN_ERROR = 1e-5
 
 
 @triton.jit
+def _velocity_errors(theta_ptr, old_ptr, target_ptr, offsets, mask, beta):
+    """``(v_theta, v+ - target, v- - target)`` of one masked tile in float32 (Eq 4-5), zero where masked."""
+    theta = tl.load(theta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    target = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return theta, (1.0 - beta) * old + beta * theta - target, (1.0 + beta) * old - beta * theta - target
+
+
+@triton.jit
 def _nft_loss_fwd_kernel(
     theta_ptr,
     old_ptr,
@@ -88,11 +97,7 @@ def _nft_loss_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = row_mask[:, None] & (cols < channels)[None, :]
         offsets = row_start + cols[None, :]
-        theta = tl.load(theta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        target = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        pos = (1.0 - beta) * old + beta * theta - target  # v+ - target
-        neg = (1.0 + beta) * old - beta * theta - target  # v- - target
+        theta, pos, neg = _velocity_errors(theta_ptr, old_ptr, target_ptr, offsets, mask, beta)
         if X0_NORM:
             policy += tl.sum(g_pos * pos * pos + g_neg * neg * neg, axis=1)
             grad = g_pos * pos - g_neg * neg
@@ -143,11 +148,9 @@ def _nft_x0_sums_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = row_mask[:, None] & (cols < channels)[None, :]
         offsets = row_start + cols[None, :]
-        theta = tl.load(theta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        target = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        pos_abs += tl.sum(tl.abs((1.0 - beta) * old + beta * theta - target), axis=1)
-        neg_abs += tl.sum(tl.abs((1.0 + beta) * old - beta * theta - target), axis=1)
+        _, pos, neg = _velocity_errors(theta_ptr, old_ptr, target_ptr, offsets, mask, beta)
+        pos_abs += tl.sum(tl.abs(pos), axis=1)
+        neg_abs += tl.sum(tl.abs(neg), axis=1)
     if HAS_TOKEN_WEIGHT:
         w = tl.load(token_weight_ptr + rows, mask=row_mask, other=0.0)
         pos_abs *= w
