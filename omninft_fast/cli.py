@@ -68,6 +68,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as error:
         print(f"train: {error} (output_dir {config.output_dir})", file=sys.stderr)
         return 130
+    if not trainer.dist.main:
+        return 0
     print(
         f"\nEvaluation on {after.count} samples (every task prompt x {config.eval.samples_per_prompt} seeds, "
         f"eval seed {config.eval.seed}), run seed {config.seed}:"

@@ -11,4 +11,6 @@ pip_install -r requirements/cpu.txt
 # LTX-2 libraries, reward models and trainer extras: pinned, never allowed to resolve dependencies (ltx-core
 # declares torchaudio and peft declares torch: either would replace this torch).
 pip_install --no-deps -r requirements/ltx2.txt -r requirements/rewards.txt -r requirements/train.txt
+# DeepSpeed ZeRO: no op compiled at install time.
+DS_BUILD_OPS=0 pip_install --no-deps -r requirements/distributed.txt
 pip_install --no-build-isolation --no-deps -e .

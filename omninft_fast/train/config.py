@@ -269,6 +269,19 @@ class FP8Config:
 
 
 @dataclass
+class DistributedConfig:
+    """Training on several processes (``train/distributed.py``): ``backend`` ``none`` (one process), ``fsdp2``
+    (PyTorch ``fully_shard``) or ``deepspeed`` (ZeRO ``zero_stage`` 2 or 3), launched with ``torchrun``.
+    ``mixed_precision``: ``auto`` is bf16 compute with fp32 gradient reduction and master weights on CUDA and fp32
+    on CPU; ``timeout_s`` bounds a collective's wait."""
+
+    backend: str = "none"
+    zero_stage: int = 3
+    mixed_precision: str = "auto"
+    timeout_s: int = 600
+
+
+@dataclass
 class EvalConfig:
     """Fixed evaluation set (every task prompt, ``samples_per_prompt`` seeds) before and after training."""
 
@@ -321,6 +334,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -348,6 +362,9 @@ class TrainConfig:
             "fp8.recipe": (self.fp8.recipe, ("rowwise", "tensorwise")),
             "ltx.dtype": (self.ltx.dtype, DTYPES),
             "ltx.decoder_dtype": (self.ltx.decoder_dtype, DTYPES),
+            "distributed.backend": (self.distributed.backend, ("none", "fsdp2", "deepspeed")),
+            "distributed.zero_stage": (self.distributed.zero_stage, (2, 3)),
+            "distributed.mixed_precision": (self.distributed.mixed_precision, ("auto", "bf16", "off")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -381,6 +398,7 @@ class TrainConfig:
             "ltx.width": self.ltx.width,
             "ltx.fps": self.ltx.fps,
             "ltx.decode_batch": self.ltx.decode_batch,
+            "distributed.timeout_s": self.distributed.timeout_s,
             **{f"task.{name}": getattr(self.task, name) for name in TASK_SIZES},
         }
         for key, value in positive.items():
@@ -390,6 +408,12 @@ class TrainConfig:
             raise ConfigError(
                 "fp8.rollout_only needs finetune.mode=full: with LoRA the trained and the old policy share one model"
             )
+        if self.distributed.backend != "none" and self.on_nonfinite == "drop":
+            raise ConfigError(
+                "on_nonfinite=drop needs distributed.backend=none (dropped groups would split unevenly over ranks)"
+            )
+        if self.distributed.backend != "none" and self.fp8.enabled:
+            raise ConfigError("fp8.enabled needs distributed.backend=none")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
         last_step = self.sampling.num_steps - 1 if self.reweight.last_step is None else self.reweight.last_step

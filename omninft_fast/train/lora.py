@@ -43,6 +43,15 @@ class LoraAdapters:
             raise ValueError(f"finetune.lora_targets {targets} match no linear layer of the model")
         for param in model.parameters():
             param.requires_grad_(False)
+        self.rebind(model)
+        with torch.no_grad():
+            for trained, old in self.pairs:
+                old.copy_(trained)
+        self._activate(TRAINED)
+
+    def rebind(self, model: nn.Module) -> None:
+        """Read the two adapters' parameters from ``model`` (again after an engine replaced them with its
+        shards)."""
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
         self.named: dict[str, nn.Parameter] = {}
         named = dict(model.named_parameters())
@@ -52,10 +61,6 @@ class LoraAdapters:
                 self.pairs.append((param, named[old_key]))
                 self.named[key] = param
                 self.named[old_key] = named[old_key]
-        with torch.no_grad():
-            for trained, old in self.pairs:
-                old.copy_(trained)
-        self._activate(TRAINED)
 
     def _activate(self, name: str | None) -> None:
         for layer in self.layers:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -128,13 +128,15 @@ def rollout(
     on_step: Callable[[int], None] | None = None,
     video_prompts: list[str] | None = None,
     audio_prompts: list[str] | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Rollout:
-    """Euler-sample ``texts`` with ``model`` from fresh noise (Eq 1-2) and ``sampling``'s guidance; with the
+    """Euler-sample ``texts`` with ``model`` from ``noise`` (default: fresh, ``draw_noise``) (Eq 1-2) and
+    ``sampling``'s guidance; with the
     ``ltx2.patch`` ``handle`` of the sampling model also capture the ``(B, Nv)`` Eq 10 scores of the ``last_steps``
     steps ending at ``last_step`` (default the final one), from the conditional pass or the mean of ``all`` passes.
     ``video_prompts`` and ``audio_prompts`` ride along for the rewards."""
     cond = condition(task, texts, device)
-    noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device)
+    noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device) if noise is None else noise
     uses_uncond = sampling.video_cfg != 1.0 or sampling.audio_cfg != 1.0
     guidance = Guidance(
         Condition(*task.unconditional(len(texts))).to(device) if uses_uncond else None,
@@ -384,12 +386,13 @@ def nft_backward(
     nft: NFTConfig,
     autocast: Callable[[], contextlib.AbstractContextManager],
     scale: float = 1.0,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> dict[str, torch.Tensor]:
-    """Back-propagate ``scale`` times one micro-batch's Eq 12 loss (``modality_loss``), adding to the gradients;
-    ``scale = 1 / micro-batches per optimiser step`` keeps the gradient of an accumulated step that of the mean
-    loss. Returns the detached ``{"video", "audio"}`` losses (unscaled)."""
+    """Back-propagate (``backward``: an engine's) ``scale`` times one micro-batch's Eq 12 loss (``modality_loss``),
+    adding to the gradients; ``scale = 1 / micro-batches per optimiser step`` keeps the gradient of an accumulated
+    step that of the mean loss. Returns the detached ``{"video", "audio"}`` losses (unscaled)."""
     losses = nft_losses(policies, batch, index, t, noise, nft, autocast)
-    (modality_loss(losses, nft) * scale).backward()
+    backward(modality_loss(losses, nft) * scale)
     return {name: loss.detach() for name, loss in losses.items()}
 
 
@@ -402,6 +405,23 @@ def optimizer_step(policies: Policies, optimizer: torch.optim.Optimizer, grad_cl
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm/total": float(grad_total), **norms}
+
+
+class UpdateEngine(Protocol):
+    """How ``nft_update`` runs on several ranks (``train/distributed.py``): this rank's share of a micro-batch,
+    the no-sync context until the accumulation boundary, the engine's backward and step, metrics over ranks."""
+
+    def local(
+        self, part: torch.Tensor, t: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> dict[str, float]: ...
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor: ...
 
 
 def nft_update(
@@ -417,28 +437,46 @@ def nft_update(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     on_step: Callable[[], None] | None = None,
+    engine: UpdateEngine | None = None,
 ) -> dict[str, float]:
     """The NFT update of one iteration: ``K`` training times per sample (``training_times``), shuffled into
     micro-batches of ``nft.mini_batch`` with fresh noise each, one optimiser step per micro-batch or per iteration
     (``nft.accumulate``); returns the losses averaged over the micro-batches and the gradient norms over the
-    steps."""
+    steps. With an ``engine`` each rank trains on its share of every micro-batch (``optimizer`` is the engine's)."""
     index, times = training_times(len(batch.video), generator, nft, sampling)
     starts = range(0, len(index), nft.mini_batch)
     per_step = len(starts) if nft.accumulate == "iteration" else 1
     losses, steps = [], []
     optimizer.zero_grad(set_to_none=True)
     for i, lo in enumerate(starts):
-        part = index[lo : lo + nft.mini_batch]
+        part = index[lo : lo + nft.mini_batch].to(device)
         noise = draw_noise(spec, len(part), generator, device)
         t = times[lo : lo + nft.mini_batch].to(device)
-        losses.append(
-            nft_backward(policies, batch, part.to(device), t, noise, nft=nft, autocast=autocast, scale=1.0 / per_step)
-        )
-        if (i + 1) % per_step == 0:
-            steps.append(optimizer_step(policies, optimizer, grad_clip))
+        boundary = (i + 1) % per_step == 0
+        if engine is None:
+            losses.append(nft_backward(policies, batch, part, t, noise, nft=nft, autocast=autocast, scale=1 / per_step))
+        else:
+            part, t, noise = engine.local(part, t, noise)
+            with engine.micro_batch(boundary):
+                losses.append(
+                    nft_backward(
+                        policies,
+                        batch,
+                        part,
+                        t,
+                        noise,
+                        nft=nft,
+                        autocast=autocast,
+                        scale=1 / per_step,
+                        backward=engine.backward,
+                    )
+                )
+        if boundary:
+            steps.append(optimizer_step(policies, optimizer, grad_clip) if engine is None else engine.step())
         if on_step is not None:
             on_step()
-    metrics = {f"loss/{name}": float(torch.stack([m[name] for m in losses]).mean()) for name in ("video", "audio")}
+    mean = (lambda x: x) if engine is None else engine.mean
+    metrics = {f"loss/{name}": float(mean(torch.stack([m[name] for m in losses]).mean())) for name in MODALITIES[:2]}
     return metrics | {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omninft_fast.media import MissingDependency
-from omninft_fast.train import stages
+from omninft_fast.train import distributed, stages
 from omninft_fast.train.builders import (
     build_policies,
     build_rewards,
@@ -142,32 +142,46 @@ class Trainer:
             raise ValueError("--resume continues the run in output_dir and --overwrite moves it aside: give one")
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        self.device = torch.device(config.device)
+        self.dist = distributed.init(config)
+        try:
+            self._build(config, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.dist.close(wait=False)
+            raise
+
+    def _build(self, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+        self.device = self.dist.device
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} is not available on this machine (no CUDA device)")
         self.out = Path(config.output_dir)
-        held = [name for name in RUN_FILES if (self.out / name).exists()]
+        run_files = (*RUN_FILES, distributed.DCP_CHECKPOINT, distributed.DEEPSPEED_CHECKPOINT)
+        held = [name for name in run_files if (self.out / name).exists()]
         if held and not resume:
             if not overwrite:
                 raise FileExistsError(
                     f"output_dir {str(self.out)!r} already holds a run ({', '.join(held)}); continue it with "
                     "--resume, or start afresh with --overwrite (moves the old run aside, deletes nothing)"
                 )
-            print(f"moved the run in {str(self.out)!r} to {str(move_aside(self.out))!r}")
+            if self.dist.main:
+                print(f"moved the run in {str(self.out)!r} to {str(move_aside(self.out))!r}")
+        self.dist.barrier()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / ".write-test").touch()
-            (self.out / ".write-test").unlink()
+            (self.out / f".write-test-{self.dist.rank}").touch()
+            (self.out / f".write-test-{self.dist.rank}").unlink()
         except OSError as error:
             raise PermissionError(f"output_dir {str(self.out)!r} is not writable ({error.strerror})") from None
-        from_checkpoint = resume and (self.out / CHECKPOINT).exists()
-        if resume and not from_checkpoint:
+        found = distributed.latest_checkpoint(self.out, CHECKPOINT) if resume else None
+        if resume and found is None:
             if not held:
                 raise FileNotFoundError(f"output_dir {str(self.out)!r} holds no run to resume")
             print(f"note: {str(self.out)!r} holds no checkpoint yet; the run starts again from iteration 0")
-        changes = (
-            resume_changes(checkpoint_metadata(self.out / CHECKPOINT)["config"], config) if from_checkpoint else {}
-        )
+        if found is not None:
+            distributed.readable(found[0], config.distributed.backend, found[1])
+            saved = (
+                checkpoint_metadata(found[1]) if found[0] == "safetensors" else distributed.folder_metadata(found[1])
+            )
+        changes = resume_changes(saved["config"], config) if found is not None else {}
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
@@ -182,34 +196,48 @@ class Trainer:
             raise ValueError(f"prompts_per_iter must be <= {len(self.prompts)} (distinct prompts of the task)")
         self.rewards = build_rewards(config)
         self.policies = build_policies(config, self.task, self.device)
-        self.policy = self.policies.policy
-        self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
-        self.start_iteration = 0
-        if from_checkpoint:
-            meta = load_checkpoint(
-                self.out / CHECKPOINT,
-                modules=self.policies.checkpointed(),
-                optimizer=self.optimizer,
-                generator=self.generator,
+        self.engine: distributed.Engine | None = None
+        if self.dist.sharded:
+            self.policies, self.engine = distributed.wrap(
+                self.policies, config, self.dist, lambda params: make_optimizer(params, config, self.device)
             )
+            self.policies = self.engine.policies
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
+        self.policy = self.policies.policy
+        self.start_iteration = 0
+        if found is not None:
+            kind, path = found
+            if self.engine is not None:
+                meta = self.engine.load(path, self.generator)
+            elif kind == "fsdp2":
+                meta = distributed.load_dcp(path, self.policies, self.optimizer, self.generator)
+            else:
+                meta = load_checkpoint(
+                    path, modules=self.policies.checkpointed(), optimizer=self.optimizer, generator=self.generator
+                )
             self.start_iteration = meta["iteration"] + 1
             o = config.optim
             for group in self.optimizer.param_groups:
                 group.update(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
             if changes:
                 lines = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items()]
-                print(f"resume from iteration {self.start_iteration} changes {'; '.join(lines)}")
-                with (self.out / "resume.log").open("a") as handle:
-                    handle.write(f"iteration {self.start_iteration}: {'; '.join(lines)}\n")
-        save_config(config, self.out / "config.yaml")
-        self.saved_iteration: int | None = self.start_iteration - 1 if from_checkpoint else None
-        self.logger = MetricsLogger(
-            self.out,
-            tensorboard=config.tensorboard,
-            wandb=config.wandb,
-            config=config.to_dict(),
-            resume_iteration=self.start_iteration - 1 if resume else None,
-        )
+                if self.dist.main:
+                    print(f"resume from iteration {self.start_iteration} changes {'; '.join(lines)}")
+                    with (self.out / "resume.log").open("a") as handle:
+                        handle.write(f"iteration {self.start_iteration}: {'; '.join(lines)}\n")
+        self.saved_iteration: int | None = self.start_iteration - 1 if found is not None else None
+        self.logger: MetricsLogger | None = None
+        if self.dist.main:
+            save_config(config, self.out / "config.yaml")
+            self.logger = MetricsLogger(
+                self.out,
+                tensorboard=config.tensorboard,
+                wandb=config.wandb,
+                config=config.to_dict(),
+                resume_iteration=self.start_iteration - 1 if resume else None,
+            )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -233,13 +261,16 @@ class Trainer:
         picks = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_iter]
         chosen = [self.records[int(i)] for i in picks for _ in range(cfg.group_size)]
         texts = [record.av for record in chosen]
+        # Each rank samples and scores its share of the prompt groups from its rows of the whole batch's noise.
+        local = self.dist.local(chosen)
+        noise = stages.draw_noise(self.task.spec, len(chosen), self.generator, self.device)
 
         self.policy.eval()
-        with progress_bar(cfg.sampling.num_steps, f"sampling {len(texts)}", enabled=cfg.progress) as bar:
+        with progress_bar(cfg.sampling.num_steps, f"sampling {len(local)}", enabled=cfg.progress) as bar:
             samples = stages.rollout(
                 p.old,
                 self.task,
-                texts,
+                [record.av for record in local],
                 self.generator,
                 sampling=cfg.sampling,
                 device=self.device,
@@ -249,13 +280,17 @@ class Trainer:
                 last_step=cfg.reweight.last_step,
                 passes=cfg.reweight.passes,
                 on_step=lambda _: bar.update(),
-                video_prompts=[record.video for record in chosen],
-                audio_prompts=[record.audio for record in chosen],
+                video_prompts=[record.video for record in local],
+                audio_prompts=[record.audio for record in local],
+                noise=(self.dist.local(noise[0]), self.dist.local(noise[1])),
             )
         timer["sampling"] = time.perf_counter() - start
 
         mark = time.perf_counter()
         scores = stages.score(self.task, self.rewards, samples, [dict(r.outputs) for r in cfg.rewards])
+        samples, scores = distributed.gather_rollout(
+            self.dist, samples, scores, texts, [r.video for r in chosen], [r.audio for r in chosen]
+        )
         groups, dropped = cfg.prompts_per_iter, {}
         if cfg.on_nonfinite == "drop":
             samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
@@ -306,12 +341,16 @@ class Trainer:
                 device=self.device,
                 autocast=self._autocast,
                 on_step=bar.update,
+                engine=self.engine,
             )
         timer["training"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         eta = stages.old_policy_eta(iteration, cfg.nft)
-        stages.update_old_policy(p, eta)
+        if self.engine is None:
+            stages.update_old_policy(p, eta)
+        else:
+            self.engine.update_old_policy(eta)
         timer["old_policy_update"] = time.perf_counter() - mark
         total = time.perf_counter() - start
 
@@ -343,17 +382,25 @@ class Trainer:
         return evaluate(self.policy, self.task, self.rewards, self.records, config, self.device, self.autocast_dtype)
 
     def save(self, iteration: int) -> None:
-        """Checkpoint after ``iteration``: models, optimiser, generator and config."""
+        """Checkpoint after ``iteration``: models, optimiser, generator and config (an engine's sharded folder on a
+        distributed run)."""
+        metadata = {"iteration": iteration, "config": self.config.to_dict()}
+        if self.engine is not None:
+            self.engine.save(self.out, self.generator, metadata)
+            self.saved_iteration = iteration
+            return
         save_checkpoint(
             self.out / CHECKPOINT,
             modules=self.policies.checkpointed(),
             optimizer=self.optimizer,
             generator=self.generator,
-            metadata={"iteration": iteration, "config": self.config.to_dict()},
+            metadata=metadata,
         )
         self.saved_iteration = iteration
 
     def _write_samples(self, tag: str, samples: stages.Rollout) -> None:
+        if not self.dist.main:
+            return
         spec, folder = self.task.spec, self.out / "samples" / tag
         if folder.exists():
             print(f"moved earlier samples {str(folder)!r} to {str(move_aside(folder))!r}")
@@ -386,11 +433,19 @@ class Trainer:
             )
 
         with stop_on_signal(at_once) as stop:
-            return self._run(stop)
+            try:
+                result = self._run(stop)
+            except BaseException:
+                self.dist.close(wait=False)
+                raise
+        self.dist.close()
+        return result
 
     def _stop_point(self, stop: dict[str, str], iteration: int) -> None:
-        """Before ``iteration``: if a signal arrived, checkpoint the state after ``iteration - 1`` and stop."""
-        if stop:
+        """Before ``iteration``: if a signal arrived (on any rank), checkpoint the state after ``iteration - 1``
+        and stop."""
+        if self.dist.agree(bool(stop)):
+            stop.setdefault("signal", "a signal on another rank")
             if self.saved_iteration != iteration - 1:
                 self.save(iteration - 1)
             raise TrainingInterrupted(f"stopped by {stop['signal']}; --resume continues from iteration {iteration}")
@@ -401,7 +456,8 @@ class Trainer:
         if self.start_iteration == 0 or not before_path.exists():
             before, samples = self.evaluate()
             self._write_samples("before", samples)
-            _write_text(before_path, json.dumps(before.__dict__))
+            if self.dist.main:
+                _write_text(before_path, json.dumps(before.__dict__))
         else:
             before = EvalResult(**json.loads(before_path.read_text()))
         bar = tqdm(
@@ -410,15 +466,19 @@ class Trainer:
         for it in bar:
             self._stop_point(stop, it)
             metrics = self.iteration(it)
-            self.logger.log(it, metrics)
+            if self.logger is not None:
+                self.logger.log(it, metrics)
             bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/mean")})
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 self.save(it)
         self._stop_point(stop, cfg.iterations)
         after, samples = self.evaluate()
-        _write_text(self.out / "eval_after.json", json.dumps(after.__dict__))
+        if self.engine is not None:
+            self.engine.export(self.out / distributed.EXPORT)
         self._write_samples("after", samples)
-        write_reward_curves(self.out / "reward_curve.png", self.logger.history())
-        self.logger.close()
-        _write_text(self.out / "eval_table.md", format_table(before, after) + "\n")
+        if self.logger is not None:
+            _write_text(self.out / "eval_after.json", json.dumps(after.__dict__))
+            write_reward_curves(self.out / "reward_curve.png", self.logger.history())
+            self.logger.close()
+            _write_text(self.out / "eval_table.md", format_table(before, after) + "\n")
         return before, after
