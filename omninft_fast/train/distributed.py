@@ -178,7 +178,8 @@ def _collect(policies: Policies, trainable: list[torch.nn.Parameter]) -> Policie
 
 def _fsdp_shard(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
     """``fully_shard`` every transformer block of ``model``, then the model (its root, also resharded after a
-    forward: the old policy and the reference run no backward), with the mixed precision policy: bf16 compute with fp32 gradient reduction and fp32 parameters on CUDA (``mixed_precision: auto``)."""
+    forward: the old policy and the reference run no backward), with the mixed precision policy: bf16 compute
+    with fp32 gradient reduction and fp32 parameters on CUDA (``mixed_precision: auto``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = _bf16(config, device)
