@@ -20,13 +20,14 @@ process group is gloo on CPU and nccl on CUDA. What this module adds to the sing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +49,7 @@ META = "meta.json"
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Dist:
     """This process in the run: ``backend``, ``rank`` of ``world`` and its ``device``."""
 
@@ -173,7 +174,7 @@ def _collect(policies: Policies, trainable: list[torch.nn.Parameter]) -> Policie
     if policies.adapters is not None:
         policies.adapters.rebind(policies.policy)
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
-    return replace(policies, trainable=trainable, parameters=[p for _, p in named], streams=streams)
+    return dataclasses.replace(policies, trainable=trainable, parameters=[p for _, p in named], streams=streams)
 
 
 def _fsdp_shard(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
@@ -207,7 +208,7 @@ def deepspeed_config(config: TrainConfig, world: int, *, optimizer: bool = True)
         "train_micro_batch_size_per_gpu": nft.mini_batch // world,
         "gradient_accumulation_steps": accumulate,
         "train_batch_size": nft.mini_batch * accumulate,
-        "zero_optimization": {"stage": config.distributed.zero_stage},
+        "zero_optimization": {"stage": config.distributed.zero_stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -243,6 +244,9 @@ def wrap(policies: Policies, config: TrainConfig, world: Dist, make_optimizer: A
         return policies, FSDPEngine(world, policies, make_optimizer(trainable), config.optim.grad_clip)
     import deepspeed
 
+    if config.distributed.zero_stage == 3:
+        for model in [policies.policy] + ([] if lora else [m for m in (policies.old, policies.ref) if m is not None]):
+            _expose_block_outputs(model)
     trainable = [p for p in policies.policy.parameters() if p.requires_grad]
     engine, optimizer, _, _ = deepspeed.initialize(
         model=policies.policy, model_parameters=trainable, config=deepspeed_config(config, world.world)
@@ -256,6 +260,41 @@ def wrap(policies: Policies, config: TrainConfig, world: Dist, make_optimizer: A
                 )
     policies = _collect(policies, trainable)
     return policies, DeepSpeedEngine(world, policies, optimizer, engine, frozen)
+
+
+@functools.cache
+def _tensor_outputs(base: type) -> type:
+    """``base`` (an ltx-core transformer block class) whose ``forward`` returns the tensors of its two
+    ``TransformerArgs`` as a flat tuple, and whose call rebuilds the dataclasses: ZeRO-3 finds a module's output
+    tensors only in tuples, lists and dicts, and hooks them to gather the block's own parameters (its AdaLN
+    tables) again for the backward pass."""
+
+    class TensorOutputs(base):
+        def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+            outputs = base.forward(self, *args, **kwargs)
+            self._outputs = outputs
+            return tuple(value for out in outputs for value in _tensor_fields(out).values())
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            flat = iter(super().__call__(*args, **kwargs))
+            outputs, self._outputs = self._outputs, None
+            return tuple(dataclasses.replace(out, **{k: next(flat) for k in _tensor_fields(out)}) for out in outputs)
+
+    TensorOutputs.__name__ = f"ZeRO3{base.__name__}"
+    return TensorOutputs
+
+
+def _tensor_fields(out: Any) -> dict[str, torch.Tensor]:
+    return {
+        f.name: getattr(out, f.name) for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), torch.Tensor)
+    }
+
+
+def _expose_block_outputs(model: torch.nn.Module) -> None:
+    """Give every transformer block of ``model`` tensor outputs for ZeRO-3 (``_tensor_outputs``; parameter names
+    and weights are unchanged)."""
+    for block in model.model.transformer_blocks:
+        block.__class__ = _tensor_outputs(type(block))
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -504,7 +543,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(world, policies, optimizer)
         self.engine = engine
         self.frozen = frozen
-        self.policies = replace(policies, policy=engine)
+        self.policies = dataclasses.replace(policies, policy=engine)
 
     @contextlib.contextmanager
     def micro_batch(self, boundary: bool) -> Iterator[None]:
