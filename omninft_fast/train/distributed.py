@@ -172,7 +172,7 @@ def _collect(policies: Policies, trainable: list[torch.nn.Parameter]) -> Policie
     """``policies`` with its parameter lists read again from the (now sharded) modules."""
     named = list(policies.policy.named_parameters())
     if policies.adapters is not None:
-        policies.adapters.rebind(policies.policy)
+        policies.adapters.rebind(policies.policy.model)
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
     return dataclasses.replace(policies, trainable=trainable, parameters=[p for _, p in named], streams=streams)
 
@@ -498,9 +498,10 @@ def _full(value: torch.Tensor) -> torch.Tensor:
 
 
 def _export_keys(policies: Policies, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The export's tensors from the policy's full state dict: ``lora.<adapter key>`` or ``policy.<key>``."""
+    """The export's tensors from the policy's full state dict: ``lora.<adapter key>`` (keys of the adapted
+    ``LTXModel``, as in the single-process checkpoint) or ``policy.<key>``."""
     if policies.adapters is not None:
-        return {f"lora.{key}": full[key] for key in policies.adapters.named}
+        return {f"lora.{key}": full[f"model.{key}"] for key in policies.adapters.named}
     return {f"policy.{key}": value for key, value in full.items()}
 
 
