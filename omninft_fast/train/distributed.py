@@ -306,6 +306,18 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.data
 
 
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of ``model``'s parameters and ``optimizer``'s state on this rank (a DTensor's local shard)."""
+    optim = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return _storage_bytes([_local(t) for t in [*model.parameters(), *optim]])
+
+
 def _replace_folder(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` folder to ``final``; the checkpoint it replaces is kept as ``<final>.prev``
     until the rename is done (``checkpoint_folder`` reads it if a kill fell in between)."""
@@ -390,12 +402,7 @@ class Engine:
 
     def state_bytes(self) -> int:
         """Bytes of the trained model's parameters and the optimiser state this rank holds (each storage once)."""
-        tensors = [_local(p) for p in self.policies.policy.parameters()] + self._optimizer_tensors()
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
-        return sum(storages.values())
-
-    def _optimizer_tensors(self) -> list[torch.Tensor]:
-        return [_local(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return state_bytes(self.policies.policy, self.optimizer)
 
     def save(self, out: Path, generator: torch.Generator, metadata: dict[str, Any]) -> None:
         """Checkpoint into ``out/<folder_name>`` through a temporary folder renamed into place (every rank)."""
@@ -577,8 +584,7 @@ class DeepSpeedEngine(Engine):
         ]
         inner = getattr(zero, "optimizer", zero)
         states = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in params + flats + states}
-        return sum(storages.values())
+        return _storage_bytes(params + flats + states)
 
     def _frozen_state(self) -> list[torch.Tensor]:
         """This rank's shards of what the engine's checkpoint leaves out: the old policy (and reference)."""

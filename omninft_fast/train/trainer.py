@@ -366,6 +366,10 @@ class Trainer:
         metrics["advantage/r_audio_mean"] = float(adv.r_audio.mean())
         metrics.update(update)
         metrics["eta"] = eta
+        held = (
+            self.engine.state_bytes() if self.engine is not None else distributed.state_bytes(p.policy, self.optimizer)
+        )
+        metrics["memory/param_optim_bytes"] = float(held)
         metrics["dropped_groups"] = float(cfg.prompts_per_iter - groups)
         for phase, seconds in timer.items():
             metrics[f"time/{phase}"] = seconds
