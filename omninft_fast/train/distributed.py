@@ -526,7 +526,7 @@ def load_dcp(
         "optim": get_optimizer_state_dict(policies.policy, optimizer),
         "rng": _rng_state(generator),
     }
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     for prefix, module in modules.items():
         module.load_state_dict(state["modules"][prefix])
     set_optimizer_state_dict(policies.policy, optimizer, state["optim"])
