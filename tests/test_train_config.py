@@ -21,6 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         "ltx2_19b_example.yaml",
         "ltx2_19b_official.yaml",
         "ltx2_19b_paper.yaml",
+        "ltx2_19b_fsdp2_8gpu.yaml",
+        "ltx2_19b_zero3_16gpu.yaml",
     ],
 )
 def test_shipped_configs_parse_and_round_trip(name: str, tmp_path: Path) -> None:
