@@ -17,7 +17,7 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
-    "dist": ["deepspeed>=0.15"],
+    "dist": ["deepspeed==0.19.8"],
     "ltx2": ["ltx-core==1.0.0", "diffusers==0.42.1", "einops", "safetensors"],
     "train": ["matplotlib>=3.8", "tensorboard", "peft"],
     "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
