@@ -21,6 +21,7 @@ SECTIONS = (
     "tiles",
     "block_profile",
     "fp8",
+    "distributed",
 )
 
 
@@ -58,6 +59,10 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
     assert fp8_rows[0]["scaled_mm_per_forward"] == 0
     assert all(row["scaled_mm_per_forward"] == row["fp8_layers"] > 0 for row in fp8_rows[1:])
     assert all(row["velocity_rel_error_vs_bf16"] < 0.15 for row in fp8_rows)
+    engines = results["distributed"]["rows"]
+    assert [row["backend"] for row in engines] == ["none", "fsdp2", "deepspeed"]
+    assert all(row["iteration_s"] > 0 and row["param_optim_bytes"] > 0 for row in engines)
+    assert all(isinstance(row["within_5_percent"], bool) for row in engines[1:])
 
 
 def test_shell_entry_and_refusals(tmp_path: Path) -> None:

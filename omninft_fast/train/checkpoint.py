@@ -148,6 +148,14 @@ def load_checkpoint(
     return metadata
 
 
+def load_full_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor of a ``save_checkpoint`` file and its optimiser state dict (parameters by index), unchecked: for
+    an engine that shards them as it loads."""
+    path = Path(path)
+    tensors = _tensors(path, "checkpoint")
+    return tensors, _unflatten_optimizer(tensors, json.loads(_header(path, "checkpoint")["optimizer"]))
+
+
 def load_modules(path: str | Path, modules: dict[str, Stateful]) -> dict[str, torch.Tensor]:
     """Load the ``modules`` (by prefix) of a ``save_checkpoint`` file, with the same checks as ``load_checkpoint``
     but leaving the optimiser and RNG states alone; returns every tensor of the file.

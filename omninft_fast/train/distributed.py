@@ -487,7 +487,37 @@ class FSDPEngine(Engine):
         dcp.save(self._state(generator), checkpoint_id=str(folder))
 
     def load(self, folder: Path, generator: torch.Generator) -> dict[str, Any]:
+        """Restore a ``checkpoint.dcp`` folder, or a one-process ``checkpoint.safetensors`` file (its full tensors
+        are sharded as they load)."""
+        if folder.is_file():
+            return self._load_single(folder, generator)
         return load_dcp(folder, self.policies, self.optimizer, generator)
+
+    def _load_single(self, path: Path, generator: torch.Generator) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from omninft_fast.train.checkpoint import checkpoint_metadata, load_full_state
+
+        p = self.policies
+        tensors, optim = load_full_state(path)
+        full = StateDictOptions(full_state_dict=True)
+        for prefix, module in p.checkpointed().items():
+            own = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+            if p.adapters is not None:  # the adapters' keys are the adapted LTXModel's
+                own = {f"model.{key}": value for key, value in own.items()}
+                module = p.policy
+            set_model_state_dict(module, own, options=dataclasses.replace(full, strict=p.adapters is None))
+        names = [name for name, param in p.policy.named_parameters() if param.requires_grad]
+        optim["state"] = {names[index]: state for index, state in optim["state"].items()}
+        for group in optim["param_groups"]:
+            group["params"] = [names[index] for index in group["params"]]
+        set_optimizer_state_dict(p.policy, self.optimizer, optim, options=full)
+        _set_rng({"generator": tensors["rng.generator"], "torch": tensors["rng.torch"]}, generator)
+        return checkpoint_metadata(path)
 
     def export(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -646,13 +676,13 @@ def latest_checkpoint(out: Path, single: str) -> tuple[str, Path] | None:
 
 def readable(kind: str, backend: str, path: Path) -> None:
     """``ValueError`` unless a run with ``distributed.backend=backend`` reads a ``kind`` checkpoint: the same
-    backend, or one process (``none``) reading an FSDP2 folder (DCP reshards)."""
-    if kind == backend or (kind == "safetensors" and backend == "none") or (kind == "fsdp2" and backend == "none"):
+    backend, one process (``none``) reading an FSDP2 folder (DCP reshards) or FSDP2 the one-process file."""
+    if kind == backend or {kind, backend} in ({"safetensors", "none"}, {"safetensors", "fsdp2"}, {"fsdp2", "none"}):
         return
     written = "none" if kind == "safetensors" else kind
     raise ValueError(
         f"checkpoint {str(path)!r} was written with distributed.backend={written}; resume it with that backend"
-        + (" or with none (one process)" if kind == "fsdp2" else "")
+        + {"fsdp2": " or with none (one process)", "safetensors": " or with fsdp2"}.get(kind, "")
     )
 
 
