@@ -1,6 +1,7 @@
 """Distributed training on CPU (gloo, 2 processes under torchrun): FSDP2 and DeepSpeed ZeRO-3 runs of the micro
 config equal the one-process run with the same global batch, shard the parameter and optimiser bytes, survive a
-kill mid-iteration, and an FSDP2 checkpoint resumes in one process (DCP reshards it).
+kill mid-iteration; an FSDP2 checkpoint resumes in one process (DCP reshards it) and FSDP2 continues a one-process
+checkpoint.
 
 Tolerance: 1e-5 relative on losses, rewards, advantages and the parameters after 3 iterations. Each rank runs the
 model on half of every batch and the engines sum gradients across ranks, so float32 results differ from one
@@ -170,6 +171,16 @@ def test_a_two_rank_fsdp2_checkpoint_resumes_in_one_process(runs: dict[str, Path
     trainer.run()
     assert [m["iteration"] for m in metrics(out)] == [0, 1, 2, 3]
     assert (out / CHECKPOINT).exists()
+
+
+def test_fsdp2_continues_a_one_process_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Two iterations in one process, the third on 2 FSDP2 ranks: the one-process run's result."""
+    out = tmp_path / "continued"
+    assert main(["train", *ARGS, f"output_dir={out}", "iterations=2"]) == 0
+    run(2, out, "distributed.backend=fsdp2", "--resume")
+    single, export = load_file(str(runs["one"] / CHECKPOINT)), load_file(str(out / distributed.EXPORT))
+    assert all(torch.allclose(value, single[key], rtol=RTOL, atol=1e-7) for key, value in export.items())
+    assert [m["iteration"] for m in metrics(out)] == [0, 1, 2]
 
 
 def test_bad_distributed_settings_are_one_line_errors(

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -556,7 +557,9 @@ def load_dcp(
         "optim": get_optimizer_state_dict(policies.policy, optimizer),
         "rng": _rng_state(generator),
     }
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # loading in one process is what a run without an engine means
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     for prefix, module in modules.items():
         module.load_state_dict(state["modules"][prefix])
     set_optimizer_state_dict(policies.policy, optimizer, state["optim"])
