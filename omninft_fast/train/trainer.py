@@ -36,6 +36,7 @@ from omninft_fast.train.checkpoint import checkpoint_metadata, load_checkpoint, 
 from omninft_fast.train.config import TrainConfig, save_config, times_per_sample
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
+from omninft_fast.train.rollouts import sample_and_score
 from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, check_rewards
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -228,34 +229,32 @@ class Trainer:
 
     def _iteration(self, iteration: int) -> dict[str, float]:
         cfg, p = self.config, self.policies
-        timer: dict[str, float] = {}
         start = time.perf_counter()
         picks = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_iter]
         chosen = [self.records[int(i)] for i in picks for _ in range(cfg.group_size)]
-        texts = [record.av for record in chosen]
 
         self.policy.eval()
-        with progress_bar(cfg.sampling.num_steps, f"sampling {len(texts)}", enabled=cfg.progress) as bar:
-            samples = stages.rollout(
+        size = cfg.sampling.batch_size or len(chosen)
+        total_steps = math.ceil(len(chosen) / size) * cfg.sampling.num_steps
+        with progress_bar(total_steps, f"sampling {len(chosen)}", enabled=cfg.progress) as bar:
+            samples, scores, timer = sample_and_score(
                 p.old,
                 self.task,
-                texts,
+                self.rewards,
+                chosen,
                 self.generator,
                 sampling=cfg.sampling,
                 device=self.device,
+                terms=[dict(r.outputs) for r in cfg.rewards],
                 autocast_dtype=self.autocast_dtype,
                 handle=p.old_handle,
                 last_steps=cfg.reweight.last_steps,
                 last_step=cfg.reweight.last_step,
                 passes=cfg.reweight.passes,
                 on_step=lambda _: bar.update(),
-                video_prompts=[record.video for record in chosen],
-                audio_prompts=[record.audio for record in chosen],
             )
-        timer["sampling"] = time.perf_counter() - start
-
+        texts = samples.texts
         mark = time.perf_counter()
-        scores = stages.score(self.task, self.rewards, samples, [dict(r.outputs) for r in cfg.rewards])
         groups, dropped = cfg.prompts_per_iter, {}
         if cfg.on_nonfinite == "drop":
             samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
@@ -280,9 +279,8 @@ class Trainer:
             iteration=iteration,
         )
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
-        timer["rewards"] = time.perf_counter() - mark
+        timer["advantages"] = time.perf_counter() - mark
 
-        mark = time.perf_counter()
         self.policy.train()
         batch = stages.UpdateBatch(
             stages.condition(self.task, texts, self.device),
@@ -307,7 +305,7 @@ class Trainer:
                 autocast=self._autocast,
                 on_step=bar.update,
             )
-        timer["training"] = time.perf_counter() - mark
+        timer["old_ref"], timer["train"] = update.pop("time/old_ref"), update.pop("time/train")
 
         mark = time.perf_counter()
         eta = stages.old_policy_eta(iteration, cfg.nft)
@@ -333,6 +331,24 @@ class Trainer:
         metrics["time/iteration"] = total
         metrics["samples_per_second"] = len(texts) / total
         return metrics
+
+    @staticmethod
+    def summary(iteration: int, metrics: dict[str, float]) -> str:
+        """One line per iteration: rewards, losses, samples/s and seconds per phase."""
+        rewards = " ".join(
+            f"{key.split('/')[1]} {value:.3f}"
+            for key, value in metrics.items()
+            if key.startswith("reward/") and key.endswith("/mean")
+        )
+        phases = " ".join(
+            f"{key.split('/')[1]} {value:.2f}"
+            for key, value in metrics.items()
+            if key.startswith("time/") and key != "time/iteration"
+        )
+        return (
+            f"iter {iteration}: {rewards} | loss v {metrics['loss/video']:.4f} a {metrics['loss/audio']:.4f} | "
+            f"{metrics['samples_per_second']:.2f} samples/s, {metrics['time/iteration']:.1f} s ({phases})"
+        )
 
     def evaluate(self) -> tuple[EvalResult, stages.Rollout]:
         """The policy on the fixed evaluation set (``report.evaluate``) with ``sampling.eval_steps`` steps."""
@@ -411,6 +427,7 @@ class Trainer:
             self._stop_point(stop, it)
             metrics = self.iteration(it)
             self.logger.log(it, metrics)
+            tqdm.write(self.summary(it, metrics))
             bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/mean")})
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 self.save(it)
