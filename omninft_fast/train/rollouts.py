@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from omninft_fast.rewards import RewardModel
+from omninft_fast.train import stages
 from omninft_fast.train.builders import PromptRecord
 from omninft_fast.train.config import SamplingConfig
 from omninft_fast.train.model import AVTask, AVVelocityModel
-from omninft_fast.train.stages import Rollout, Scores, draw_noise, rollout, score
+from omninft_fast.train.stages import Rollout, Scores
 
 
 def concat_rollouts(parts: list[Rollout]) -> Rollout:
@@ -73,10 +74,10 @@ class _Scorer:
     def _score(self, part: Rollout, ready: torch.cuda.Event | None) -> Scores:
         with torch.no_grad():
             if self.stream is None:
-                return score(self.task, self.rewards, part, self.terms, times=self.times)
+                return stages.score(self.task, self.rewards, part, self.terms, times=self.times)
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
-                out = score(self.task, self.rewards, part, self.terms, times=self.times)
+                out = stages.score(self.task, self.rewards, part, self.terms, times=self.times)
             self.stream.synchronize()
             return out
 
@@ -120,7 +121,7 @@ def sample_and_score(
         ``decode`` and ``reward`` (the scorer's busy time), ``score_wait`` (the caller waiting for the scorer after
         the last micro-batch). Times on CUDA are host times at these points (the last wait synchronises).
     """
-    noise_video, noise_audio = draw_noise(task.spec, len(records), generator, device)
+    noise_video, noise_audio = stages.draw_noise(task.spec, len(records), generator, device)
     size = sampling.batch_size or len(records)
     scorer = _Scorer(task, rewards, terms, device, sampling.overlap and size < len(records))
     parts: list[Rollout] = []
@@ -131,7 +132,7 @@ def sample_and_score(
             chunk = records[lo : lo + size]
             start = time.perf_counter()
             parts.append(
-                rollout(
+                stages.rollout(
                     model,
                     task,
                     [r.av for r in chunk],

@@ -184,6 +184,7 @@ class Trainer:
         self.rewards = build_rewards(config)
         self.policies = build_policies(config, self.task, self.device)
         self.policy = self.policies.policy
+        print(f"attention: {self.policies.attention} (model.attention={config.model.attention})")
         self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
         self.start_iteration = 0
         if from_checkpoint:
