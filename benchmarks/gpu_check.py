@@ -19,8 +19,10 @@ and the others still run; a CUDA fault cannot poison the rest):
 8. ``block_profile``: ``torch.profiler`` of the LTX-2 block, unpatched vs patched: top kernels, device time and
    host-device synchronisations per step.
 9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise): fwd+bwd and rollout forward.
-10. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
-   (target: at most 5% slower; ``bench_distributed.py``).
+10. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
+    straightforward loop written the released code's way (``bench_iteration.py``): samples/s, peak memory, losses.
+11. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
+    (target: at most 5% slower; ``bench_distributed.py``).
 
 ``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
@@ -54,6 +56,7 @@ SECTIONS: dict[str, int] = {
     "tiles": 150,
     "block_profile": 90,
     "fp8": 90,
+    "iteration": 150,
     "distributed": 150,
 }
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
@@ -190,6 +193,12 @@ def section_fp8(work: Path, dry_run: bool) -> dict:
     from bench_fp8 import fp8_comparison
 
     return fp8_comparison(dry_run)
+
+
+def section_iteration(work: Path, dry_run: bool) -> dict:
+    from bench_iteration import compare
+
+    return compare("cpu" if dry_run else "cuda", 1, dry_run=dry_run)
 
 
 def section_distributed(work: Path, dry_run: bool) -> dict:

@@ -94,9 +94,9 @@ def test_sigterm_stops_at_the_next_iteration_and_resume_continues(
 ) -> None:
     score = stages.score
 
-    def signalled(*args: object) -> stages.Scores:
+    def signalled(*args: object, **kwargs: object) -> stages.Scores:
         os.kill(os.getpid(), signal.SIGTERM)
-        return score(*args)
+        return score(*args, **kwargs)
 
     monkeypatch.setattr(stages, "score", signalled)
     assert train(tmp_path, "iterations=3", "checkpoint_every=5") == 130
@@ -112,12 +112,12 @@ def test_a_second_signal_stops_at_once_and_names_the_last_checkpoint(
 ) -> None:
     score, calls = stages.score, []
 
-    def signalled(*args: object) -> stages.Scores:
+    def signalled(*args: object, **kwargs: object) -> stages.Scores:
         calls.append(1)
         if len(calls) == 2:  # iteration 1
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return score(*args)
+        return score(*args, **kwargs)
 
     monkeypatch.setattr(stages, "score", signalled)
     assert train(tmp_path, "iterations=3") == 130
@@ -291,8 +291,8 @@ def test_on_nonfinite_drop_leaves_out_the_groups_and_names_the_reward(
 ) -> None:
     score, calls = stages.score, []
 
-    def poisoned(*args: object) -> stages.Scores:
-        scores = score(*args)
+    def poisoned(*args: object, **kwargs: object) -> stages.Scores:
+        scores = score(*args, **kwargs)
         calls.append(1)
         if len(calls) == 1:  # the rollout of iteration 0
             scores.values["pitch"][5] = float("inf")

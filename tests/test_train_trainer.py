@@ -40,7 +40,8 @@ def test_smoke_two_iterations_from_the_cli(tmp_path: Path, capsys: pytest.Captur
         "eta",
         "advantage/conflict_rate",
         "reward/colour/std",
-        "time/sampling",
+        "time/rollout",
+        "time/old_ref",
         "samples_per_second",
     ):
         assert all(torch.isfinite(torch.tensor(line[key])) for line in lines), key
@@ -76,8 +77,8 @@ def test_nan_reward_stops_with_iteration_and_source_and_keeps_the_checkpoint(
     score, log = stages.score, trainer.logger.log
     logged: list[int] = []
 
-    def poisoned(*args: object) -> stages.Scores:
-        scores = score(*args)
+    def poisoned(*args: object, **kwargs: object) -> stages.Scores:
+        scores = score(*args, **kwargs)
         if logged == [0]:  # the rollout of iteration 1
             scores.values["pitch"][1] = float("nan")
         return scores

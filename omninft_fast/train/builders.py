@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import omninft_fast
+from omninft_fast.ltx2.attention_backends import set_attention_backend
 from omninft_fast.rewards import RewardModel, build_reward
 from omninft_fast.task.synthetic import SyntheticAVTask, all_prompts
 from omninft_fast.train.checkpoint import Stateful, load_weights
@@ -218,6 +219,7 @@ class Policies:
         trainable: what the optimiser updates.
         parameters: every parameter of the policy (gradient clipping takes those with a gradient).
         streams: the same by stream (``STREAMS``), for per-stream gradient norms.
+        attention: the backend of the self- and text-attention (``model.attention`` resolved).
     """
 
     policy: LTXAVModel
@@ -229,6 +231,7 @@ class Policies:
     trainable: list[torch.nn.Parameter]
     parameters: list[torch.nn.Parameter]
     streams: dict[str, list[torch.nn.Parameter]]
+    attention: str = "pytorch"
 
     def checkpointed(self) -> dict[str, Stateful]:
         """What a checkpoint holds: with LoRA both adapters only (the frozen base is rebuilt from
@@ -245,6 +248,7 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
     """Policy, old policy, KL reference and the ``ltx2.patch`` handles for Eq 8 (``detach_schedule``, Eq 9) and
     Eq 10 (``reweight.boundary`` onwards)."""
     policy = build_policy(config, task).to(device)
+    attention = set_attention_backend(policy.model, config.model.attention, device)
     layers = policy.num_layers
     s, rw = config.surgery, config.reweight
     alphas = None
@@ -278,10 +282,14 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         separate = [] if adapters is not None else [m for m in (old, ref) if m is not None]
         for model in ([] if config.fp8.rollout_only else [policy]) + separate:
             model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe)
+    if config.model.compile != "none":
+        compiled = [old] if config.model.compile == "rollout" else [policy, *(m for m in (old, ref) if m is not None)]
+        for model in {id(m.model): m.model for m in compiled if isinstance(m, LTXAVModel)}.values():
+            model.compile(backend=config.model.compile_backend)
     named = list(policy.named_parameters())
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
     parameters = [p for _, p in named]
-    return Policies(policy, old, ref, adapters, policy_handle, old_handle, trainable, parameters, streams)
+    return Policies(policy, old, ref, adapters, policy_handle, old_handle, trainable, parameters, streams, attention)
 
 
 def make_optimizer(

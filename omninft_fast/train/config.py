@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from omninft_fast.ltx2.attention_backends import ATTENTION_BACKENDS
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
 
@@ -51,6 +52,12 @@ class ModelConfig:
 
     With ``kind: ltx`` the architecture comes from the checkpoint's ``config`` metadata: ``num_layers``, the head
     sizes and ``init_seed`` are not used, and the ``ltx`` section configures the clip, text and decoders.
+
+    ``attention``: the backend of the blocks' self- and text-attention (``omninft_fast.attention_backends``:
+    ``auto`` picks FlashAttention-3, then flash-attn, then xformers where installed and usable, else PyTorch SDPA;
+    A2V / V2A run through the patched cross-attention). ``compile``: ``torch.compile`` the transformer for
+    rollouts (``rollout``: the old policy's sampling) or for every forward (``all``), or not (``none``), with
+    ``compile_backend`` (``inductor``; ``aot_eager`` traces the same graphs without generating code).
     """
 
     kind: str = "ltx_tiny"
@@ -62,6 +69,9 @@ class ModelConfig:
     init_seed: int = 0
     checkpoint: str | None = "checkpoints/tiny_t2av_base.safetensors"
     gradient_checkpointing: bool = False
+    attention: str = "auto"
+    compile: str = "none"
+    compile_backend: str = "inductor"
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -129,6 +139,10 @@ class SamplingConfig:
     without rescaling; ``video_cfg``/``audio_cfg``), where ``uncond`` is the pass on the empty prompt and
     ``perturbed`` the pass skipping the video and audio self-attention of ``stg_blocks``; the passes of a step run
     as one batched forward (the release: 1.5 / 3.0, STG 1.0 at block 29).
+
+    An iteration's rollouts run in micro-batches of ``batch_size`` samples (0: all at once; the noise of every
+    sample is drawn first, so the cut does not change what is sampled); with ``overlap`` one worker thread decodes
+    and scores micro-batch k while micro-batch k+1 samples.
     """
 
     num_steps: int = 10
@@ -138,6 +152,8 @@ class SamplingConfig:
     audio_cfg: float = 1.0
     stg_scale: float = 0.0
     stg_blocks: list[int] = field(default_factory=list)
+    batch_size: int = 0
+    overlap: bool = True
 
 
 @dataclass
@@ -204,6 +220,10 @@ class NFTConfig:
     the authors' form; it replaces ``adaptive_weight``); ``policy_scale`` multiplies the policy term (the release:
     5); ``kl_space`` is ``velocity`` or ``x0``. The step's loss is ``video_weight * video + audio_weight * audio``,
     divided by ``video_weight + audio_weight`` with ``modality_reduction: mean`` (the release: weights 1, mean).
+
+    ``precompute_old``: the old policy's and the reference's velocities of every (sample, time) pair come from
+    no-grad forwards of ``predict_batch`` pairs (0: ``mini_batch``) before the training steps, which then run one
+    forward and one backward each; ``false`` computes them inside every step (the release's way).
     """
 
     beta: float = 1.0
@@ -223,6 +243,8 @@ class NFTConfig:
     modality_reduction: str = "sum"
     eta_rate: float = 0.001
     eta_max: float = 0.5
+    precompute_old: bool = True
+    predict_batch: int = 0
 
 
 def times_per_sample(nft: NFTConfig, sampling: SamplingConfig) -> int:
@@ -347,6 +369,9 @@ class TrainConfig:
             "autocast": (self.autocast, ("auto", "bf16", "off")),
             "on_nonfinite": (self.on_nonfinite, ("stop", "drop")),
             "model.kind": (self.model.kind, ("ltx_tiny", "ltx")),
+            "model.attention": (self.model.attention, ATTENTION_BACKENDS),
+            "model.compile": (self.model.compile, ("none", "rollout", "all")),
+            "model.compile_backend": (self.model.compile_backend, tuple(torch._dynamo.list_backends(exclude_tags=()))),
             "advantage.routing": (self.advantage.routing, ROUTING_MODES),
             "advantage.std": (self.advantage.std, STD_MODES),
             "nft.timesteps": (self.nft.timesteps, TIMESTEP_MODES),
@@ -408,12 +433,19 @@ class TrainConfig:
             raise ConfigError(
                 "fp8.rollout_only needs finetune.mode=full: with LoRA the trained and the old policy share one model"
             )
+        if self.model.compile == "rollout" and self.finetune.mode == "lora":
+            raise ConfigError(
+                "model.compile=rollout needs finetune.mode=full: with LoRA the old policy is the policy's own model "
+                "(use model.compile=all)"
+            )
         if self.distributed.backend != "none" and self.on_nonfinite == "drop":
             raise ConfigError(
                 "on_nonfinite=drop needs distributed.backend=none (dropped groups would split unevenly over ranks)"
             )
-        if self.distributed.backend != "none" and self.fp8.enabled:
-            raise ConfigError("fp8.enabled needs distributed.backend=none")
+        single = (("fp8.enabled", self.fp8.enabled, False), ("model.compile", self.model.compile, "none"))
+        for key, value, off in single:
+            if self.distributed.backend != "none" and value != off:
+                raise ConfigError(f"{key}={value} needs distributed.backend=none")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
         last_step = self.sampling.num_steps - 1 if self.reweight.last_step is None else self.reweight.last_step
@@ -457,6 +489,8 @@ class TrainConfig:
             ("advantage.eps", self.advantage.eps),
             ("surgery.boundary", self.surgery.boundary),
             ("reweight.boundary", self.reweight.boundary),
+            ("sampling.batch_size", self.sampling.batch_size),
+            ("nft.predict_batch", self.nft.predict_batch),
         ):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")

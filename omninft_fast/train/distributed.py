@@ -380,8 +380,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> dict[str, float]:
-        """Clip, step and clear the gradients; returns the gradient norms."""
+    def step(self) -> dict[str, torch.Tensor]:
+        """Clip, step and clear the gradients; returns the gradient norms (scalars)."""
         raise NotImplementedError
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -462,18 +462,18 @@ class FSDPEngine(Engine):
         finally:
             self.policies.policy.set_requires_gradient_sync(True)
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor]:
         p = self.policies
         norms = {}
         for stream in STREAMS:
             grads = [q.grad for q in p.streams[stream] if q.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            norms[f"grad_norm/{stream}_params"] = float(_full(norm))
+            norms[f"grad_norm/{stream}_params"] = _full(norm).detach()
         total = _full(torch.nn.utils.clip_grad_norm_([q for q in p.parameters if q.grad is not None], self.grad_clip))
         check_finite("gradient norm", total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm/total": float(total), **norms}
+        return {"grad_norm/total": total.detach(), **norms}
 
     def _state(self, generator: torch.Generator) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -595,11 +595,11 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor]:
         norm = self.engine.get_global_grad_norm()
         total = torch.tensor(float("nan") if norm is None else float(norm))
         check_finite("gradient norm", total)
-        return {"grad_norm/total": float(total)}
+        return {"grad_norm/total": total}
 
     def _old_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         p = self.policies

@@ -17,6 +17,8 @@ stage can be replaced on its own: batched guided rollouts return a ``Rollout``, 
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,7 +31,7 @@ from omninft_fast.train.builders import STREAMS, Policies
 from omninft_fast.train.config import AdvantageConfig, NFTConfig, ReweightConfig, SamplingConfig, times_per_sample
 from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
 from omninft_fast.train.sampler import Guidance, euler_sample, time_grid
-from omninft_fast.train.validation import check_finite
+from omninft_fast.train.validation import TrainingDiverged, check_finite
 
 MODALITIES = ("video", "audio", "av")
 
@@ -130,13 +132,13 @@ def rollout(
     audio_prompts: list[str] | None = None,
     noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Rollout:
-    """Euler-sample ``texts`` with ``model`` from ``noise`` (default: fresh, ``draw_noise``) (Eq 1-2) and
-    ``sampling``'s guidance; with the
-    ``ltx2.patch`` ``handle`` of the sampling model also capture the ``(B, Nv)`` Eq 10 scores of the ``last_steps``
-    steps ending at ``last_step`` (default the final one), from the conditional pass or the mean of ``all`` passes.
-    ``video_prompts`` and ``audio_prompts`` ride along for the rewards."""
+    """Euler-sample ``texts`` with ``model`` from ``noise`` (``(B, Nv, Cv)``, ``(B, Na, Ca)``; default fresh from
+    ``generator``) (Eq 1-2) and ``sampling``'s guidance; with the ``ltx2.patch`` ``handle`` of the sampling model
+    also capture the ``(B, Nv)`` Eq 10 scores of the ``last_steps`` steps ending at ``last_step`` (default the final
+    one), from the conditional pass or the mean of ``all`` passes. ``video_prompts`` and ``audio_prompts`` ride
+    along for the rewards."""
     cond = condition(task, texts, device)
-    noise_video, noise_audio = draw_noise(task.spec, len(texts), generator, device) if noise is None else noise
+    noise_video, noise_audio = noise if noise is not None else draw_noise(task.spec, len(texts), generator, device)
     uses_uncond = sampling.video_cfg != 1.0 or sampling.audio_cfg != 1.0
     guidance = Guidance(
         Condition(*task.unconditional(len(texts))).to(device) if uses_uncond else None,
@@ -179,11 +181,16 @@ def score(
     rewards: list[RewardModel],
     batch: Rollout,
     terms: list[dict[str, float] | None] | None = None,
+    *,
+    times: dict[str, float] | None = None,
 ) -> Scores:
     """Decode the rollout and score it with every reward plugin (video and audio rewards read the rollout's
     per-modality prompts). ``terms[i]`` (signed weights of plugin ``i``'s named outputs) makes that plugin one
-    reward term named after it (``reward_term``); without it every output is its own term."""
+    reward term named after it (``reward_term``); without it every output is its own term. ``times`` gets the
+    seconds spent decoding and scoring added to its ``decode`` and ``reward`` entries."""
+    start = time.perf_counter()
     frames, waveform = task.decode(batch.video, batch.audio)
+    decoded = time.perf_counter()
     media = RewardBatch(
         frames,
         task.spec.fps,
@@ -208,6 +215,9 @@ def score(
             scores.values[key] = value
             scores.modality[key] = reward.modality
             scores.weight[key] = reward.weight
+    if times is not None:
+        times["decode"] = times.get("decode", 0.0) + decoded - start
+        times["reward"] = times.get("reward", 0.0) + time.perf_counter() - decoded
     return scores
 
 
@@ -297,6 +307,61 @@ def training_times(
     return index[order], times.flatten()[order]
 
 
+@dataclass
+class OldPredictions:
+    """The old policy's (and the KL reference's) velocities of ``P`` (sample, time) pairs, computed before the
+    training loop (``old_predictions``).
+
+    Attributes:
+        video, audio: ``(P, Nv, Cv)`` and ``(P, Na, Ca)`` old-policy velocities.
+        ref_video, ref_audio: the reference's, or ``None`` without the KL term.
+    """
+
+    video: torch.Tensor
+    audio: torch.Tensor
+    ref_video: torch.Tensor | None
+    ref_audio: torch.Tensor | None
+
+    def __getitem__(self, rows: slice) -> OldPredictions:
+        fields = (self.video, self.audio, self.ref_video, self.ref_audio)
+        return OldPredictions(*(None if x is None else x[rows] for x in fields))
+
+
+def noised(
+    batch: UpdateBatch, index: torch.Tensor, t: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_t = (1 - t) x0 + t noise`` of ``batch``'s samples ``index`` (``(b,)``) at times ``t`` (``(b,)``):
+    ``(b, Nv, Cv)`` video and ``(b, Na, Ca)`` audio."""
+    tb = t[:, None, None]
+    return (1 - tb) * batch.video[index] + tb * noise[0], (1 - tb) * batch.audio[index] + tb * noise[1]
+
+
+@torch.no_grad()
+def old_predictions(
+    policies: Policies,
+    batch: UpdateBatch,
+    index: torch.Tensor,
+    t: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+    *,
+    chunk: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> OldPredictions:
+    """The old policy's and the reference's velocities at every ``(index[p], t[p], noise[p])`` pair (``(P,)``,
+    ``(P,)``, ``(P, Nv, Cv)`` / ``(P, Na, Ca)``) in no-grad forwards of ``chunk`` pairs. Neither depends on the
+    parameters being trained, so the training step needs only the policy's forward and backward."""
+    parts = []
+    for lo in range(0, len(index), chunk):
+        rows = slice(lo, lo + chunk)
+        x_video, x_audio = noised(batch, index[rows], t[rows], (noise[0][rows], noise[1][rows]))
+        cond = batch.cond[index[rows]]
+        with autocast():
+            old = policies.old(x_video, x_audio, t[rows], cond)
+            ref = policies.ref(x_video, x_audio, t[rows], cond) if policies.ref is not None else (None, None)
+        parts.append((*old, *ref))
+    return OldPredictions(*(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True)))
+
+
 def nft_losses(
     policies: Policies,
     batch: UpdateBatch,
@@ -305,6 +370,7 @@ def nft_losses(
     noise: tuple[torch.Tensor, torch.Tensor],
     nft: NFTConfig,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    old: OldPredictions | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq 12 on one mini-batch: the region-weighted video NFT loss and the unweighted audio NFT loss (Eq 3-5).
 
@@ -316,27 +382,25 @@ def nft_losses(
         noise: ``(b, Nv, Cv)`` video and ``(b, Na, Ca)`` audio noise.
         nft: beta, adaptive weight or x0-space normalisation, scales, KL weight and space.
         autocast: the run's autocast context.
+        old: the mini-batch's old-policy and reference velocities (``old_predictions``); ``None``: computed here.
 
     Returns:
         ``{"video": loss, "audio": loss}``, scalar tensors.
     """
     x0_video, x0_audio = batch.video[index], batch.audio[index]
     noise_video, noise_audio = noise
-    tb = t[:, None, None]
-    xt_video = (1 - tb) * x0_video + tb * noise_video
-    xt_audio = (1 - tb) * x0_audio + tb * noise_audio
+    xt_video, xt_audio = noised(batch, index, t, noise)
     c = batch.cond[index]
-    with torch.no_grad(), autocast():
-        old_video, old_audio = policies.old(xt_video, xt_audio, t, c)
-        ref = policies.ref(xt_video, xt_audio, t, c) if policies.ref is not None else (None, None)
+    if old is None:
+        old = old_predictions(policies, batch, index, t, noise, chunk=len(index), autocast=autocast)
     with autocast():
         v_video, v_audio = policies.policy(xt_video, xt_audio, t, c)
     streams = (
-        ("video", v_video, old_video, noise_video - x0_video, xt_video, x0_video, batch.r_video, batch.token_weight),
-        ("audio", v_audio, old_audio, noise_audio - x0_audio, xt_audio, x0_audio, batch.r_audio, None),
+        ("video", v_video, old.video, noise_video - x0_video, xt_video, x0_video, batch.r_video, batch.token_weight),
+        ("audio", v_audio, old.audio, noise_audio - x0_audio, xt_audio, x0_audio, batch.r_audio, None),
     )
     losses = {}
-    for (name, v, v_old, target, xt, x0, r, weight), v_ref in zip(streams, ref, strict=True):
+    for (name, v, v_old, target, xt, x0, r, weight), v_ref in zip(streams, (old.ref_video, old.ref_audio), strict=True):
         v, v_old = v.float(), v_old.float()
         sample_weight = None
         if nft.adaptive_weight:
@@ -357,7 +421,6 @@ def nft_losses(
             v_ref=None if v_ref is None else v_ref.float(),
             kl_space=nft.kl_space,
         )
-        check_finite(f"{name} loss", losses[name])
     return losses
 
 
@@ -368,12 +431,12 @@ def modality_loss(losses: dict[str, torch.Tensor], nft: NFTConfig) -> torch.Tens
     return loss / (nft.video_weight + nft.audio_weight) if nft.modality_reduction == "mean" else loss
 
 
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm of the gradients of ``params`` (0 for none)."""
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the gradients of ``params`` (0 for none), a scalar on their device."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def nft_backward(
@@ -386,25 +449,49 @@ def nft_backward(
     nft: NFTConfig,
     autocast: Callable[[], contextlib.AbstractContextManager],
     scale: float = 1.0,
+    old: OldPredictions | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> dict[str, torch.Tensor]:
     """Back-propagate (``backward``: an engine's) ``scale`` times one micro-batch's Eq 12 loss (``modality_loss``),
     adding to the gradients; ``scale = 1 / micro-batches per optimiser step`` keeps the gradient of an accumulated
-    step that of the mean loss. Returns the detached ``{"video", "audio"}`` losses (unscaled)."""
-    losses = nft_losses(policies, batch, index, t, noise, nft, autocast)
+    step that of the mean loss; ``old`` as in ``nft_losses``. Returns the detached ``{"video", "audio"}`` losses
+    (unscaled)."""
+    losses = nft_losses(policies, batch, index, t, noise, nft, autocast, old)
     backward(modality_loss(losses, nft) * scale)
     return {name: loss.detach() for name, loss in losses.items()}
 
 
-def optimizer_step(policies: Policies, optimizer: torch.optim.Optimizer, grad_clip: float) -> dict[str, float]:
-    """Clip the accumulated gradients, step and clear them; returns the gradient norms (total and per stream)."""
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` takes a ``found_inf`` flag and skips its step on the device (torch's fused AdamW)."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def optimizer_step(policies: Policies, optimizer: torch.optim.Optimizer, grad_clip: float) -> dict[str, torch.Tensor]:
+    """Clip the accumulated gradients, step and clear them; returns the gradient norms (total and per stream) as
+    device scalars. A non-finite norm skips the step on the device with torch's fused AdamW (parameters and
+    optimiser state untouched, no host read; ``nft_update`` reports it once per iteration); other optimisers check
+    it on the host here."""
     norms = {f"grad_norm/{stream}_params": _grad_norm(policies.streams[stream]) for stream in STREAMS}
     with_grad = [p for p in policies.parameters if p.grad is not None]
     grad_total = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip)
-    check_finite("gradient norm", grad_total)
-    optimizer.step()
+    if _skips_on_device(optimizer):
+        optimizer.found_inf = (~torch.isfinite(grad_total)).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    else:
+        check_finite("gradient norm", grad_total)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm/total": float(grad_total), **norms}
+    return {"grad_norm/total": grad_total.detach(), **norms}
+
+
+def _device_seconds(device: torch.device, start: float) -> float:
+    """Seconds since ``start`` (``time.perf_counter``) once ``device`` has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class UpdateEngine(Protocol):
@@ -419,7 +506,7 @@ class UpdateEngine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> dict[str, float]: ...
+    def step(self) -> dict[str, torch.Tensor]: ...
 
     def mean(self, value: torch.Tensor) -> torch.Tensor: ...
 
@@ -441,43 +528,72 @@ def nft_update(
 ) -> dict[str, float]:
     """The NFT update of one iteration: ``K`` training times per sample (``training_times``), shuffled into
     micro-batches of ``nft.mini_batch`` with fresh noise each, one optimiser step per micro-batch or per iteration
-    (``nft.accumulate``); returns the losses averaged over the micro-batches and the gradient norms over the
-    steps. With an ``engine`` each rank trains on its share of every micro-batch (``optimizer`` is the engine's)."""
+    (``nft.accumulate``). With an ``engine`` each rank trains on its share of every micro-batch (``optimizer`` is
+    the engine's) and the losses are averaged over the ranks.
+
+    With ``nft.precompute_old`` the old policy's and the reference's velocities of every (sample, time) pair are
+    computed first, in no-grad batches of ``nft.predict_batch`` (``old_predictions``), so each training step runs
+    one forward and one backward; otherwise each step computes them itself (same values with
+    ``predict_batch = mini_batch``). The losses and gradient norms stay on the device until one host read at the
+    end, which raises ``TrainingDiverged`` when one is not finite.
+
+    Returns:
+        The losses averaged over the micro-batches, the gradient norms over the steps, and the seconds of the
+        old/reference predictions (``time/old_ref``) and of the training steps (``time/train``).
+    """
     index, times = training_times(len(batch.video), generator, nft, sampling)
     starts = range(0, len(index), nft.mini_batch)
+    noises = [draw_noise(spec, len(index[lo : lo + nft.mini_batch]), generator, device) for lo in starts]
+    index, times = index.to(device), times.to(device)
+    parts = [
+        (index[lo : lo + nft.mini_batch], times[lo : lo + nft.mini_batch], noises[i]) for i, lo in enumerate(starts)
+    ]
+    if engine is not None:
+        parts = [engine.local(*part) for part in parts]
+    start = time.perf_counter()
+    old = None
+    if nft.precompute_old:
+        noise = (torch.cat([p[2][0] for p in parts]), torch.cat([p[2][1] for p in parts]))
+        chunk = nft.predict_batch or nft.mini_batch
+        pairs, pair_times = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        old = old_predictions(policies, batch, pairs, pair_times, noise, chunk=chunk, autocast=autocast)
+    old_seconds = _device_seconds(device, start)
+    start = time.perf_counter()
     per_step = len(starts) if nft.accumulate == "iteration" else 1
-    losses, steps = [], []
+    losses, steps, lo = [], [], 0
     optimizer.zero_grad(set_to_none=True)
-    for i, lo in enumerate(starts):
-        part = index[lo : lo + nft.mini_batch].to(device)
-        noise = draw_noise(spec, len(part), generator, device)
-        t = times[lo : lo + nft.mini_batch].to(device)
+    for i, (part, t, noise) in enumerate(parts):
+        rows, lo = slice(lo, lo + len(part)), lo + len(part)
         boundary = (i + 1) % per_step == 0
-        if engine is None:
-            losses.append(nft_backward(policies, batch, part, t, noise, nft=nft, autocast=autocast, scale=1 / per_step))
-        else:
-            part, t, noise = engine.local(part, t, noise)
-            with engine.micro_batch(boundary):
-                losses.append(
-                    nft_backward(
-                        policies,
-                        batch,
-                        part,
-                        t,
-                        noise,
-                        nft=nft,
-                        autocast=autocast,
-                        scale=1 / per_step,
-                        backward=engine.backward,
-                    )
+        with contextlib.nullcontext() if engine is None else engine.micro_batch(boundary):
+            losses.append(
+                nft_backward(
+                    policies,
+                    batch,
+                    part,
+                    t,
+                    noise,
+                    nft=nft,
+                    autocast=autocast,
+                    scale=1.0 / per_step,
+                    old=None if old is None else old[rows],
+                    backward=torch.Tensor.backward if engine is None else engine.backward,
                 )
+            )
         if boundary:
             steps.append(optimizer_step(policies, optimizer, grad_clip) if engine is None else engine.step())
         if on_step is not None:
             on_step()
-    mean = (lambda x: x) if engine is None else engine.mean
-    metrics = {f"loss/{name}": float(mean(torch.stack([m[name] for m in losses]).mean())) for name in MODALITIES[:2]}
-    return metrics | {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
+    means = {f"loss/{name}": torch.stack([m[name] for m in losses]).mean() for name in ("video", "audio")}
+    if engine is not None:
+        means = {key: engine.mean(value) for key, value in means.items()}
+    norms = {key: torch.stack([step[key].to(device) for step in steps]).mean() for key in steps[0]}
+    values = dict(zip([*means, *norms], torch.stack([*means.values(), *norms.values()]).tolist(), strict=True))
+    for key in ("loss/video", "loss/audio", "grad_norm/total"):
+        if not math.isfinite(values[key]):
+            name = "gradient norm" if key == "grad_norm/total" else f"{key.split('/')[1]} loss"
+            raise TrainingDiverged(f"{name} is not finite ({values[key]})")
+    return values | {"time/old_ref": old_seconds, "time/train": _device_seconds(device, start)}
 
 
 def old_policy_eta(iteration: int, nft: NFTConfig) -> float:

@@ -36,6 +36,7 @@ from omninft_fast.train.checkpoint import checkpoint_metadata, load_checkpoint, 
 from omninft_fast.train.config import TrainConfig, save_config, times_per_sample
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
+from omninft_fast.train.rollouts import sample_and_score
 from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, check_rewards
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -206,6 +207,8 @@ class Trainer:
         else:
             self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
         self.policy = self.policies.policy
+        if self.dist.main:
+            print(f"attention: {self.policies.attention} (model.attention={config.model.attention})")
         self.start_iteration = 0
         if found is not None:
             kind, path = found
@@ -256,41 +259,38 @@ class Trainer:
 
     def _iteration(self, iteration: int) -> dict[str, float]:
         cfg, p = self.config, self.policies
-        timer: dict[str, float] = {}
         start = time.perf_counter()
         picks = torch.randperm(len(self.prompts), generator=self.generator)[: cfg.prompts_per_iter]
         chosen = [self.records[int(i)] for i in picks for _ in range(cfg.group_size)]
-        texts = [record.av for record in chosen]
-        # Each rank samples and scores its share of the prompt groups from its rows of the whole batch's noise.
+        # Each rank samples and scores its share of the prompt groups (its rows of the whole batch's noise).
         local = self.dist.local(chosen)
-        noise = stages.draw_noise(self.task.spec, len(chosen), self.generator, self.device)
 
         self.policy.eval()
-        with progress_bar(cfg.sampling.num_steps, f"sampling {len(local)}", enabled=cfg.progress) as bar:
-            samples = stages.rollout(
+        size = cfg.sampling.batch_size or len(local)
+        total_steps = math.ceil(len(local) / size) * cfg.sampling.num_steps
+        with progress_bar(total_steps, f"sampling {len(local)}", enabled=cfg.progress) as bar:
+            samples, scores, timer = sample_and_score(
                 p.old,
                 self.task,
-                [record.av for record in local],
+                self.rewards,
+                chosen,
                 self.generator,
                 sampling=cfg.sampling,
                 device=self.device,
+                terms=[dict(r.outputs) for r in cfg.rewards],
                 autocast_dtype=self.autocast_dtype,
                 handle=p.old_handle,
                 last_steps=cfg.reweight.last_steps,
                 last_step=cfg.reweight.last_step,
                 passes=cfg.reweight.passes,
                 on_step=lambda _: bar.update(),
-                video_prompts=[record.video for record in local],
-                audio_prompts=[record.audio for record in local],
-                noise=(self.dist.local(noise[0]), self.dist.local(noise[1])),
+                share=self.dist.local,
             )
-        timer["sampling"] = time.perf_counter() - start
-
         mark = time.perf_counter()
-        scores = stages.score(self.task, self.rewards, samples, [dict(r.outputs) for r in cfg.rewards])
         samples, scores = distributed.gather_rollout(
-            self.dist, samples, scores, texts, [r.video for r in chosen], [r.audio for r in chosen]
+            self.dist, samples, scores, [r.av for r in chosen], [r.video for r in chosen], [r.audio for r in chosen]
         )
+        texts = samples.texts
         groups, dropped = cfg.prompts_per_iter, {}
         if cfg.on_nonfinite == "drop":
             samples, scores, dropped = stages.drop_nonfinite_groups(samples, scores, groups)
@@ -315,9 +315,8 @@ class Trainer:
             iteration=iteration,
         )
         check_loss_inputs(adv.r_video, adv.r_audio, token_weight)
-        timer["rewards"] = time.perf_counter() - mark
+        timer["advantages"] = time.perf_counter() - mark
 
-        mark = time.perf_counter()
         self.policy.train()
         batch = stages.UpdateBatch(
             stages.condition(self.task, texts, self.device),
@@ -343,7 +342,7 @@ class Trainer:
                 on_step=bar.update,
                 engine=self.engine,
             )
-        timer["training"] = time.perf_counter() - mark
+        timer["old_ref"], timer["train"] = update.pop("time/old_ref"), update.pop("time/train")
 
         mark = time.perf_counter()
         eta = stages.old_policy_eta(iteration, cfg.nft)
@@ -376,6 +375,24 @@ class Trainer:
         metrics["time/iteration"] = total
         metrics["samples_per_second"] = len(texts) / total
         return metrics
+
+    @staticmethod
+    def summary(iteration: int, metrics: dict[str, float]) -> str:
+        """One line per iteration: rewards, losses, samples/s and seconds per phase."""
+        rewards = " ".join(
+            f"{key.split('/')[1]} {value:.3f}"
+            for key, value in metrics.items()
+            if key.startswith("reward/") and key.endswith("/mean")
+        )
+        phases = " ".join(
+            f"{key.split('/')[1]} {value:.2f}"
+            for key, value in metrics.items()
+            if key.startswith("time/") and key != "time/iteration"
+        )
+        return (
+            f"iter {iteration}: {rewards} | loss v {metrics['loss/video']:.4f} a {metrics['loss/audio']:.4f} | "
+            f"{metrics['samples_per_second']:.2f} samples/s, {metrics['time/iteration']:.1f} s ({phases})"
+        )
 
     def evaluate(self) -> tuple[EvalResult, stages.Rollout]:
         """The policy on the fixed evaluation set (``report.evaluate``) with ``sampling.eval_steps`` steps."""
@@ -472,6 +489,7 @@ class Trainer:
             metrics = self.iteration(it)
             if self.logger is not None:
                 self.logger.log(it, metrics)
+                tqdm.write(self.summary(it, metrics))
             bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/mean")})
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 self.save(it)
