@@ -27,8 +27,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,7 @@ from safetensors.torch import save_file
 
 from omninft_fast.train.builders import STREAMS, Policies, stream_of
 from omninft_fast.train.config import TrainConfig, times_per_sample
+from omninft_fast.train.stages import Rollout, Scores
 from omninft_fast.train.validation import check_finite
 
 BACKENDS = ("none", "fsdp2", "deepspeed")
@@ -162,8 +164,6 @@ def init(config: TrainConfig) -> Dist:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -232,7 +232,12 @@ def deepspeed_config(config: TrainConfig, world: int, *, optimizer: bool = True)
     return out
 
 
-def wrap(policies: Policies, config: TrainConfig, world: Dist, make_optimizer: Any) -> tuple[Policies, Engine]:
+def wrap(
+    policies: Policies,
+    config: TrainConfig,
+    world: Dist,
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+) -> tuple[Policies, Engine]:
     """Shard ``policies`` with ``world``'s engine and build the optimiser (``make_optimizer(params)`` for FSDP2,
     DeepSpeed's own for ZeRO). With full fine-tuning the old policy and the KL reference are sharded alike; with
     LoRA they are views of the policy (``old`` adapter, adapters off) and need no copy."""
@@ -689,11 +694,11 @@ def readable(kind: str, backend: str, path: Path) -> None:
     )
 
 
-def gather_rollout(world: Dist, samples: Any, scores: Any, texts: list[str], video: list[str], audio: list[str]) -> Any:
+def gather_rollout(
+    world: Dist, samples: Rollout, scores: Scores, texts: list[str], video: list[str], audio: list[str]
+) -> tuple[Rollout, Scores]:
     """The whole batch's ``Rollout`` and ``Scores`` from every rank's share (``texts`` and the judged prompts are
     the whole batch's, known to every rank): latents, Eq 10 scores and rewards gathered in rank order."""
-    from omninft_fast.train.stages import Rollout, Scores
-
     if world.world == 1:
         return samples, scores
     region = None if samples.region_scores is None else world.gather(samples.region_scores)
