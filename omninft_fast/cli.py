@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move a run already in output_dir aside to <output_dir>.replaced-<n> and start afresh",
     )
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nft.beta=0.5 advantage.routing=shared")
     train.set_defaults(func=_train)
     pre = commands.add_parser(

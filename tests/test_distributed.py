@@ -34,7 +34,10 @@ from omninft_fast.train.config import ConfigError, load_config
 from omninft_fast.train.trainer import CHECKPOINT, Trainer
 
 MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
-ARGS = ["--config", MICRO, "iterations=3", "progress=false"]
+# One optimiser step per iteration over two micro-batches (the first backward without gradient sync) and
+# activation checkpointing per block, as the 19B configs run.
+SETTINGS = ["nft.accumulate=iteration", "model.gradient_checkpointing=true"]
+ARGS = ["--config", MICRO, "iterations=3", "progress=false", *SETTINGS]
 RTOL = 1e-5
 SKIP = ("time/", "samples_per_second", "memory/")
 
@@ -110,7 +113,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs: dict[str, Path
     for key, value in export.items():
         assert torch.allclose(value, single[key], rtol=RTOL, atol=1e-7), key
     # The tolerance separates trained parameters from the initial ones.
-    start = Trainer(load_config(MICRO, [f"output_dir={runs['one'].parent / f'init-{backend}'}"])).policy
+    start = Trainer(load_config(MICRO, [f"output_dir={runs['one'].parent / f'init-{backend}'}", *SETTINGS])).policy
     moved = [n for n, p in start.named_parameters() if not torch.allclose(p, export[f"policy.{n}"], rtol=RTOL)]
     assert len(moved) > len(export) // 2
 
@@ -161,7 +164,7 @@ def test_a_two_rank_fsdp2_checkpoint_resumes_in_one_process(runs: dict[str, Path
     (out / distributed.DCP_CHECKPOINT).mkdir()
     for part in (runs["fsdp2"] / distributed.DCP_CHECKPOINT).iterdir():
         (out / distributed.DCP_CHECKPOINT / part.name).write_bytes(part.read_bytes())
-    trainer = Trainer(load_config(MICRO, [f"output_dir={out}", "iterations=4"]), resume=True)
+    trainer = Trainer(load_config(MICRO, [f"output_dir={out}", "iterations=4", *SETTINGS]), resume=True)
     assert trainer.start_iteration == 3
     export = load_file(str(runs["fsdp2"] / distributed.EXPORT))
     for name, param in trainer.policy.named_parameters():
