@@ -193,6 +193,8 @@ def test_bad_distributed_settings_are_one_line_errors(
         load_config(MICRO, ["distributed.backend=deepspeed", "distributed.zero_stage=1"])
     with pytest.raises(ConfigError, match="on_nonfinite=drop needs distributed.backend=none"):
         load_config(MICRO, ["distributed.backend=fsdp2", "on_nonfinite=drop"])
+    with pytest.raises(ConfigError, match="distributed.backend=deepspeed with bf16 .* needs autocast=bf16"):
+        load_config(MICRO, ["distributed.backend=deepspeed", "distributed.mixed_precision=bf16", "autocast=off"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     cases = {
         "distributed.backend=none": "distributed.backend=none runs one process, but 2 were launched",

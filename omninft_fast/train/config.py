@@ -442,6 +442,15 @@ class TrainConfig:
             raise ConfigError(
                 "on_nonfinite=drop needs distributed.backend=none (dropped groups would split unevenly over ranks)"
             )
+        cuda = torch.device(self.device).type == "cuda"
+        precision = self.distributed.mixed_precision
+        bf16_engine = precision == "bf16" or (precision == "auto" and cuda)
+        autocast_on = self.autocast == "bf16" or (self.autocast == "auto" and cuda)
+        if self.distributed.backend == "deepspeed" and bf16_engine and not autocast_on:
+            raise ConfigError(
+                "distributed.backend=deepspeed with bf16 (distributed.mixed_precision) needs autocast=bf16: DeepSpeed "
+                "holds the model in bf16"
+            )
         single = (("fp8.enabled", self.fp8.enabled, False), ("model.compile", self.model.compile, "none"))
         for key, value, off in single:
             if self.distributed.backend != "none" and value != off:
