@@ -42,8 +42,6 @@ from omninft_fast.train.config import TrainConfig, times_per_sample
 from omninft_fast.train.stages import Rollout, Scores
 from omninft_fast.train.validation import check_finite
 
-BACKENDS = ("none", "fsdp2", "deepspeed")
-ZERO_STAGES = (2, 3)
 DCP_CHECKPOINT = "checkpoint.dcp"
 DEEPSPEED_CHECKPOINT = "checkpoint.deepspeed"
 EXPORT = "export.safetensors"
@@ -181,7 +179,7 @@ def _collect(policies: Policies, trainable: list[torch.nn.Parameter]) -> Policie
 def _fsdp_shard(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
     """``fully_shard`` every transformer block of ``model``, then the model (its root, also resharded after a
     forward: the old policy and the reference run no backward), with the mixed precision policy: bf16 compute
-    with fp32 gradient reduction and fp32 parameters on CUDA (``mixed_precision: auto``)."""
+    from the parameters as built, fp32 gradient reduction (``distributed.mixed_precision``: bf16, or auto on CUDA)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = _bf16(config, device)
