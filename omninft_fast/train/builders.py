@@ -281,7 +281,7 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         # With LoRA the old policy and the reference are adapter views of the policy's one model.
         separate = [] if adapters is not None else [m for m in (old, ref) if m is not None]
         for model in ([] if config.fp8.rollout_only else [policy]) + separate:
-            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe)
+            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe, modules=config.fp8.modules)
     if config.model.compile != "none":
         compiled = [old] if config.model.compile == "rollout" else [policy, *(m for m in (old, ref) if m is not None)]
         for model in {id(m.model): m.model for m in compiled if isinstance(m, LTXAVModel)}.values():
