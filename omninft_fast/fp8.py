@@ -11,8 +11,10 @@ Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out
 cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
 scale-shift, timestep and caption projections and the norms keep their precision. A layer whose in or out features
 are not multiples of 16 stays as it is (logged). Quantised weights are cached per weight version: a frozen base
-weight (LoRA) is quantised once per update, not per forward; a LoRA branch around a patched base layer stays in its
-own precision.
+weight (LoRA) is quantised once per load, not per forward; a LoRA branch around a patched base layer stays in its
+own precision. Optimisers that update weights without bumping their version (torch's fused AdamW) would leave a
+stale copy: ``handle.watch(optimizer)`` (or ``handle.refresh()`` after each step) drops the trained weights' copies
+after every step.
 
 Error bound (tests): e4m3 keeps 3 mantissa bits, so each quantised value is within a factor ``1 +- 2**-4`` of the
 scaled original (away from the subnormal range), and each product in the forward GEMM within ``(1 + 2**-4)**2 - 1
@@ -67,6 +69,9 @@ class _WeightCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self.key = self.value = None
 
     def get(self, weight: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
@@ -160,6 +165,17 @@ class FP8Handle:
     recipe: str
     layers: dict[str, nn.Linear] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+
+    def refresh(self) -> None:
+        """Drop the cached FP8 copies of the trainable weights (``requires_grad``): after an optimiser step that
+        changed them in place without bumping their version; frozen weights keep theirs."""
+        for layer in self.layers.values():
+            if layer.weight.requires_grad:
+                layer._omninft_fp8_cache.clear()
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """``refresh`` after every ``optimizer.step()``; returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.refresh())
 
     def unpatch(self) -> None:
         """Give every patched layer its own forward back (weights were never touched)."""

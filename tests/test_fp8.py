@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from omninft_fast import fp8
 from omninft_fast.dispatch import BackendError
@@ -132,3 +133,23 @@ def test_errors(tiny) -> None:
     odd = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 32))
     handle = fp8.patch(odd, modules=r"^\d$")
     assert list(handle.layers) == ["1"] and "not multiples of 16" in handle.skipped["0"]
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_cached_fp8_weight_follows_a_fused_adamw_step_when_watched(watched: bool) -> None:
+    """torch's fused AdamW changes weights in place without bumping their version: ``watch`` drops the stale copy;
+    without it the next forward would still use the weight before the step."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    handle = fp8.patch(model, modules=r"^0$")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    if watched:
+        handle.watch(optimizer)
+    x = torch.randn((16, 32), generator=gen)
+    before = model(x)
+    before.square().sum().backward()
+    optimizer.step()
+    after = model(x)
+    fresh = fp8.fp8_linear(x, model[0].weight, model[0].bias)
+    assert torch.equal(after, fresh) == watched
+    assert not torch.equal(before, fresh)

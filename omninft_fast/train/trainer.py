@@ -186,6 +186,8 @@ class Trainer:
         self.policy = self.policies.policy
         print(f"attention: {self.policies.attention} (model.attention={config.model.attention})")
         self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
+        if self.policies.fp8 is not None:
+            self.policies.fp8.watch(self.optimizer)  # fused AdamW updates weights without bumping their version
         self.start_iteration = 0
         if from_checkpoint:
             meta = load_checkpoint(
