@@ -4,12 +4,14 @@ tensorwise), forward + backward and a no-grad rollout forward.
 On a GPU (the GPU check's ``fp8`` section): one block at the 19B model's widths (video 4096 with a 16384 FFN, audio
 2048), 6144 video / 126 audio tokens, bf16 autocast, timed with CUDA events; targets >= 1.3x block fwd+bwd and
 >= 1.5x rollout forward against bf16 on an H100. On a CPU (``--dry-run``, or ``python benchmarks/bench_fp8.py``): a
-toy block, for correctness (velocity error against bf16) and the FP8 GEMM count per forward only.
+toy block, for correctness (velocity error against bf16) and the FP8 GEMM count per forward only. Transformer
+Engine's recipes (delayed, current, block scaling) get rows where TE imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import torch
@@ -22,10 +24,13 @@ from omninft_fast import fp8
 def fp8_comparison(dry_run: bool) -> dict:
     """Per variant: fwd+bwd and rollout-forward ms, FP8 GEMMs per forward, velocity error against the bf16 block."""
     size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    variants = [("bf16", "torch", None), ("fp8 rowwise", "torch", "rowwise"), ("fp8 tensorwise", "torch", "tensorwise")]
+    te = not dry_run and importlib.util.find_spec("transformer_engine") is not None
+    variants += [(f"te {recipe}", "te", recipe) for recipe in fp8.TE_RECIPES] if te else []
     rows, reference = [], None
-    for name, recipe in (("bf16", None), ("fp8 rowwise", "rowwise"), ("fp8 tensorwise", "tensorwise")):
+    for name, backend, recipe in variants:
         step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run)
-        layers = 0 if recipe is None else len(fp8.patch(model, recipe=recipe).layers)
+        layers = 0 if recipe is None else len(fp8.patch(model, backend=backend, recipe=recipe).layers)
 
         def rollout(model=model, data=data) -> list[torch.Tensor]:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
@@ -50,7 +55,8 @@ def fp8_comparison(dry_run: bool) -> dict:
         row["fwd+bwd_speedup"] = rows[0]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
         row["rollout_speedup"] = rows[0]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
     precision = "float32 (dry run)" if dry_run else "bf16 autocast"
-    return {"config": f"1 block, {size.describe()}, batch 1, {precision}", "rows": rows}
+    note = "" if te else "; Transformer Engine rows only where it imports on a GPU (not here)"
+    return {"config": f"1 block, {size.describe()}, batch 1, {precision}{note}", "rows": rows}
 
 
 def main() -> None:

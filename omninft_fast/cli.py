@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from omninft_fast import analysis, evaluation, generate, merge
+from omninft_fast.dispatch import BackendError
 from omninft_fast.media import MissingDependency
 from omninft_fast.rewards import check as reward_check
 
@@ -31,7 +32,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, MissingDependency)
+USER_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, MissingDependency, BackendError)
 
 
 def _user_error(error: Exception) -> str:

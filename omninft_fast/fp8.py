@@ -5,14 +5,18 @@ which runs on CPUs and on H100s with a stock torch. Activations and weights in e
 current scaling per tensor (``tensorwise``) or per row of each GEMM operand along its kept axis (``rowwise``: per
 token and per output channel in the forward; in the two backward GEMMs per gradient row and weight/activation
 column, never along the contracted axis, whose scale could not be factored out of the sum). Amax and scales stay on
-the device: nothing syncs with the host.
+the device: nothing syncs with the host. ``backend="te"`` runs each selected layer through a Transformer Engine
+``Linear`` that shares the layer's parameters, inside TE's ``fp8_autocast`` with its delayed, current or block
+scaling recipe (TE keeps its own scaling state per layer); it needs a CUDA build of TE.
 
 Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out projections of the self-, text- and
 cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
 scale-shift, timestep and caption projections and the norms keep their precision. A layer whose in or out features
 are not multiples of 16 stays as it is (logged). Quantised weights are cached per weight version: a frozen base
-weight (LoRA) is quantised once per update, not per forward; a LoRA branch around a patched base layer stays in its
-own precision.
+weight (LoRA) is quantised once per load, not per forward; a LoRA branch around a patched base layer stays in its
+own precision. Optimisers that update weights without bumping their version (torch's fused AdamW) would leave a
+stale copy: ``handle.watch(optimizer)`` (or ``handle.refresh()`` after each step) drops the trained weights' copies
+after every step.
 
 Error bound (tests): e4m3 keeps 3 mantissa bits, so each quantised value is within a factor ``1 +- 2**-4`` of the
 scaled original (away from the subnormal range), and each product in the forward GEMM within ``(1 + 2**-4)**2 - 1
@@ -39,6 +43,7 @@ LOG = logging.getLogger(__name__)
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E4M3_MAX, E5M2_MAX = float(torch.finfo(E4M3).max), float(torch.finfo(E5M2).max)
 RECIPES = ("tensorwise", "rowwise")
+TE_RECIPES = ("delayed", "current", "block")
 BACKENDS = ("torch", "te")
 # Linear layers of a transformer block that run in FP8 (ltx-core and diffusers name them alike).
 DEFAULT_MODULES = r"transformer_blocks\.\d+\..*\.(to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)(\.base_layer)?$"
@@ -67,6 +72,9 @@ class _WeightCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self.key = self.value = None
 
     def get(self, weight: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
@@ -161,12 +169,60 @@ class FP8Handle:
     layers: dict[str, nn.Linear] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def refresh(self) -> None:
+        """Drop the cached FP8 copies of the trainable weights (``requires_grad``): after an optimiser step that
+        changed them in place without bumping their version; frozen weights keep theirs."""
+        for layer in self.layers.values():
+            if layer.weight.requires_grad and hasattr(layer, "_omninft_fp8_cache"):
+                layer._omninft_fp8_cache.clear()
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """``refresh`` after every ``optimizer.step()``; returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.refresh())
+
     def unpatch(self) -> None:
         """Give every patched layer its own forward back (weights were never touched)."""
         for layer in self.layers.values():
-            del layer.forward, layer._omninft_fp8_rowwise, layer._omninft_fp8_cache
+            del layer.forward
+            for name in ("_omninft_fp8_rowwise", "_omninft_fp8_cache", "_omninft_te"):
+                if hasattr(layer, name):
+                    delattr(layer, name)
         self.layers.clear()
         delattr(self.model, _MARK)
+
+
+def _te_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    te, linear, recipe = self._omninft_te
+    with te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+        return linear(x)
+
+
+def _te_recipe(name: str) -> object:
+    """Transformer Engine's recipe object for ``name``: ``delayed`` (DelayedScaling, amax history), ``current``
+    (Float8CurrentScaling), both e4m3 forward / e5m2 backward (``HYBRID``), or ``block`` (Float8BlockScaling)."""
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID)
+    if name == "current":
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    return recipe.Float8BlockScaling()
+
+
+def _te_linear(te: types.ModuleType, layer: nn.Linear) -> nn.Module:
+    """A Transformer Engine ``Linear`` computing with ``layer``'s own weight and bias parameters (shared, so the
+    optimiser, checkpoints and EMA updates see one set of weights)."""
+    linear = te.Linear(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        params_dtype=layer.weight.dtype,
+        device=layer.weight.device,
+    )
+    linear.weight = layer.weight
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
 
 
 def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]:
@@ -182,9 +238,10 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
     Args:
         model: any module; the layers patched are the ``nn.Linear`` whose qualified names match ``modules`` (by
             default the blocks' attention projections and feed-forward layers; adapters' LoRA layers never).
-        backend: ``torch`` (PyTorch's scaled FP8 GEMMs, CPU and H100) or ``te`` (Transformer Engine, where it
-            imports).
-        recipe: ``rowwise`` or ``tensorwise`` current scaling of the forward GEMM.
+        backend: ``torch`` (PyTorch's scaled FP8 GEMMs, CPU and H100) or ``te`` (Transformer Engine's ``Linear`` under
+            its ``fp8_autocast``, sharing the layer's parameters; where it imports).
+        recipe: ``torch``: ``rowwise`` or ``tensorwise`` current scaling; ``te``: ``delayed``, ``current`` or
+            ``block`` scaling (``TE_RECIPES``).
         modules: regular expression searched in each layer's qualified name.
 
     Returns:
@@ -192,16 +249,18 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    allowed = TE_RECIPES if backend == "te" else RECIPES
+    if recipe not in allowed:
+        raise ValueError(f"recipe must be one of {allowed} with backend {backend!r}, got {recipe!r}")
+    te = None
     if backend == "te":
         try:
-            import transformer_engine.pytorch  # noqa: F401
+            import transformer_engine.pytorch as te
         except ImportError as error:
             raise BackendError(
                 f"backend: 'te' needs Transformer Engine, which does not import here ({error})"
             ) from error
-        raise BackendError("backend: 'te' is not available yet in this version; use backend='torch'")
+        te_recipe = _te_recipe(recipe)
     if getattr(model, _MARK, None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already patched by omninft_fast.fp8; unpatch() it first")
     handle = FP8Handle(model, backend, recipe)
@@ -210,9 +269,13 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
             handle.skipped[name] = f"{layer.in_features} -> {layer.out_features} features are not multiples of 16"
             LOG.info("fp8: %s stays in %s (%s)", name, layer.weight.dtype, handle.skipped[name])
             continue
-        layer._omninft_fp8_rowwise = recipe == "rowwise"
-        layer._omninft_fp8_cache = _WeightCache()
-        layer.forward = types.MethodType(_fp8_forward, layer)
+        if te is not None:
+            layer._omninft_te = (te, _te_linear(te, layer), te_recipe)
+            layer.forward = types.MethodType(_te_forward, layer)
+        else:
+            layer._omninft_fp8_rowwise = recipe == "rowwise"
+            layer._omninft_fp8_cache = _WeightCache()
+            layer.forward = types.MethodType(_fp8_forward, layer)
         handle.layers[name] = layer
     if not handle.layers:
         raise ValueError(f"modules: no nn.Linear of this {type(model).__name__} matches {modules!r}")

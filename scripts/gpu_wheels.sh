@@ -12,5 +12,14 @@ mapfile -t pins < <(grep -Ev '^\s*(#|$)' requirements/ltx2.txt | grep -Eiv "$on_
 rm -rf .gpu_wheels
 "$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation py --platform any -d .gpu_wheels "${pins[@]}"
+# The trainer (the GPU check's iteration section; it draws no figure, so no matplotlib): its configuration libraries,
+# PyYAML as a CPython 3.12 manylinux wheel (the GPU machines' Python), at the versions pinned in requirements/.
+pin() { grep -hiE "^($1)==" requirements/*.txt; }
+mapfile -t pure < <(pin 'omegaconf|ruamel\.yaml')
+mapfile -t compiled < <(pin 'pyyaml')
+"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation py --platform any -d .gpu_wheels "${pure[@]}"
+"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 -d .gpu_wheels "${compiled[@]}"
 ls .gpu_wheels
 du -sh .gpu_wheels

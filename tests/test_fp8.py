@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
+from contextlib import contextmanager
+
 import pytest
 import torch
+from torch import nn
 
 from omninft_fast import fp8
 from omninft_fast.dispatch import BackendError
@@ -123,8 +129,11 @@ def test_errors(tiny) -> None:
         fp8.patch(tiny.model, recipe="blockwise")
     with pytest.raises(ValueError, match="modules: no nn.Linear"):
         fp8.patch(tiny.model, modules=r"nothing_matches")
-    with pytest.raises(BackendError, match="backend: 'te'"):
+    with pytest.raises(ValueError, match=r"recipe must be one of \('delayed', 'current', 'block'\) with backend 'te'"):
         fp8.patch(tiny.model, backend="te")
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(BackendError, match="backend: 'te' needs Transformer Engine, which does not import here"):
+            fp8.patch(tiny.model, backend="te", recipe="current")
     handle = fp8.patch(tiny.model, modules=r"transformer_blocks\.0\..*to_q$")
     with pytest.raises(RuntimeError, match="already patched"):
         fp8.patch(tiny.model)
@@ -132,3 +141,100 @@ def test_errors(tiny) -> None:
     odd = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 32))
     handle = fp8.patch(odd, modules=r"^\d$")
     assert list(handle.layers) == ["1"] and "not multiples of 16" in handle.skipped["0"]
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_cached_fp8_weight_follows_a_fused_adamw_step_when_watched(watched: bool) -> None:
+    """torch's fused AdamW changes weights in place without bumping their version: ``watch`` drops the stale copy;
+    without it the next forward would still use the weight before the step."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    handle = fp8.patch(model, modules=r"^0$")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    if watched:
+        handle.watch(optimizer)
+    x = torch.randn((16, 32), generator=gen)
+    before = model(x)
+    before.square().sum().backward()
+    optimizer.step()
+    after = model(x)
+    fresh = fp8.fp8_linear(x, model[0].weight, model[0].bias)
+    assert torch.equal(after, fresh) == watched
+    assert not torch.equal(before, fresh)
+
+
+def _stand_in_transformer_engine(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """``transformer_engine`` with its ``pytorch.Linear`` / ``fp8_autocast`` and ``common.recipe`` as plain-PyTorch
+    stand-ins that record each autocast's recipe (to check the wiring where TE cannot import)."""
+    seen: list[object] = []
+
+    class Linear(nn.Linear):
+        def __init__(self, fan_in: int, fan_out: int, *, bias: bool, params_dtype: torch.dtype, device: object) -> None:
+            super().__init__(fan_in, fan_out, bias=bias, dtype=params_dtype, device=device)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert seen and seen[-1] is not None, "TE Linear ran outside fp8_autocast"
+            return super().forward(x)
+
+    @contextmanager
+    def fp8_autocast(enabled: bool, fp8_recipe: object):
+        seen.append(fp8_recipe if enabled else None)
+        yield
+
+    recipe = types.SimpleNamespace(
+        Format=types.SimpleNamespace(HYBRID="HYBRID"),
+        DelayedScaling=lambda fp8_format: ("delayed", fp8_format),
+        Float8CurrentScaling=lambda fp8_format: ("current", fp8_format),
+        Float8BlockScaling=lambda: ("block",),
+    )
+    modules = {
+        "transformer_engine": types.ModuleType("transformer_engine"),
+        "transformer_engine.pytorch": types.SimpleNamespace(Linear=Linear, fp8_autocast=fp8_autocast),
+        "transformer_engine.common": types.ModuleType("transformer_engine.common"),
+        "transformer_engine.common.recipe": recipe,
+    }
+    modules["transformer_engine"].pytorch = modules["transformer_engine.pytorch"]
+    modules["transformer_engine.common"].recipe = recipe
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [("delayed", ("delayed", "HYBRID")), ("current", ("current", "HYBRID")), ("block", ("block",))],
+)
+def test_te_backend_shares_the_layers_parameters_under_fp8_autocast(
+    monkeypatch: pytest.MonkeyPatch, recipe: str, expected: tuple
+) -> None:
+    seen = _stand_in_transformer_engine(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False))
+    keys = list(model.state_dict())
+    x = torch.randn((5, 32), generator=gen)
+    plain = model(x)
+    handle = fp8.patch(model, backend="te", recipe=recipe, modules=r"^\d$")
+    assert list(handle.layers) == ["0", "1"] and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    assert seen == [expected, expected]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    optimizer.step()
+    patched = model(x)
+    handle.unpatch()
+    torch.testing.assert_close(patched, model(x), rtol=0, atol=0)
+    assert not torch.equal(patched, plain) and list(model.state_dict()) == keys
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None, reason="Transformer Engine does not import")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine's FP8 GEMMs need a CUDA GPU")
+@pytest.mark.parametrize("recipe", fp8.TE_RECIPES)
+def test_te_backend_within_fp8_bounds(recipe: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(256, 512).cuda().bfloat16()
+    x = _activations(gen, (64, 256)).cuda().bfloat16()
+    exact = x.double() @ layer.weight.double().t() + layer.bias.double()
+    fp8.patch(nn.Sequential(layer), backend="te", recipe=recipe, modules=r"^0$")
+    bound = FORWARD_BOUND * (x.double().abs() @ layer.weight.double().abs().t()) + 1e-2 * exact.abs() + 1e-2
+    assert bool(((layer(x).double() - exact).abs() <= bound).all())

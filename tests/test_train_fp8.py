@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ pytest.importorskip("ltx_core")
 
 
 from omninft_fast import fp8
+from omninft_fast.cli import main
 from omninft_fast.train import Trainer
 from omninft_fast.train.config import ConfigError, load_config
 
@@ -43,3 +45,26 @@ def test_rollout_only_keeps_the_trained_policy_and_refuses_lora(tmp_path: Path) 
         load_config(MICRO, [*overrides, "finetune.mode=lora"])
     with pytest.raises(ConfigError, match="fp8.recipe must be one of"):
         load_config(MICRO, [f"output_dir={tmp_path}", "fp8.recipe=blockwise"])
+
+
+def test_fp8_modules_selects_the_layers_of_all_three_models(tmp_path: Path) -> None:
+    ffn_only = r"transformer_blocks\.\d+\..*\.(net\.0\.proj|net\.2)$"
+    overrides = [f"output_dir={tmp_path}", "fp8.enabled=true", "nft.kl_weight=0.1", f"fp8.modules={ffn_only}"]
+    policies = Trainer(load_config(MICRO, overrides)).policies
+    for model in (policies.policy, policies.old, policies.ref):
+        names = [n for n, m in model.named_modules() if getattr(m, "_omninft_fp8_cache", None) is not None]
+        assert names and all(n.endswith(("net.0.proj", "net.2")) for n in names)
+    with pytest.raises(ValueError, match=r"^modules: no nn.Linear of this LTXModel matches 'nothing'$"):
+        Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'b'}", "fp8.enabled=true", "fp8.modules=nothing"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine imports")
+def test_te_backend_without_transformer_engine_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--config", MICRO, f"output_dir={tmp_path}", "fp8.enabled=true", "fp8.backend=te"]
+    assert main([*args, "fp8.recipe=current"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train: backend: 'te' needs Transformer Engine, which does not import here "
+        "(No module named 'transformer_engine')"
+    ]
+    assert main(args) == 2
+    assert "fp8.recipe must be one of ['delayed', 'current', 'block'], got 'rowwise'" in capsys.readouterr().err

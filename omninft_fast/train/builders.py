@@ -220,6 +220,7 @@ class Policies:
         parameters: every parameter of the policy (gradient clipping takes those with a gradient).
         streams: the same by stream (``STREAMS``), for per-stream gradient norms.
         attention: the backend of the self- and text-attention (``model.attention`` resolved).
+        fp8: the trained policy's ``fp8.patch`` handle (``fp8.enabled`` without ``rollout_only``), else ``None``.
     """
 
     policy: LTXAVModel
@@ -232,6 +233,7 @@ class Policies:
     parameters: list[torch.nn.Parameter]
     streams: dict[str, list[torch.nn.Parameter]]
     attention: str = "pytorch"
+    fp8: Any = None
 
     def checkpointed(self) -> dict[str, Stateful]:
         """What a checkpoint holds: with LoRA both adapters only (the frozen base is rebuilt from
@@ -277,11 +279,16 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         policy_handle = policy.patch(detach=alphas) if alphas is not None else None
         old_handle = old.patch(region_layers=region_layers) if rw.enabled else None
         trainable = [p for p in policy.parameters() if p.requires_grad]
+    fp8_handle = None
     if config.fp8.enabled:
         # With LoRA the old policy and the reference are adapter views of the policy's one model.
         separate = [] if adapters is not None else [m for m in (old, ref) if m is not None]
-        for model in ([] if config.fp8.rollout_only else [policy]) + separate:
-            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe)
+        for model in separate:
+            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe, modules=config.fp8.modules)
+        if not config.fp8.rollout_only:
+            fp8_handle = policy.patch_fp8(
+                backend=config.fp8.backend, recipe=config.fp8.recipe, modules=config.fp8.modules
+            )
     if config.model.compile != "none":
         compiled = [old] if config.model.compile == "rollout" else [policy, *(m for m in (old, ref) if m is not None)]
         for model in {id(m.model): m.model for m in compiled if isinstance(m, LTXAVModel)}.values():
@@ -289,7 +296,9 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
     named = list(policy.named_parameters())
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
     parameters = [p for _, p in named]
-    return Policies(policy, old, ref, adapters, policy_handle, old_handle, trainable, parameters, streams, attention)
+    return Policies(
+        policy, old, ref, adapters, policy_handle, old_handle, trainable, parameters, streams, attention, fp8_handle
+    )
 
 
 def make_optimizer(

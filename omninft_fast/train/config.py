@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from omninft_fast.fp8 import DEFAULT_MODULES, RECIPES, TE_RECIPES
 from omninft_fast.ltx2.attention_backends import ATTENTION_BACKENDS
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
@@ -282,12 +283,16 @@ class FinetuneConfig:
 class FP8Config:
     """FP8 linear layers (``omninft_fast.fp8``) in the transformer blocks of the policy, the old policy and the KL
     reference; ``rollout_only`` keeps the trained policy's layers as they are (full fine-tuning only: with LoRA the
-    three share one model)."""
+    three share one model); ``modules``: a regular expression over the linear layers' qualified names (default:
+    the blocks' attention projections and feed-forward layers, ``fp8.DEFAULT_MODULES``). ``recipe``: ``rowwise`` or
+    ``tensorwise`` with ``backend: torch``; ``delayed``, ``current`` or ``block`` with ``backend: te`` (Transformer
+    Engine, CUDA only)."""
 
     enabled: bool = False
     backend: str = "torch"
     recipe: str = "rowwise"
     rollout_only: bool = False
+    modules: str = DEFAULT_MODULES
 
 
 @dataclass
@@ -384,7 +389,7 @@ class TrainConfig:
             "optim.impl": (self.optim.impl, ("auto", "fused", "foreach", "apex", "plain")),
             "finetune.mode": (self.finetune.mode, ("full", "lora")),
             "fp8.backend": (self.fp8.backend, ("torch", "te")),
-            "fp8.recipe": (self.fp8.recipe, ("rowwise", "tensorwise")),
+            "fp8.recipe": (self.fp8.recipe, TE_RECIPES if self.fp8.backend == "te" else RECIPES),
             "ltx.dtype": (self.ltx.dtype, DTYPES),
             "ltx.decoder_dtype": (self.ltx.decoder_dtype, DTYPES),
             "distributed.backend": (self.distributed.backend, ("none", "fsdp2", "deepspeed")),

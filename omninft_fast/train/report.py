@@ -15,7 +15,6 @@ from omninft_fast.train.builders import PromptRecord
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.metrics import progress_bar
 from omninft_fast.train.model import AVTask, AVVelocityModel
-from omninft_fast.train.plotting import plot_curves
 from omninft_fast.train.stages import Rollout, rollout, score
 
 
@@ -125,6 +124,8 @@ def write_samples(
 
 def write_reward_curves(path: Path, history: list[dict[str, float]]) -> None:
     """Each reward's per-iteration mean (``reward/<name>/mean`` of the metrics history) as a PNG line chart."""
+    from omninft_fast.train.plotting import plot_curves  # matplotlib only where a figure is drawn
+
     if not history:
         return
     keys = [k for k in history[0] if k.startswith("reward/") and k.endswith("/mean")]

@@ -206,6 +206,8 @@ class Trainer:
             self.optimizer = self.engine.optimizer
         else:
             self.optimizer = make_optimizer(self.policies.trainable, config, self.device)
+            if self.policies.fp8 is not None:
+                self.policies.fp8.watch(self.optimizer)  # fused AdamW updates weights without bumping their version
         self.policy = self.policies.policy
         if self.dist.main:
             print(f"attention: {self.policies.attention} (model.attention={config.model.attention})")
