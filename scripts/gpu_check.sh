@@ -11,9 +11,11 @@ shift || true
 python=${PYTHON:-python3}
 site=$(mktemp -d /tmp/omninft_site.XXXXXX)
 pip_target() { "$python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$site" "$@"; }
-if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
-  pip_target .gpu_wheels/*.whl
-fi
+# One at a time: a compiled wheel for another Python (PyYAML) is skipped with a note, the rest still install.
+for wheel in .gpu_wheels/*.whl; do
+  [ -e "$wheel" ] || continue
+  pip_target "$wheel" 2>/dev/null || echo "note: $wheel does not install on this Python; skipped" >&2
+done
 OMNINFT_NO_EXTENSION=1 pip_target --no-build-isolation .
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # A script's own folder (benchmarks/) heads sys.path, so the working tree's omninft_fast/ (which lacks the kernels
