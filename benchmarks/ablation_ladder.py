@@ -45,7 +45,9 @@ def run_rung(config: str, rung: str, seed: int, out_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     before = json.loads((output / "eval_before.json").read_text())
     after = json.loads((output / "eval_after.json").read_text())
-    return {"rung": rung, "seed": seed, "seconds": seconds, "before": before, "after": after}
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    curve = {name: [line[f"reward/{name}/mean"] for line in lines] for name in after["mean"]}
+    return {"rung": rung, "seed": seed, "seconds": seconds, "before": before, "after": after, "curve": curve}
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -94,9 +96,17 @@ def run_metrics(evaluation: dict, conflicts: set[str]) -> dict[str, float]:
     return metrics
 
 
-def summarise(rows: list[dict], conflicts: set[str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per rung (in ladder order) and metric: ``(mean over seeds, 95% t half-width)``."""
-    per_run = [(row["rung"], run_metrics(row["after"], conflicts)) for row in rows]
+def curve_metrics(row: dict) -> dict[str, float]:
+    """Every reward's training-batch mean averaged over the iterations (the area under the learning curve)."""
+    return {name: statistics.fmean(values) for name, values in row["curve"].items()}
+
+
+def summarise(
+    rows: list[dict], conflicts: set[str], *, curves: bool = False
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per rung (in ladder order) and metric: ``(mean over seeds, 95% t half-width)`` of the evaluation after
+    training, or with ``curves`` of ``curve_metrics``."""
+    per_run = [(row["rung"], curve_metrics(row) if curves else run_metrics(row["after"], conflicts)) for row in rows]
     summary = {}
     for rung in [r for r in LADDER if any(name == r for name, _ in per_run)]:
         runs = [metrics for name, metrics in per_run if name == rung]
@@ -139,6 +149,20 @@ def to_markdown(rows: list[dict], config: str, command: str, conflicts: set[str]
     for rung, values in summary.items():
         cells = " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in metrics)
         lines.append(f"| {RUNG_NAMES[rung]} | {cells} |")
+    curves = summarise(rows, conflicts, curves=True)
+    names = list(next(iter(curves.values())))
+    lines += [
+        "",
+        f"## Learning speed: training-batch reward averaged over the {len(rows[0]['curve'][names[0]])} iterations, "
+        f"mean over {len(seeds)} seeds, 95% t interval",
+        "",
+        "| rung | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for rung, values in curves.items():
+        lines.append(
+            f"| {RUNG_NAMES[rung]} | " + " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in names) + " |"
+        )
     lines += [
         "",
         "## Every run: mean +- standard error over the evaluation samples",
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rungs", default=",".join(LADDER), help=f"comma-separated subset of {', '.join(LADDER)}")
     parser.add_argument("--runs-dir", default="runs/ablation")
     parser.add_argument("--name", default="cpu_ablation", help="results file suffix")
+    parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--from-runs", action="store_true", help="tabulate the finished runs in --runs-dir, train none")
     args = parser.parse_args(argv)
     rungs = args.rungs.split(",")
@@ -184,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rungs has unknown rungs {unknown}; choose from {', '.join(LADDER)}")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     runs_dir = Path(args.runs_dir)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in seeds:
         for rung in rungs:
