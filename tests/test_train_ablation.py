@@ -185,7 +185,7 @@ def test_ladder_tables_and_plot(tmp_path: Path) -> None:
     assert curves["full"]["colour"][0] == pytest.approx(0.255) and curves["full"]["pitch"] == (pytest.approx(0.3), 0.0)
     markdown = ladder.to_markdown(rows, "configs/x.yaml", "python benchmarks/ablation_ladder.py", conflicts, "p.png")
     assert "| + reweighting (full) | 0.645 +- " in markdown and "pitch (conflict)" in markdown
-    assert markdown.count("| vanilla (GDPO) | ") == 4  # one summary row, three runs
+    assert markdown.count("| vanilla (GDPO) | ") == 5  # two summary rows, three runs
     ladder.plot_ladder(tmp_path / "ladder.png", rows, conflicts)
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
 
