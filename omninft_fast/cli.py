@@ -90,9 +90,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if Path(output).exists():
         print(f"pretrain: {output} exists; choose another --output (nothing is overwritten)", file=sys.stderr)
         return 2
-    losses = pretrain(
-        config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed, init=args.init
-    )
+    losses = pretrain(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, output=output, seed=args.seed)
     print(f"pretrained {args.steps} steps, final loss {sum(losses[-50:]) / len(losses[-50:]):.4f}; wrote {output}")
     return 0
 
@@ -157,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, default=2e-3)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--output", default=None, help="weights file (default: model.checkpoint)")
-    pre.add_argument("--init", default=None, help="weights file to continue from (default: fresh weights)")
     pre.add_argument("overrides", nargs="*", help="key=value config overrides")
     pre.set_defaults(func=_pretrain)
     cache = commands.add_parser(

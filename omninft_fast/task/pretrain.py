@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from omninft_fast.task.synthetic import all_prompts
 from omninft_fast.train.builders import build_policy, build_task
-from omninft_fast.train.checkpoint import load_weights, save_weights
+from omninft_fast.train.checkpoint import save_weights
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.model import Condition
 
@@ -25,11 +25,9 @@ def pretrain(
     output: str | Path,
     seed: int = 0,
     progress: bool = True,
-    init: str | Path | None = None,
 ) -> list[float]:
     """Train ``x_t = (1 - t) x0 + t x1`` velocity regression (``v = x1 - x0``, both streams, ``t ~ U(0, 1)``) on
-    data drawn from the task, with AdamW and a cosine learning-rate decay, from freshly initialised weights or those
-    of ``init``; write the weights to ``output``.
+    data drawn from the task, with AdamW and a cosine learning-rate decay; write the weights to ``output``.
 
     Returns:
         The loss of every step.
@@ -40,10 +38,7 @@ def pretrain(
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     task = build_task(config)
-    model = build_policy(config, task, load=False)
-    if init is not None:
-        load_weights(init, model.model)
-    model = model.to(device).train()
+    model = build_policy(config, task, load=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
@@ -80,7 +75,6 @@ def pretrain(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        "init": None if init is None else Path(init).name,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "seconds": time.perf_counter() - start,
         "task": config.task.__dict__,

@@ -22,9 +22,9 @@ pre-trained policy is a mixture that the rewards can sharpen.
 
 Two options (off by default) make the task exercise OmniNFT's mechanisms (``configs/cpu_ablation.yaml``):
 
-- ``conflict_fraction``: on that share of the prompts (``conflict_prompts``) the data come in two modes, the right
-  colour with the next pitch or the next colour with the right pitch (each half the time): video and audio rewards
-  that are anti-correlated in the data, where a shared advantage cancels (what modality routing avoids).
+- ``conflict_fraction``: on that share of the prompts (``conflict_prompts``) the data get exactly one of colour and
+  pitch right (each half the time), so the base policy's video and audio rewards are anti-correlated there and a
+  shared advantage cancels (what modality routing avoids).
 - ``beacon``: the square glows steadily, and the rhythm is carried by a one-token white beacon that moves one step
   per frame clockwise around the border tokens (``beacon_path``); the audio beeps with the beacon, and
   ``synthetic_sync`` with ``region: beacon`` reads only the beacon's tokens (a small moving region for Eq 10-11's
@@ -227,10 +227,9 @@ class SyntheticAVTask:
         for b, text in enumerate(prompts):
             prompt = parse_prompt(text)
             if prompt.text in self.conflicts:
-                # One of two modes: right colour with the next pitch, or the next colour with the right pitch.
                 colour_right = bool(torch.rand((), generator=generator) < 0.5)
-                colour = prompt.colour if colour_right else COLOURS[(COLOURS.index(prompt.colour) + 1) % 3]
-                pitch = PITCHES[(PITCHES.index(prompt.pitch) + 1) % 3] if colour_right else prompt.pitch
+                colour = prompt.colour if colour_right else other(prompt.colour, COLOURS)
+                pitch = other(prompt.pitch, PITCHES) if colour_right else prompt.pitch
             else:
                 colour = prompt.colour if keep() else other(prompt.colour, COLOURS)
                 pitch = prompt.pitch if keep() else other(prompt.pitch, PITCHES)
