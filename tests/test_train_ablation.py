@@ -204,3 +204,24 @@ def test_ladder_script_runs_the_rungs(tmp_path: Path) -> None:
     assert (tmp_path / "ablation_micro.png").exists()
     again = ladder.main([*args, "--from-runs", "--name", "again", "--results-dir", str(tmp_path)])
     assert again == 0 and json.loads((tmp_path / "ablation_again.json").read_text()) == rows
+
+
+def test_ablation_diagnostics_measure_conflicts_and_the_beacon() -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("ablation_diagnostics", path)
+    diagnostics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnostics)
+    result = diagnostics.diagnose(MICRO, None, overrides=["task.beacon=true", "task.conflict_fraction=0.5"])
+    assert set(result) == {
+        "opposite share (conflict)",
+        "colour-pitch corr (conflict)",
+        "opposite share (other)",
+        "colour-pitch corr (other)",
+        "beacon share of Eq 10 score",
+        "beacon is top token",
+    }
+    assert 0 < result["beacon share of Eq 10 score"] < 1 and 0 <= result["beacon is top token"] <= 1
+    assert all(0 < result[f"opposite share ({k})"] < 1 for k in ("conflict", "other"))
+    assert all(-1 <= result[f"colour-pitch corr ({k})"] <= 1 for k in ("conflict", "other"))
+    plain = diagnostics.diagnose(MICRO, None)
+    assert set(plain) == {"opposite share (other)", "colour-pitch corr (other)"}
