@@ -11,8 +11,10 @@ are also given on the conflicting prompts alone. Writes ``benchmarks/results/abl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -114,7 +116,40 @@ def summarise(
     return summary
 
 
-def to_markdown(rows: list[dict], config: str, command: str, conflicts: set[str], plot: str) -> str:
+def paired_steps(rows: list[dict], conflicts: set[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each rung minus the rung before it, and the full rung minus vanilla, paired by seed (the seeds both rungs
+    ran): per step and metric ``(mean difference, 95% t half-width)``."""
+    by_key = {(row["rung"], row["seed"]): run_metrics(row["after"], conflicts) for row in rows}
+    rungs = [r for r in LADDER if any(row["rung"] == r for row in rows)]
+    pairs = list(itertools.pairwise(rungs))
+    if len(rungs) > 2:
+        pairs.append((rungs[0], rungs[-1]))
+    steps = {}
+    for lower, upper in pairs:
+        seeds = sorted(
+            {seed for rung, seed in by_key if rung == lower} & {seed for rung, seed in by_key if rung == upper}
+        )
+        if seeds:
+            metrics = by_key[(upper, seeds[0])]
+            steps[f"{RUNG_NAMES[upper]} - {RUNG_NAMES[lower]}"] = {
+                m: interval([by_key[(upper, s)][m] - by_key[(lower, s)][m] for s in seeds]) for m in metrics
+            }
+    return steps
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` where there is one, else ``platform.processor()``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def to_markdown(
+    rows: list[dict], config: str, command: str, conflicts: set[str], plot: str, *, threads: int | None = None
+) -> str:
     """The per-rung table (mean over seeds, 95% interval) and the per-run table (mean +- SE)."""
     summary = summarise(rows, conflicts)
     metrics = list(next(iter(summary.values())))
@@ -124,8 +159,9 @@ def to_markdown(rows: list[dict], config: str, command: str, conflicts: set[str]
     lines = [
         f"# Ablation ladder (Table 3) on `{config}`",
         "",
-        f"Command: `{command}`; {platform.machine()} CPU ({torch.get_num_threads()} threads available to torch, "
-        f"{platform.processor() or 'unknown processor'}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+        f"Command: `{command}`; {platform.machine()} {cpu_name()}, {os.cpu_count()} cores"
+        + (f", {threads} torch thread(s) per run" if threads is not None else "")
+        + f", torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
         f"Seeds {', '.join(map(str, seeds))}; runs one after another, {total / 60:.0f} min in all "
         f"({min(r['seconds'] for r in rows):.0f}-{max(r['seconds'] for r in rows):.0f} s per run). Evaluation: "
         f"{rows[0]['after']['count']} fixed samples per run (eval seed fixed, so the base policy's row is the same "
@@ -149,6 +185,20 @@ def to_markdown(rows: list[dict], config: str, command: str, conflicts: set[str]
     for rung, values in summary.items():
         cells = " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in metrics)
         lines.append(f"| {RUNG_NAMES[rung]} | {cells} |")
+    steps = paired_steps(rows, conflicts)
+    if steps:
+        lines += [
+            "",
+            "## Each rung against the one before (and full against vanilla), paired by seed: mean difference, "
+            "95% t interval",
+            "",
+            "| step | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
+        for step, values in steps.items():
+            lines.append(
+                f"| {step} | " + " | ".join(f"{values[m][0]:+.3f} +- {values[m][1]:.3f}" for m in metrics) + " |"
+            )
     curves = summarise(rows, conflicts, curves=True)
     names = list(next(iter(curves.values())))
     lines += [
@@ -225,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = results / f"ablation_{args.name}.png"
     plot_ladder(plot, rows, conflicts)
     (results / f"ablation_{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    markdown = to_markdown(rows, args.config, command.strip(), conflicts, plot.name)
+    threads = load_config(args.config).threads
+    markdown = to_markdown(rows, args.config, command.strip(), conflicts, plot.name, threads=threads)
     (results / f"ablation_{args.name}.md").write_text(markdown)
     print(markdown, end="")
     return 0

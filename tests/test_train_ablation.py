@@ -186,6 +186,10 @@ def test_ladder_tables_and_plot(tmp_path: Path) -> None:
     markdown = ladder.to_markdown(rows, "configs/x.yaml", "python benchmarks/ablation_ladder.py", conflicts, "p.png")
     assert "| + reweighting (full) | 0.645 +- " in markdown and "pitch (conflict)" in markdown
     assert markdown.count("| vanilla (GDPO) | ") == 5  # two summary rows, three runs
+    (step,) = ladder.paired_steps(rows, conflicts).items()
+    assert step[0] == "+ reweighting (full) - vanilla (GDPO)"
+    assert step[1]["colour"][0] == pytest.approx(0.1) and step[1]["colour"][1] == pytest.approx(0.0, abs=1e-9)
+    assert "| + reweighting (full) - vanilla (GDPO) | +0.100 +- 0.000 |" in markdown
     ladder.plot_ladder(tmp_path / "ladder.png", rows, conflicts)
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
 
