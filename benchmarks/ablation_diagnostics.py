@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ablation_ladder import cpu_name
+
     rows = {"base policy": diagnose(args.config, None, seed=args.seed)}
     for run in args.runs:
         rows[Path(run).name] = diagnose(args.config, run, seed=args.seed)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# What the ablation task gives each mechanism, on `{args.config}`",
         "",
-        f"Command: `{command.strip()}`; {platform.machine()} CPU, torch {torch.__version__}, "
+        f"Command: `{command.strip()}`; {platform.machine()} {cpu_name()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}. Every prompt x group_size samples, sampling seed {args.seed}.",
         "",
         "| policy | " + " | ".join(columns) + " |",

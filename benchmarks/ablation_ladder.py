@@ -116,10 +116,16 @@ def summarise(
     return summary
 
 
-def paired_steps(rows: list[dict], conflicts: set[str]) -> dict[str, dict[str, tuple[float, float]]]:
+def paired_steps(
+    rows: list[dict], conflicts: set[str], *, curves: bool = False
+) -> dict[str, dict[str, tuple[float, float]]]:
     """Each rung minus the rung before it, and the full rung minus vanilla, paired by seed (the seeds both rungs
-    ran): per step and metric ``(mean difference, 95% t half-width)``."""
-    by_key = {(row["rung"], row["seed"]): run_metrics(row["after"], conflicts) for row in rows}
+    ran): per step and metric ``(mean difference, 95% t half-width)`` of the evaluation after training, or with
+    ``curves`` of ``curve_metrics``."""
+    by_key = {
+        (row["rung"], row["seed"]): curve_metrics(row) if curves else run_metrics(row["after"], conflicts)
+        for row in rows
+    }
     rungs = [r for r in LADDER if any(row["rung"] == r for row in rows)]
     pairs = list(itertools.pairwise(rungs))
     if len(rungs) > 2:
@@ -213,6 +219,15 @@ def to_markdown(
         lines.append(
             f"| {RUNG_NAMES[rung]} | " + " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in names) + " |"
         )
+    lines += [
+        "",
+        "Paired by seed, as above:",
+        "",
+        "| step | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for step, values in paired_steps(rows, conflicts, curves=True).items():
+        lines.append(f"| {step} | " + " | ".join(f"{values[m][0]:+.3f} +- {values[m][1]:.3f}" for m in names) + " |")
     lines += [
         "",
         "## Every run: mean +- standard error over the evaluation samples",
