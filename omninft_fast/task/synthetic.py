@@ -23,8 +23,8 @@ pre-trained policy is a mixture that the rewards can sharpen.
 Two options (off by default) make the task exercise OmniNFT's mechanisms (``configs/cpu_ablation.yaml``):
 
 - ``conflict_fraction``: on that share of the prompts (``conflict_prompts``) the data get exactly one of colour and
-  pitch right (each half the time), so the base policy's video and audio rewards are anti-correlated there and a
-  shared advantage cancels (what modality routing avoids).
+  pitch right (each half the time): video and audio rewards anti-correlated in the data, where a shared advantage
+  would cancel what a routed one keeps (a policy shows it only if it learns to couple the two streams' choices).
 - ``beacon``: the square glows steadily, and the rhythm is carried by a one-token white beacon that moves one step
   per frame clockwise around the border tokens (``beacon_path``); the audio beeps with the beacon, and
   ``synthetic_sync`` with ``region: beacon`` reads only the beacon's tokens (a small moving region for Eq 10-11's
