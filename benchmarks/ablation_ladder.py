@@ -37,10 +37,11 @@ RUNG_NAMES = {
 CONFLICT_TERMS = ("colour", "pitch")
 
 
-def run_rung(config: str, rung: str, seed: int, out_dir: Path) -> dict:
-    """Train one rung and return its evaluation before and after training plus the wall time."""
+def run_rung(config: str, rung: str, seed: int, out_dir: Path, overrides: list[str] | None = None) -> dict:
+    """Train one rung (with ``key=value`` ``overrides``) and return its evaluation before and after training, its
+    training-batch reward curves and the wall time."""
     output = out_dir / f"{rung}_seed{seed}"
-    command = [sys.executable, "-m", "omninft_fast", "train", "--config", config, f"ladder={rung}"]
+    command = [sys.executable, "-m", "omninft_fast", "train", "--config", config, f"ladder={rung}", *(overrides or [])]
     command += [f"seed={seed}", f"output_dir={output}", "progress=false"]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cpu_ablation", help="results file suffix")
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--from-runs", action="store_true", help="tabulate the finished runs in --runs-dir, train none")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args(argv)
     rungs = args.rungs.split(",")
     unknown = sorted(set(rungs) - set(LADDER))
@@ -282,16 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.from_runs:
                 rows.append(json.loads((runs_dir / f"{rung}_seed{seed}" / "ladder_row.json").read_text()))
                 continue
-            rows.append(run_rung(args.config, rung, seed, runs_dir))
+            rows.append(run_rung(args.config, rung, seed, runs_dir, args.overrides))
             (runs_dir / f"{rung}_seed{seed}" / "ladder_row.json").write_text(json.dumps(rows[-1]) + "\n")
             print(f"{rung} seed {seed}: {rows[-1]['seconds']:.0f} s {rows[-1]['after']['mean']}", flush=True)
-    conflicts = set(conflict_prompts(load_config(args.config).task.conflict_fraction))
+    config = load_config(args.config, args.overrides)
+    conflicts = set(conflict_prompts(config.task.conflict_fraction))
     command = "python benchmarks/ablation_ladder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plot = results / f"ablation_{args.name}.png"
     plot_ladder(plot, rows, conflicts)
     (results / f"ablation_{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    threads = load_config(args.config).threads
-    markdown = to_markdown(rows, args.config, command.strip(), conflicts, plot.name, threads=threads)
+    markdown = to_markdown(rows, args.config, command.strip(), conflicts, plot.name, threads=config.threads)
     (results / f"ablation_{args.name}.md").write_text(markdown)
     print(markdown, end="")
     return 0

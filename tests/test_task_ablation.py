@@ -85,3 +85,24 @@ def test_beacon_sync_rejects_bad_options() -> None:
         build_reward("synthetic_sync", region="corner")
     with pytest.raises(ValueError, match="grid"):
         build_reward("synthetic_sync", region="beacon", grid=(1, 3))
+
+
+def test_sync_noise_picks_the_stream_whose_beats_shift() -> None:
+    prompts = all_prompts()
+    synced = SyntheticAVTask(TaskSpec(beacon=True, label_accuracy=1.0))
+    data = {"synced": synced.sample_data(prompts, torch.Generator().manual_seed(0))}
+    for stream in ("audio", "video"):
+        task = SyntheticAVTask(TaskSpec(beacon=True, label_accuracy=0.0, sync_noise=stream))
+        data[stream] = task.sample_data(prompts, torch.Generator().manual_seed(0))
+    reward = build_reward("synthetic_sync", region="beacon", grid=(3, 3))
+    sync = {k: reward(_batch(synced, *v, prompts))["sync"] for k, v in data.items()}
+    assert sync["synced"].min() > 0.8 and sync["audio"].max() < 0.5 and sync["video"].max() < 0.5
+    beeps = {k: v[1].amax(dim=-1) for k, v in data.items()}  # (B, 2F): the loudest channel per audio token
+    torch.testing.assert_close(beeps["video"], beeps["synced"], rtol=0, atol=0.3)
+    assert (beeps["audio"] - beeps["synced"]).abs().max() > 1.0
+    flashes = {k: v[0][..., :3].amax(dim=(1, 2)) for k, v in data.items()}  # (B,) brightest colour drive
+    beacon = {k: v[0].view(len(prompts), 8, 9, -1)[:, :, 0, 0] for k, v in data.items()}  # frame-0 top-left token
+    assert torch.equal(beacon["audio"], beacon["synced"]) and not torch.equal(beacon["video"], beacon["synced"])
+    assert all(flashes[k].min() > 1.0 for k in flashes)
+    with pytest.raises(ValueError, match="sync_noise"):
+        SyntheticAVTask(TaskSpec(sync_noise="both"))

@@ -29,6 +29,8 @@ Two options (off by default) make the task exercise OmniNFT's mechanisms (``conf
   per frame clockwise around the border tokens (``beacon_path``); the audio beeps with the beacon, and
   ``synthetic_sync`` with ``region: beacon`` reads only the beacon's tokens (a small moving region for Eq 10-11's
   reweighting to find).
+- ``sync_noise``: which stream's beats a mis-synced sample shifts, ``audio`` (default) or ``video`` (then the flashes
+  are off the prompted beats and the audio is on them, so fixing sync is the video's job).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class TaskSpec:
         conflict_fraction: share of the prompts (``conflict_prompts``) whose data get exactly one of colour and pitch
             right.
         beacon: the rhythm flashes on a moving one-token beacon instead of the square.
+        sync_noise: ``audio`` or ``video``: the stream whose beats a mis-synced pre-training sample shifts.
         text_dim_video, text_dim_audio: widths of the two text embeddings (the model's video and audio widths).
         seed: seed of the fixed decoder textures and text embeddings.
     """
@@ -126,6 +129,7 @@ class TaskSpec:
     label_accuracy: float = 0.5
     conflict_fraction: float = 0.0
     beacon: bool = False
+    sync_noise: str = "audio"
     text_dim_video: int = 64
     text_dim_audio: int = 32
     seed: int = 1234
@@ -166,6 +170,8 @@ class SyntheticAVTask:
             raise ValueError(f"label_accuracy must be in [0, 1], got {spec.label_accuracy}")
         if spec.beacon and (spec.height < 3 or spec.width < 3):
             raise ValueError(f"beacon needs a grid of at least 3x3, got {spec.height}x{spec.width}")
+        if spec.sync_noise not in ("audio", "video"):
+            raise ValueError(f"sync_noise must be 'audio' or 'video', got {spec.sync_noise!r}")
         self.conflicts = frozenset(conflict_prompts(spec.conflict_fraction))
         self.spec = spec
         gen = torch.Generator().manual_seed(spec.seed)
@@ -234,14 +240,15 @@ class SyntheticAVTask:
                 colour = prompt.colour if keep() else other(prompt.colour, COLOURS)
                 pitch = prompt.pitch if keep() else other(prompt.pitch, PITCHES)
             shift = 0 if keep() else 1 + 2 * int(torch.randint(2, (), generator=generator))
-            flash = self._flash(prompt.rhythm)
+            video_shift, audio_shift = (shift, 0) if s.sync_noise == "video" else (0, shift)
+            flash = self._flash(prompt.rhythm, video_shift)
             if s.beacon:
                 video[b, :, ch, cw, COLOURS.index(colour)] = 1.5
                 for f, (i, j) in enumerate(path):
                     video[b, f, i, j, :3] = -1.0 + 2.5 * flash[f]
             else:
                 video[b, :, ch, cw, COLOURS.index(colour)] = -0.5 + 2.0 * flash
-            beep = self._flash(prompt.rhythm, shift).repeat_interleave(2)
+            beep = self._flash(prompt.rhythm, audio_shift).repeat_interleave(2)
             beep[1::2] *= 0.6
             audio[b, :, AUDIO_FREQS.index(PITCH_HZ[pitch])] = -1.0 + 2.0 * beep
         audio = audio + 0.05 * torch.randn(audio.shape, generator=generator)
