@@ -200,7 +200,10 @@ def test_ladder_script_runs_the_rungs(tmp_path: Path) -> None:
     assert ladder.main([*args, "--name", "micro", "--results-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "ablation_micro.json").read_text())
     assert [(row["rung"], row["seed"]) for row in rows] == [("vanilla", 0), ("full", 0), ("vanilla", 1), ("full", 1)]
-    assert rows[0]["after"]["prompts"] == all_prompts()
+    after = rows[0]["after"]
+    assert after["prompts"] == all_prompts()
+    for name, per_prompt in after["prompt_mean"].items():  # equal samples per prompt: the mean of the means
+        assert sum(per_prompt) / len(per_prompt) == pytest.approx(after["mean"][name], abs=1e-6)
     assert [len(v) for v in rows[0]["curve"].values()] == [2, 2, 2]  # micro: 2 iterations, 3 rewards
     assert rows[0]["after"]["mean"] != rows[2]["after"]["mean"]  # seeds differ
     markdown = (tmp_path / "ablation_micro.md").read_text()
