@@ -7,7 +7,9 @@ Each is computed from the decoded output alone and the prompt's words (``omninft
 - ``synthetic_pitch`` (audio): fraction of the waveform's spectral energy within ``band_hz`` of the prompted
   pitch, in [0, 1].
 - ``synthetic_sync`` (av): Pearson correlation, over video frames, between the square's brightness and the audio
-  RMS in that frame's time window (audio beeps on the flashes), in [-1, 1].
+  RMS in that frame's time window (audio beeps on the flashes), in [-1, 1]. With ``region="beacon"`` (the task's
+  ``beacon`` option) the brightness is that of the moving beacon's token in each frame (``beacon_path`` on a
+  ``grid`` of latent tokens) and nothing else of the frame counts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from omninft_fast.rewards.base import RewardBatch, RewardModel, register_reward
-from omninft_fast.task.synthetic import COLOURS, PITCH_HZ, parse_prompt
+from omninft_fast.task.synthetic import COLOURS, PITCH_HZ, beacon_path, parse_prompt
 
 
 def _centre(video: torch.Tensor) -> torch.Tensor:
@@ -62,12 +64,35 @@ class PitchReward(RewardModel):
 
 @register_reward("synthetic_sync")
 class SyncReward(RewardModel):
-    """Audio-video reward: audio loudness follows the square's flashes frame by frame."""
+    """Audio-video reward: audio loudness follows the flashes of the square (``region="centre"``) or of the moving
+    beacon (``region="beacon"``, on a ``grid = (rows, columns)`` of latent tokens) frame by frame."""
 
     modality = "av"
 
+    def __init__(self, *, region: str = "centre", grid: tuple[int, int] = (3, 3), **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if region not in ("centre", "beacon"):
+            raise ValueError(f"region must be 'centre' or 'beacon', got {region!r}")
+        rows, columns = (int(n) for n in grid)
+        if min(rows, columns) < 3:
+            raise ValueError(f"grid must be at least (3, 3), got {tuple(grid)}")
+        self.region = region
+        self.grid = (rows, columns)
+
+    def _brightness(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C, H, W)`` frames -> ``(B, T)`` mean brightness of the region read in each frame."""
+        if self.region == "centre":
+            return _centre(video).mean(dim=(2, 3, 4))
+        rows, columns = self.grid
+        frames, height, width = video.shape[1], video.shape[-2], video.shape[-1]
+        if height % rows or width % columns:
+            raise ValueError(f"frames of {height}x{width} pixels do not split into a {rows}x{columns} token grid")
+        tiles = video.reshape(*video.shape[:3], rows, height // rows, columns, width // columns).mean(dim=(2, 4, 6))
+        path = torch.tensor(beacon_path(frames, rows, columns), device=video.device)  # (T, 2)
+        return tiles[:, torch.arange(frames, device=video.device), path[:, 0], path[:, 1]]
+
     def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
-        brightness = _centre(batch.video.float()).mean(dim=(2, 3, 4))  # (B, T)
+        brightness = self._brightness(batch.video.float())  # (B, T)
         frames = brightness.shape[1]
         audio = batch.audio.float()
         window = audio.shape[1] // frames

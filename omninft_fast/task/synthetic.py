@@ -19,6 +19,18 @@ The pre-training data are noisy the way web captions are: each attribute matches
 ``label_accuracy`` (a wrong colour, a wrong pitch, or audio beats shifted by an odd number of frames against
 the flashes otherwise), so the
 pre-trained policy is a mixture that the rewards can sharpen.
+
+Two options (off by default) make the task exercise OmniNFT's mechanisms (``configs/cpu_ablation.yaml``):
+
+- ``conflict_fraction``: on that share of the prompts (``conflict_prompts``) the data get exactly one of colour and
+  pitch right (each half the time): video and audio rewards anti-correlated in the data, where a shared advantage
+  would cancel what a routed one keeps (a policy shows it only if it learns to couple the two streams' choices).
+- ``beacon``: the square glows steadily, and the rhythm is carried by a one-token white beacon that moves one step
+  per frame clockwise around the border tokens (``beacon_path``); the audio beeps with the beacon, and
+  ``synthetic_sync`` with ``region: beacon`` reads only the beacon's tokens (a small moving region for Eq 10-11's
+  reweighting to find).
+- ``sync_noise``: which stream's beats a mis-synced sample shifts, ``audio`` (default) or ``video`` (then the flashes
+  are off the prompted beats and the audio is on them, so fixing sync is the video's job).
 """
 
 from __future__ import annotations
@@ -68,6 +80,23 @@ def all_prompts() -> list[str]:
     return [Prompt(c, r, p).text for c in COLOURS for r in RHYTHMS for p in PITCHES]
 
 
+def conflict_prompts(fraction: float) -> list[str]:
+    """The prompts of ``all_prompts`` whose data conflict, spread evenly: index ``i`` when
+    ``floor((i + 1) f) > floor(i f)`` (``f = 0.5``: every second prompt; ``f = 0``: none)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"conflict_fraction must be in [0, 1], got {fraction}")
+    prompts = all_prompts()
+    return [text for i, text in enumerate(prompts) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
+
+
+def beacon_path(frames: int, height: int, width: int) -> list[tuple[int, int]]:
+    """``(row, column)`` latent token of the beacon in each of ``frames`` frames: the border tokens of the
+    ``height x width`` grid clockwise from the top-left corner, one step per frame, wrapping around."""
+    ring = [(0, j) for j in range(width)] + [(i, width - 1) for i in range(1, height)]
+    ring += [(height - 1, j) for j in range(width - 2, -1, -1)] + [(i, 0) for i in range(height - 2, 0, -1)]
+    return [ring[f % len(ring)] for f in range(frames)]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Sizes of the synthetic task.
@@ -81,6 +110,10 @@ class TaskSpec:
         fps: video frame rate; the clip lasts ``frames / fps`` seconds.
         sample_rate: audio sample rate.
         label_accuracy: probability that each attribute of a pre-training sample matches its prompt.
+        conflict_fraction: share of the prompts (``conflict_prompts``) whose data get exactly one of colour and pitch
+            right.
+        beacon: the rhythm flashes on a moving one-token beacon instead of the square.
+        sync_noise: ``audio`` or ``video``: the stream whose beats a mis-synced pre-training sample shifts.
         text_dim_video, text_dim_audio: widths of the two text embeddings (the model's video and audio widths).
         seed: seed of the fixed decoder textures and text embeddings.
     """
@@ -94,6 +127,9 @@ class TaskSpec:
     fps: float = 8.0
     sample_rate: int = 8000
     label_accuracy: float = 0.5
+    conflict_fraction: float = 0.0
+    beacon: bool = False
+    sync_noise: str = "audio"
     text_dim_video: int = 64
     text_dim_audio: int = 32
     seed: int = 1234
@@ -132,6 +168,11 @@ class SyntheticAVTask:
             raise ValueError(f"height and width must be odd (centre token), got {spec.height}x{spec.width}")
         if not 0.0 <= spec.label_accuracy <= 1.0:
             raise ValueError(f"label_accuracy must be in [0, 1], got {spec.label_accuracy}")
+        if spec.beacon and (spec.height < 3 or spec.width < 3):
+            raise ValueError(f"beacon needs a grid of at least 3x3, got {spec.height}x{spec.width}")
+        if spec.sync_noise not in ("audio", "video"):
+            raise ValueError(f"sync_noise must be 'audio' or 'video', got {spec.sync_noise!r}")
+        self.conflicts = frozenset(conflict_prompts(spec.conflict_fraction))
         self.spec = spec
         gen = torch.Generator().manual_seed(spec.seed)
         p = spec.patch
@@ -188,14 +229,26 @@ class SyntheticAVTask:
             rest = [c for c in choices if c != value]
             return rest[int(torch.randint(len(rest), (), generator=generator))]
 
+        path = beacon_path(s.frames, s.height, s.width)
         for b, text in enumerate(prompts):
             prompt = parse_prompt(text)
-            colour = prompt.colour if keep() else other(prompt.colour, COLOURS)
-            pitch = prompt.pitch if keep() else other(prompt.pitch, PITCHES)
+            if prompt.text in self.conflicts:
+                colour_right = bool(torch.rand((), generator=generator) < 0.5)
+                colour = prompt.colour if colour_right else other(prompt.colour, COLOURS)
+                pitch = other(prompt.pitch, PITCHES) if colour_right else prompt.pitch
+            else:
+                colour = prompt.colour if keep() else other(prompt.colour, COLOURS)
+                pitch = prompt.pitch if keep() else other(prompt.pitch, PITCHES)
             shift = 0 if keep() else 1 + 2 * int(torch.randint(2, (), generator=generator))
-            flash = self._flash(prompt.rhythm)
-            video[b, :, ch, cw, COLOURS.index(colour)] = -0.5 + 2.0 * flash
-            beep = self._flash(prompt.rhythm, shift).repeat_interleave(2)
+            video_shift, audio_shift = (shift, 0) if s.sync_noise == "video" else (0, shift)
+            flash = self._flash(prompt.rhythm, video_shift)
+            if s.beacon:
+                video[b, :, ch, cw, COLOURS.index(colour)] = 1.5
+                for f, (i, j) in enumerate(path):
+                    video[b, f, i, j, :3] = -1.0 + 2.5 * flash[f]
+            else:
+                video[b, :, ch, cw, COLOURS.index(colour)] = -0.5 + 2.0 * flash
+            beep = self._flash(prompt.rhythm, audio_shift).repeat_interleave(2)
             beep[1::2] *= 0.6
             audio[b, :, AUDIO_FREQS.index(PITCH_HZ[pitch])] = -1.0 + 2.0 * beep
         audio = audio + 0.05 * torch.randn(audio.shape, generator=generator)

@@ -64,3 +64,35 @@ def plot_curves(
         axes.set_ylabel(ylabel)
         axes.legend(loc="best")
     save_figure(figure, path)
+
+
+def plot_intervals(
+    path: str | Path,
+    labels: list[str],
+    panels: dict[str, list[tuple[float, float]]],
+    *,
+    reference: dict[str, float] | None = None,
+    reference_label: str = "before",
+    title: str = "",
+) -> None:
+    """One panel per entry of ``panels``, side by side: for each of ``labels`` a point at its mean with an error bar
+    of ``+- half_width`` (each panel a list of ``len(labels)`` ``(mean, half_width)`` pairs), and a dashed line at
+    ``reference[name]`` where given."""
+    figure = new_figure()
+    with matplotlib.rc_context(STYLE):
+        figure.set_size_inches(max(6.4, 2.6 * len(panels)), 3.6)
+        positions = list(range(len(labels)))
+        for k, (name, values) in enumerate(panels.items()):
+            axes = figure.add_subplot(1, len(panels), k + 1)
+            means = [mean for mean, _ in values]
+            errors = [half for _, half in values]
+            colour = STYLE["axes.prop_cycle"].by_key()["color"][k % 8]
+            axes.errorbar(positions, means, yerr=errors, fmt="o", capsize=4, color=colour)
+            if reference is not None and name in reference:
+                axes.axhline(reference[name], linestyle="--", color="0.5", label=reference_label)
+                axes.legend(loc="best")
+            axes.set_xticks(positions, labels, rotation=30, ha="right")
+            axes.set_title(name)
+        if title:
+            figure.suptitle(title)
+    save_figure(figure, path)

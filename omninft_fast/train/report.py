@@ -20,12 +20,15 @@ from omninft_fast.train.stages import Rollout, rollout, score
 
 @dataclass
 class EvalResult:
-    """Per-reward mean and standard error on the fixed evaluation set, and each reward's modality."""
+    """Per-reward mean and standard error on the fixed evaluation set, each reward's modality, and each reward's
+    mean per prompt (``prompt_mean[name][i]`` over the samples of ``prompts[i]``)."""
 
     mean: dict[str, float]
     stderr: dict[str, float]
     count: int
     modality: dict[str, str] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    prompt_mean: dict[str, list[float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -72,9 +75,11 @@ def evaluate(
     n = len(texts)
     mean = {key: float(v.mean()) for key, v in merged.items()}
     stderr = {key: float(v.std(correction=1)) / math.sqrt(n) for key, v in merged.items()}
+    per_prompt = {key: v.reshape(len(prompts), -1).mean(dim=1).tolist() for key, v in merged.items()}
     video = torch.cat([s.video for s in samples])
     audio = torch.cat([s.audio for s in samples])
-    return EvalResult(mean, stderr, n, scores[0].modality), Rollout(texts, video, audio, None)
+    result = EvalResult(mean, stderr, n, scores[0].modality, [p.av for p in prompts], per_prompt)
+    return result, Rollout(texts, video, audio, None)
 
 
 def format_table(before: EvalResult, after: EvalResult) -> str:
