@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -175,6 +176,7 @@ def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
     """Both loops for ``iterations`` iterations each, alternating, from the same seeds and weights (``dry_run``:
     the micro config's sizes on the CPU)."""
     size = "dry-run" if dry_run else device
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         engine = _trainer(size, device, Path(tmp) / "engine", True)
         baseline = _trainer(size, device, Path(tmp) / "base", False)
@@ -209,6 +211,7 @@ def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
             f"{cfg.nft.mini_batch}, KL reference on"
         ),
         "iterations": iterations,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
     }
     for name, runs in rows.items():
         seconds = sum(r["time/iteration"] for r in runs) / len(runs)
@@ -239,7 +242,9 @@ def to_markdown(result: dict) -> str:
         "# One OmniNFT iteration: engine vs straightforward loop",
         "",
         f"Device: {result['device']}, torch {result['torch']}, {time.strftime('%Y-%m-%d')}. {result['config']}. "
-        f"{result['iterations']} iteration(s) each, alternating, same seeds.",
+        f"{result['iterations']} iteration(s) each, alternating, same seeds. 1-minute load average "
+        f"{result['load_average_1min'][0]:.1f} before, {result['load_average_1min'][1]:.1f} after (other work on the "
+        "machine skews the comparison: the batch-1 loop suffers more from shared cores).",
         "",
         "| loop | iteration s | samples/s | capture bytes | peak CUDA bytes | loss video (it 0) | loss audio (it 0) |",
         "|---|---|---|---|---|---|---|",
