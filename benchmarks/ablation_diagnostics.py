@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ablation_ladder import cpu_name
+    from ablation_ladder import cpu_name, table
 
     rows = {"base policy": diagnose(args.config, None, seed=args.seed)}
     for run in args.runs:
@@ -114,10 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`; {platform.machine()} {cpu_name()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}. Every prompt x group_size samples, sampling seed {args.seed}.",
         "",
-        "| policy | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
+        *table(["policy", *columns], [[name, *(f"{row[c]:.3f}" for c in columns)] for name, row in rows.items()]),
     ]
-    lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for name, row in rows.items()]
     by_rung: dict[str, list[dict[str, float]]] = {}
     for name, row in rows.items():
         if "_seed" in name:

@@ -154,6 +154,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: ``header``, the separator, one row per ``body`` entry."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
+
+
+def interval_cells(values: dict[str, tuple[float, float]], names: list[str], *, signed: bool = False) -> list[str]:
+    """``mean +- half-width`` cells of ``values[name] = (mean, half-width)`` in ``names`` order."""
+    return [f"{values[m][0]:{'+' if signed else ''}.3f} +- {values[m][1]:.3f}" for m in names]
+
+
 def to_markdown(
     rows: list[dict], config: str, command: str, conflicts: set[str], plot: str, *, threads: int | None = None
 ) -> str:
@@ -179,19 +189,10 @@ def to_markdown(
             f"`(conflict)` columns: the {len(conflicts)} prompts whose pre-training data have exactly one of colour "
             "and pitch right."
         )
-    lines += [
-        "",
-        f"## Mean over {len(seeds)} seeds, 95% t interval (mean +- half-width)",
-        "",
-        f"![ladder]({plot})",
-        "",
-        "| rung | " + " | ".join(metrics) + " |",
-        "|---|" + "---|" * len(metrics),
-        "| base policy (before) | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " |",
-    ]
-    for rung, values in summary.items():
-        cells = " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in metrics)
-        lines.append(f"| {RUNG_NAMES[rung]} | {cells} |")
+    lines += ["", f"## Mean over {len(seeds)} seeds, 95% t interval (mean +- half-width)", "", f"![ladder]({plot})", ""]
+    body = [["base policy (before)", *(f"{base[m]:.3f}" for m in metrics)]]
+    body += [[RUNG_NAMES[rung], *interval_cells(values, metrics)] for rung, values in summary.items()]
+    lines += table(["rung", *metrics], body)
     steps = paired_steps(rows, conflicts)
     if steps:
         lines += [
@@ -199,13 +200,8 @@ def to_markdown(
             "## Each rung against the one before (and full against vanilla), paired by seed: mean difference, "
             "95% t interval",
             "",
-            "| step | " + " | ".join(metrics) + " |",
-            "|---|" + "---|" * len(metrics),
+            *table(["step", *metrics], [[step, *interval_cells(v, metrics, signed=True)] for step, v in steps.items()]),
         ]
-        for step, values in steps.items():
-            lines.append(
-                f"| {step} | " + " | ".join(f"{values[m][0]:+.3f} +- {values[m][1]:.3f}" for m in metrics) + " |"
-            )
     curves = summarise(rows, conflicts, curves=True)
     names = list(next(iter(curves.values())))
     lines += [
@@ -213,34 +209,27 @@ def to_markdown(
         f"## Learning speed: training-batch reward averaged over the {len(rows[0]['curve'][names[0]])} iterations, "
         f"mean over {len(seeds)} seeds, 95% t interval",
         "",
-        "| rung | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for rung, values in curves.items():
-        lines.append(
-            f"| {RUNG_NAMES[rung]} | " + " | ".join(f"{values[m][0]:.3f} +- {values[m][1]:.3f}" for m in names) + " |"
-        )
-    lines += [
+        *table(["rung", *names], [[RUNG_NAMES[rung], *interval_cells(v, names)] for rung, v in curves.items()]),
         "",
         "Paired by seed, as above:",
         "",
-        "| step | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for step, values in paired_steps(rows, conflicts, curves=True).items():
-        lines.append(f"| {step} | " + " | ".join(f"{values[m][0]:+.3f} +- {values[m][1]:.3f}" for m in names) + " |")
-    lines += [
+        *table(
+            ["step", *names],
+            [
+                [step, *interval_cells(v, names, signed=True)]
+                for step, v in paired_steps(rows, conflicts, curves=True).items()
+            ],
+        ),
         "",
         "## Every run: mean +- standard error over the evaluation samples",
         "",
-        "| rung | seed | " + " | ".join(metrics) + " | wall s |",
-        "|---|---|" + "---|" * len(metrics) + "---|",
     ]
+    body = []
     for row in rows:
-        after = run_metrics(row["after"], conflicts)
-        stderr = row["after"]["stderr"]
-        cells = " | ".join(f"{after[m]:.3f}" + (f" +- {stderr[m]:.3f}" if m in stderr else "") for m in metrics)
-        lines.append(f"| {RUNG_NAMES[row['rung']]} | {row['seed']} | {cells} | {row['seconds']:.0f} |")
+        after, stderr = run_metrics(row["after"], conflicts), row["after"]["stderr"]
+        cells = [f"{after[m]:.3f}" + (f" +- {stderr[m]:.3f}" if m in stderr else "") for m in metrics]
+        body.append([RUNG_NAMES[row["rung"]], str(row["seed"]), *cells, f"{row['seconds']:.0f}"])
+    lines += table(["rung", "seed", *metrics, "wall s"], body)
     return "\n".join(lines) + "\n"
 
 
