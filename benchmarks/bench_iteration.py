@@ -128,9 +128,7 @@ def baseline_iteration(trainer: Trainer, iteration: int, hooks: dict) -> dict[st
         videos.append(x_video)
         audios.append(x_audio)
     hooks["bytes"] = max(hooks.get("bytes", 0), sum(m.nbytes for *_, m in hooks["maps"]))
-    merged = stages.Scores(
-        {k: torch.cat([sc.values[k] for sc in scores]) for k in scores[0].values}, scores[0].modality, scores[0].weight
-    )
+    merged = stages.concat_scores(scores)
     adv = stages.advantages(merged, cfg.prompts_per_iter, cfg.advantage, device)
     weights = stages.token_weights(torch.cat(regions), rw, device)
     _sync(device)

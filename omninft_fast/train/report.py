@@ -15,7 +15,7 @@ from omninft_fast.train.builders import PromptRecord
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.metrics import progress_bar
 from omninft_fast.train.model import AVTask, AVVelocityModel
-from omninft_fast.train.stages import Rollout, rollout, score
+from omninft_fast.train.stages import Rollout, concat_rollouts, concat_scores, rollout, score
 
 
 @dataclass
@@ -71,15 +71,13 @@ def evaluate(
                 )
             )
         scores.append(score(task, rewards, samples[-1], terms))
-    merged = {key: torch.cat([s.values[key] for s in scores]) for key in scores[0].values}
+    merged = concat_scores(scores).values
     n = len(texts)
     mean = {key: float(v.mean()) for key, v in merged.items()}
     stderr = {key: float(v.std(correction=1)) / math.sqrt(n) for key, v in merged.items()}
     per_prompt = {key: v.reshape(len(prompts), -1).mean(dim=1).tolist() for key, v in merged.items()}
-    video = torch.cat([s.video for s in samples])
-    audio = torch.cat([s.audio for s in samples])
     result = EvalResult(mean, stderr, n, scores[0].modality, [p.av for p in prompts], per_prompt)
-    return result, Rollout(texts, video, audio, None)
+    return result, concat_rollouts(samples)
 
 
 def format_table(before: EvalResult, after: EvalResult) -> str:

@@ -167,6 +167,35 @@ def rollout(
         return Rollout(texts, video, audio, scores, video_prompts, audio_prompts)
 
 
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """The micro-batches' rollouts as one, in order."""
+    scores = [p.region_scores for p in parts]
+
+    def prompts(name: str) -> list[str] | None:
+        lists = [getattr(p, name) for p in parts]
+        return None if any(item is None for item in lists) else [x for item in lists for x in item]
+
+    return Rollout(
+        [t for p in parts for t in p.texts],
+        torch.cat([p.video for p in parts]),
+        torch.cat([p.audio for p in parts]),
+        None if any(s is None for s in scores) else torch.cat(scores),
+        prompts("video_prompts"),
+        prompts("audio_prompts"),
+    )
+
+
+def concat_scores(parts: list[Scores]) -> Scores:
+    """The micro-batches' reward terms and outputs as one, in order."""
+    first = parts[0]
+    return Scores(
+        {k: torch.cat([p.values[k] for p in parts]) for k in first.values},
+        first.modality,
+        first.weight,
+        {k: torch.cat([p.outputs[k] for p in parts]) for k in first.outputs},
+    )
+
+
 def reward_term(outputs: dict[str, torch.Tensor], signed: dict[str, float], reward: str) -> torch.Tensor:
     """One reward term ``sum_k signed[k] * outputs[k]`` of a plugin's ``(B,)`` named outputs (``reward`` names the
     plugin in errors)."""
