@@ -1,5 +1,6 @@
 """FP8 linear layers in one LTX-2 block: bf16 vs ``omninft_fast.fp8`` (PyTorch's scaled FP8 GEMMs, rowwise and
-tensorwise), forward + backward and a no-grad rollout forward.
+tensorwise; quantisation by the Triton kernel, and once by PyTorch's ops), forward + backward and a no-grad rollout
+forward; and the quantisation alone, kernel against PyTorch.
 
 On a GPU (the GPU check's ``fp8`` section): one block at the 19B model's widths (video 4096 with a 16384 FFN, audio
 2048), 6144 video / 126 audio tokens, bf16 autocast, timed with CUDA events; targets >= 1.3x block fwd+bwd and
@@ -11,24 +12,79 @@ Engine's recipes (delayed, current, block scaling) get rows where TE imports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import os
+from collections.abc import Iterator
 
 import torch
 from bench_ltx2_step import LTX2_19B, TOY, _block_step
 from timing import device_ms
 
-from omninft_fast import fp8
+from omninft_fast import dispatch, fp8
 
 
-def fp8_comparison(dry_run: bool) -> dict:
-    """Per variant: fwd+bwd and rollout-forward ms, FP8 GEMMs per forward, velocity error against the bf16 block."""
+@contextlib.contextmanager
+def _quantize_backend(name: str | None) -> Iterator[None]:
+    """Run the block with the FP8 quantisation of ``name`` (``reference``: PyTorch ops) instead of the default."""
+    old = os.environ.get(dispatch.ENV_VAR)
+    if name is not None:
+        os.environ[dispatch.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(dispatch.ENV_VAR, None)
+        else:
+            os.environ[dispatch.ENV_VAR] = old
+
+
+def quantize_comparison(dry_run: bool, copy_bytes_per_s: float | None) -> list[dict]:
+    """The quantisation alone at the 19B block's activation shape (6144 x 4096 bf16), per recipe and orientation:
+    the Triton kernel against PyTorch's ops, and the kernel's bytes moved (read once, FP8 written) per second."""
+    rows, cols = (48, 64) if dry_run else (6144, 4096)
+    device = "cpu" if dry_run else "cuda"
+    x = torch.randn(rows, cols, device=device).to(torch.bfloat16)
+    out = []
+    for recipe in fp8.RECIPES:
+        for orientation, view in (("rows", x), ("transposed view", x.t())):
+            times = {}
+            for backend in ("triton", "reference") if not dry_run else ("reference",):
+                times[backend] = device_ms(
+                    lambda view=view, backend=backend, rowwise=recipe == "rowwise": fp8.quantize(
+                        view, fp8.E4M3, rowwise, backend
+                    ),
+                    dry_run,
+                )
+            row = {"recipe": recipe, "operand": orientation, "shape": [*view.shape], "pytorch_ms": times["reference"]}
+            if "triton" in times:
+                moved = x.numel() * (x.element_size() + 1)
+                per_s = moved / times["triton"] * 1e3
+                row |= {
+                    "triton_ms": times["triton"],
+                    "speedup": times["reference"] / times["triton"],
+                    "triton_TB/s": per_s / 1e12,
+                    "fraction_of_copy": per_s / copy_bytes_per_s if copy_bytes_per_s else None,
+                }
+            out.append(row)
+    return out
+
+
+def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict:
+    """Per variant: fwd+bwd and rollout-forward ms, FP8 GEMMs per forward, velocity error against the bf16 block;
+    and the quantisation kernel alone (``quantize_comparison``)."""
     size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
-    variants = [("bf16", "torch", None), ("fp8 rowwise", "torch", "rowwise"), ("fp8 tensorwise", "torch", "tensorwise")]
+    variants = [
+        ("bf16", "torch", None, None),
+        ("fp8 rowwise", "torch", "rowwise", None),
+        ("fp8 tensorwise", "torch", "tensorwise", None),
+        ("fp8 rowwise, PyTorch quantisation", "torch", "rowwise", "reference"),
+    ]
     te = not dry_run and importlib.util.find_spec("transformer_engine") is not None
-    variants += [(f"te {recipe}", "te", recipe) for recipe in fp8.TE_RECIPES] if te else []
+    variants += [(f"te {recipe}", "te", recipe, None) for recipe in fp8.TE_RECIPES] if te else []
     rows, reference = [], None
-    for name, backend, recipe in variants:
+    for name, backend, recipe, quantize_backend in variants:
         step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run)
         layers = 0 if recipe is None else len(fp8.patch(model, backend=backend, recipe=recipe).layers)
 
@@ -36,27 +92,32 @@ def fp8_comparison(dry_run: bool) -> dict:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
                 return [x.float() for x in model(**data["inputs"])]
 
-        with fp8.ScaledMMCounter() as counter:
-            velocities = rollout()
-        reference = velocities if reference is None else reference
-        error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
-        rows.append(
-            {
-                "variant": name,
-                "fp8_layers": layers,
-                "scaled_mm_per_forward": counter.calls,
-                "velocity_rel_error_vs_bf16": error,
-                "fwd+bwd_ms": device_ms(step, dry_run),
-                "rollout_fwd_ms": device_ms(rollout, dry_run),
-            }
-        )
+        with _quantize_backend(quantize_backend):
+            with fp8.ScaledMMCounter() as counter:
+                velocities = rollout()
+            reference = velocities if reference is None else reference
+            error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
+            rows.append(
+                {
+                    "variant": name,
+                    "fp8_layers": layers,
+                    "scaled_mm_per_forward": counter.calls,
+                    "velocity_rel_error_vs_bf16": error,
+                    "fwd+bwd_ms": device_ms(step, dry_run),
+                    "rollout_fwd_ms": device_ms(rollout, dry_run),
+                }
+            )
         del model
     for row in rows:
         row["fwd+bwd_speedup"] = rows[0]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
         row["rollout_speedup"] = rows[0]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
     precision = "float32 (dry run)" if dry_run else "bf16 autocast"
     note = "" if te else "; Transformer Engine rows only where it imports on a GPU (not here)"
-    return {"config": f"1 block, {size.describe()}, batch 1, {precision}{note}", "rows": rows}
+    return {
+        "config": f"1 block, {size.describe()}, batch 1, {precision}{note}",
+        "rows": rows,
+        "quantize": quantize_comparison(dry_run, copy_bytes_per_s),
+    }
 
 
 def main() -> None:

@@ -170,9 +170,10 @@ def _trainer(size: str, device: str, out: Path, engine: bool) -> Trainer:
         return Trainer(load_config(REPO / "configs" / "micro.yaml", overrides))
 
 
-def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
-    """Both loops for ``iterations`` iterations each, alternating, from the same seeds and weights (``dry_run``:
-    the micro config's sizes on the CPU)."""
+def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool = False) -> dict:
+    """Both loops for ``warmup + iterations`` iterations each, alternating, from the same seeds and weights; times
+    and peaks from the last ``iterations`` (the first pays Triton's compilation and the libraries' start-up on a GPU),
+    losses from all (``dry_run``: the micro config's sizes on the CPU)."""
     size = "dry-run" if dry_run else device
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,7 +184,7 @@ def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
             block.video_to_audio_attn.attention_function = MapHook(layer, hooks["maps"], hooks["where"])
         rows = {"engine": [], "baseline": []}
         peaks = {"engine": 0, "baseline": 0}
-        for it in range(iterations):
+        for it in range(warmup + iterations):
             for name, run in (
                 ("engine", lambda it=it: engine.iteration(it)),
                 ("baseline", lambda it=it: baseline_iteration(baseline, it, hooks)),
@@ -192,7 +193,7 @@ def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     start_bytes = torch.cuda.memory_allocated()
                 rows[name].append(run())
-                if device == "cuda":
+                if device == "cuda" and it >= warmup:
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - start_bytes)
         cfg = engine.config
     samples = cfg.prompts_per_iter * cfg.group_size
@@ -209,10 +210,11 @@ def compare(device: str, iterations: int = 1, *, dry_run: bool = False) -> dict:
             f"{cfg.nft.mini_batch}, KL reference on"
         ),
         "iterations": iterations,
+        "warmup_iterations": warmup,
         "load_average_1min": [load_before, os.getloadavg()[0]],
     }
     for name, runs in rows.items():
-        seconds = sum(r["time/iteration"] for r in runs) / len(runs)
+        seconds = sum(r["time/iteration"] for r in runs[warmup:]) / iterations
         out[name] = {
             "iteration_s": seconds,
             "samples_per_s": samples / seconds,
@@ -240,7 +242,8 @@ def to_markdown(result: dict) -> str:
         "# One OmniNFT iteration: engine vs straightforward loop",
         "",
         f"Device: {result['device']}, torch {result['torch']}, {time.strftime('%Y-%m-%d')}. {result['config']}. "
-        f"{result['iterations']} iteration(s) each, alternating, same seeds. 1-minute load average "
+        f"{result['iterations']} timed iteration(s) each after {result['warmup_iterations']} untimed, "
+        "alternating, same seeds. 1-minute load average "
         f"{result['load_average_1min'][0]:.1f} before, {result['load_average_1min'][1]:.1f} after (other work on the "
         "machine skews the comparison: the batch-1 loop suffers more from shared cores).",
         "",
@@ -266,10 +269,11 @@ def to_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=1, help="timed iterations of each loop")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed iterations of each loop first")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    result = compare(args.device, args.iterations)
+    result = compare(args.device, args.iterations, warmup=args.warmup)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"iteration_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"iteration_{args.device}.md").write_text(to_markdown(result))

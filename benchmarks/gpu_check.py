@@ -59,7 +59,13 @@ SECTIONS: dict[str, int] = {
     "iteration": 150,
     "distributed": 150,
 }
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_cross_attention.py", "tests/test_compile_check.py"]
+CUDA_TESTS = [
+    "tests/test_cuda.py",
+    "tests/test_fp8_quantize.py",
+    "tests/test_fp8.py::test_linear_and_gradients_within_fp8_bounds",
+    "tests/test_triton_cross_attention.py",
+    "tests/test_compile_check.py",
+]
 
 
 def _ceilings(work: Path) -> dict:
@@ -192,13 +198,13 @@ def section_block_profile(work: Path, dry_run: bool) -> dict:
 def section_fp8(work: Path, dry_run: bool) -> dict:
     from bench_fp8 import fp8_comparison
 
-    return fp8_comparison(dry_run)
+    return fp8_comparison(dry_run, _ceilings(work)["copy_bytes_per_s"])
 
 
 def section_iteration(work: Path, dry_run: bool) -> dict:
     from bench_iteration import compare
 
-    return compare("cpu" if dry_run else "cuda", 1, dry_run=dry_run)
+    return compare("cpu" if dry_run else "cuda", 1, warmup=1, dry_run=dry_run)
 
 
 def section_distributed(work: Path, dry_run: bool) -> dict:

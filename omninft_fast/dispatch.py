@@ -56,10 +56,23 @@ def _nft_loss_cpp() -> Callable:
     return nft_loss_cpp
 
 
+def _fp8_quantize_reference() -> Callable:
+    from omninft_fast.fp8 import quantize_reference
+
+    return quantize_reference
+
+
+def _fp8_quantize_triton() -> Callable:
+    from omninft_fast.fp8 import quantize_triton
+
+    return quantize_triton
+
+
 # op name -> backend -> loader of its implementation.
 IMPLEMENTATIONS: dict[str, dict[str, Callable[[], Callable]]] = {
     "cross_attention": {"reference": _attention_reference, "triton": _attention_triton},
     "nft_loss": {"reference": _nft_loss_reference, "triton": _nft_loss_triton, "cpp": _nft_loss_cpp},
+    "fp8_quantize": {"reference": _fp8_quantize_reference, "triton": _fp8_quantize_triton},
 }
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from omninft_fast.dispatch import BackendError
+from omninft_fast.dispatch import BackendError, select
 
 LOG = logging.getLogger(__name__)
 
@@ -50,14 +50,35 @@ DEFAULT_MODULES = r"transformer_blocks\.\d+\..*\.(to_q|to_k|to_v|to_out\.0|net\.
 _MARK = "_omninft_fp8_handle"
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x`` (``q`` keeps ``x``'s layout): ``q`` in the FP8
-    ``dtype``, ``scale`` float32 of shape ``(rows, 1)`` when ``rowwise`` else ``()``, chosen so the largest magnitude
-    maps to the format's largest value."""
+def quantize_reference(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize`` in plain PyTorch (any device): the ground truth of the Triton kernel."""
     top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
     amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
     scale = (amax.float() / top).clamp(min=torch.finfo(torch.float32).tiny)
-    return (x.float() / scale).clamp(-top, top).to(dtype), scale
+    return (x.float() / scale).clamp(-top, top).to(dtype).contiguous(), scale
+
+
+def quantize_triton(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize`` through ``omninft_fast.kernels.fp8_quantize`` (CUDA tensors, or CPU under the interpreter):
+    one pass per row tile; tensorwise scales take the tensor's amax from one PyTorch reduction first."""
+    from omninft_fast.kernels.fp8_quantize import quantize_fp8
+
+    if rowwise:
+        return quantize_fp8(x, dtype)
+    top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    return quantize_fp8(x, dtype, (amax / top).clamp(min=torch.finfo(torch.float32).tiny))
+
+
+def quantize(
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x`` of any strides (a transposed view gives the transposed
+    copy): ``q`` contiguous in the FP8 ``dtype``, ``scale`` float32 of shape ``(rows, 1)`` when ``rowwise`` else
+    ``()``, chosen so the largest magnitude maps to the format's largest value. ``backend`` as in
+    ``omninft_fast.dispatch`` (``auto``: the Triton kernel for CUDA tensors, PyTorch elsewhere)."""
+    _, implementation = select("fp8_quantize", x.device, backend)
+    return implementation(x, dtype, rowwise)
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -67,20 +88,24 @@ def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 
 
 class _WeightCache:
-    """One quantised copy of a weight per (storage, version, recipe): rebuilt only after the weight changes."""
+    """The quantised copies of one weight, ``W`` (forward) and ``W^T`` (input gradient), per (storage, version,
+    recipe): each built on first use and rebuilt only after the weight changes."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.value: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
-        self.key = self.value = None
+        self.key, self.value = None, {}
 
-    def get(self, weight: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
-            self.key, self.value = key, quantize(weight.detach(), E4M3, rowwise)
-        return self.value
+            self.key, self.value = key, {}
+        if transposed not in self.value:
+            w = weight.detach()
+            self.value[transposed] = quantize(w.t() if transposed else w, E4M3, rowwise)
+        return self.value[transposed]
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -95,7 +120,7 @@ class _FP8Linear(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(x2d, weight)
-        ctx.shape, ctx.has_bias, ctx.rowwise = x.shape, bias is not None, rowwise
+        ctx.shape, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, bias is not None, rowwise, cache
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -107,15 +132,15 @@ class _FP8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
             gq, sg = quantize(g2d, E5M2, rowwise)
-            wq_t, sw = quantize(weight.detach().t().contiguous(), E4M3, rowwise)
+            wq_t, sw = ctx.cache.get(weight, rowwise, transposed=True)
             grad_x = torch._scaled_mm(
                 gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=torch.float32
             )
             grad_x = grad_x.to(x2d.dtype).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
             # dW (N, K) = G^T (N, M) @ X (M, K): G^T scaled per row, X per column (never along the contracted M).
-            gq_t, sg = quantize(_pad_rows(g2d).t().contiguous(), E5M2, rowwise)
-            xq_t, sx = quantize(_pad_rows(x2d).t().contiguous(), E4M3, rowwise)
+            gq_t, sg = quantize(_pad_rows(g2d).t(), E5M2, rowwise)
+            xq_t, sx = quantize(_pad_rows(x2d).t(), E4M3, rowwise)
             grad_w = torch._scaled_mm(
                 gq_t, xq_t.t(), scale_a=sg, scale_b=sx.t() if rowwise else sx, out_dtype=torch.float32
             )
@@ -139,7 +164,7 @@ def fp8_linear(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    return _FP8Linear.apply(x, weight, bias, recipe == "rowwise", _WeightCache())
+    return _FP8Linear.apply(_autocast_input(x), weight, bias, recipe == "rowwise", _WeightCache())
 
 
 class ScaledMMCounter(TorchDispatchMode):
@@ -155,7 +180,16 @@ class ScaledMMCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes in), else as is."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    x = _autocast_input(x)
     return _FP8Linear.apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
 
 

@@ -27,11 +27,18 @@ def _activations(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe", fp8.RECIPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_and_gradients_within_fp8_bounds(recipe: str, dtype: torch.dtype, gen: torch.Generator) -> None:
-    x = _activations(gen, (2, 37, 64)).to(dtype).requires_grad_()  # 74 rows: the weight GEMM pads them to 80
-    weight = (torch.randn(48, 64, generator=gen) * 0.1).to(dtype).requires_grad_()
-    bias = torch.randn(48, generator=gen).to(dtype).requires_grad_()
-    grad = torch.randn(2, 37, 48, generator=gen).to(dtype)
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_linear_and_gradients_within_fp8_bounds(
+    recipe: str, dtype: torch.dtype, device: str, gen: torch.Generator
+) -> None:
+    """On CUDA the quantisation runs in the Triton kernel and the GEMMs in cuBLAS; on CPU both in PyTorch."""
+    x = _activations(gen, (2, 37, 64)).to(device, dtype).requires_grad_()  # 74 rows: the weight GEMM pads to 80
+    weight = (torch.randn(48, 64, generator=gen) * 0.1).to(device, dtype).requires_grad_()
+    bias = torch.randn(48, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(2, 37, 48, generator=gen).to(device, dtype)
     out = fp8.fp8_linear(x, weight, bias, recipe=recipe)
     out.backward(grad)
     xd, wd, bd, gd = (t.detach().double() for t in (x, weight, bias, grad))
@@ -111,6 +118,50 @@ def test_weight_quantised_once_per_version(tiny) -> None:
         layer.weight.mul_(2)
         tiny.run(model, x)
     assert layer._omninft_fp8_cache.value is not first
+
+
+def test_frozen_weight_quantised_once_for_forward_and_once_for_backward(monkeypatch) -> None:
+    """A frozen base weight (LoRA) is quantised once as ``W`` and once as ``W^T`` over several training steps."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    model[0].weight.requires_grad_(False)
+    handle = fp8.patch(model, modules=r"^0$")
+    weights: list[tuple[int, ...]] = []
+    quantize = fp8.quantize
+
+    def counting(x, dtype, rowwise, backend=None):
+        if x.data_ptr() == model[0].weight.data_ptr():
+            weights.append(tuple(x.stride()))
+        return quantize(x, dtype, rowwise, backend)
+
+    monkeypatch.setattr(fp8, "quantize", counting)
+    for _ in range(3):
+        x = torch.randn((16, 32), generator=gen, requires_grad=True)
+        model(x).square().sum().backward()
+    assert weights == [(32, 1), (1, 32)]
+    handle.unpatch()
+
+
+def test_patched_layer_follows_autocast_like_linear() -> None:
+    """Under autocast the FP8 layer computes from and returns the autocast dtype, as ``nn.Linear`` does."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    x = torch.randn((16, 32), generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        handle = fp8.patch(model, modules=r"^0$")
+        got = model(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    got.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and bool(torch.isfinite(x.grad).all())
+    assert float((got.detach().float() - want.float()).norm() / want.float().norm()) < 0.08
+    handle.unpatch()
+
+
+def test_fp8_linear_compiles_fullgraph(gen: torch.Generator) -> None:
+    x, weight = torch.randn(16, 32, generator=gen), torch.randn(48, 32, generator=gen) * 0.1
+    compiled = torch.compile(fp8.fp8_linear, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, weight), fp8.fp8_linear(x, weight))
 
 
 def test_training_step_sends_gradients_through_fp8(tiny) -> None:

@@ -1,0 +1,146 @@
+"""Scaled FP8 quantisation in Triton: ``q = x / scale`` clamped to the format's range and rounded to e4m3 / e5m2,
+with one scale per row (found here: the row's largest magnitude over the format's largest value) or one given scale
+for the whole tensor.
+
+Rows are those of a 2-D view read through its strides, so a transposed view comes out as a contiguous transposed
+copy in the same pass (the backward's ``W^T``, ``G^T`` and ``X^T`` operands need no separate transpose). Each
+program owns ``BLOCK_R`` rows and walks their columns in ``BLOCK_C`` steps: once for the row maxima (rowwise only),
+once for the scaled cast (a re-read that hits L2 at LTX-2's widths). One read and a one-byte write per element
+besides, against PyTorch's five passes for the same expression.
+
+Rounding: the kernel rounds to the FP8 grid itself (nearest, ties to even, subnormals included) in float32, so the
+final cast is exact; the result equals PyTorch's ``(x.float() / scale).clamp(-max, max).to(fp8)`` value for value,
+on the GPU and under Triton's CPU interpreter (whose own FP8 cast does not round to nearest). Division is
+round-to-nearest (``div_rn``), as in PyTorch.
+
+``quantize_fp8`` is a plain launcher (tensors in, tensors out); ``omninft_fast.fp8`` dispatches to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# FP8 format -> (largest finite value, mantissa bits, smallest normal exponent).
+FORMATS: dict[torch.dtype, tuple[float, int, int]] = {
+    torch.float8_e4m3fn: (448.0, 3, -6),
+    torch.float8_e5m2: (57344.0, 2, -14),
+}
+SUPPORTED_INPUTS = (torch.float16, torch.bfloat16, torch.float32)
+# The scale's floor: float32's smallest normal number (an all-zero row keeps a usable scale).
+_TINY = 1.1754943508222875e-38
+# 1.5 * 2^23: adding and subtracting it rounds a float32 below 2^22 to an integer, ties to even.
+_ROUNDER = 12582912.0
+
+
+@triton.jit
+def _round_to_fp8_grid(y, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """``y`` (float32, within the format's range) rounded to the nearest FP8 value, ties to even."""
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXPONENT)
+    # The spacing of FP8 values around |y|: 2^(exponent - mantissa bits), built from its float32 bits.
+    quantum = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    steps = tl.abs(y) / quantum  # exact: a power of two
+    rounded = ((steps + _ROUNDER) - _ROUNDER) * quantum
+    return tl.where(bits < 0, -rounded, rounded)
+
+
+@triton.jit
+def _fp8_quantize_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    rows,
+    cols,
+    stride_r,
+    stride_c,
+    fp8_max,
+    ROWWISE: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    MIN_EXPONENT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    x_rows = x_ptr + r[:, None].to(tl.int64) * stride_r
+    q_rows = q_ptr + r[:, None].to(tl.int64) * cols
+    if ROWWISE:
+        amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (c[None, :] < cols)
+            x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = tl.maximum(tl.math.div_rn(amax, fp8_max), _TINY)
+        tl.store(scale_ptr + r, scale, mask=row_ok)
+    else:
+        scale = tl.load(scale_ptr + tl.zeros([BLOCK_R], dtype=tl.int32))
+    for c0 in range(0, cols, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (c[None, :] < cols)
+        x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+        q = _round_to_fp8_grid(y, MANTISSA_BITS, MIN_EXPONENT)
+        tl.store(q_rows + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(x: torch.Tensor) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)``: long row tiles when rows are contiguous, tall tiles when columns are (a
+    transposed view), so each load walks memory in order."""
+    cols = x.shape[1]
+    if x.stride(1) == 1 or x.stride(0) != 1:
+        block_c = min(1024, triton.next_power_of_2(max(cols, 16)))
+        return max(1, 2048 // block_c), block_c, 4
+    return 32, 64, 4
+
+
+def quantize_fp8(
+    x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the rows of a 2-D tensor to FP8.
+
+    Args:
+        x: ``(R, C)`` float16 / bfloat16 / float32, any strides (a transposed view is read in place).
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        scale: ``None`` for one scale per row, found here; else a float32 ``()`` scale for the whole tensor.
+
+    Returns:
+        ``(q, scale)``: ``q`` ``(R, C)`` contiguous in ``fp8_dtype`` with ``q * scale ~ x``; ``scale`` float32
+        ``(R, 1)`` (rowwise, ``max |row| / fp8 max``, at least float32's smallest normal) or the given one.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_INPUTS:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if fp8_dtype not in FORMATS:
+        raise ValueError(f"fp8_dtype must be one of {list(FORMATS)}, got {fp8_dtype}")
+    rows, cols = x.shape
+    top, mantissa_bits, min_exponent = FORMATS[fp8_dtype]
+    q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
+    rowwise = scale is None
+    if rowwise:
+        scale = torch.full((rows, 1), _TINY, dtype=torch.float32, device=x.device)
+    elif scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(f"scale must be a float32 scalar tensor, got {scale.dtype} with {scale.numel()} elements")
+    if rows == 0 or cols == 0:
+        return q, scale
+    block_r, block_c, warps = _blocks(x)
+    _fp8_quantize_kernel[(triton.cdiv(rows, block_r),)](
+        x,
+        q,
+        scale,
+        rows,
+        cols,
+        x.stride(0),
+        x.stride(1),
+        top,
+        ROWWISE=rowwise,
+        MANTISSA_BITS=mantissa_bits,
+        MIN_EXPONENT=min_exponent,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return q, scale
