@@ -29,9 +29,10 @@ FORMATS: dict[torch.dtype, tuple[float, int, int]] = {
 }
 SUPPORTED_INPUTS = (torch.float16, torch.bfloat16, torch.float32)
 # The scale's floor: float32's smallest normal number (an all-zero row keeps a usable scale).
-_TINY = 1.1754943508222875e-38
+TINY = 1.1754943508222875e-38
+_TINY = tl.constexpr(TINY)
 # 1.5 * 2^23: adding and subtracting it rounds a float32 below 2^22 to an integer, ties to even.
-_ROUNDER = 12582912.0
+_ROUNDER = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -96,6 +97,47 @@ def _blocks(x: torch.Tensor) -> tuple[int, int, int]:
     return 32, 64, 4
 
 
+def sm90_kernel_specs() -> list:
+    """The kernel's specialisations at LTX-2's shapes, for ``compile_check`` (bf16 / float32 in, both formats, both
+    scalings, row tiles and the transposed view's column tiles)."""
+    from omninft_fast.kernels.compile_check import KernelSpec
+
+    specs = []
+    for in_type in ("bf16", "fp32"):
+        for fp8_type, (_, mantissa_bits, min_exponent) in (
+            ("fp8e4nv", FORMATS[torch.float8_e4m3fn]),
+            ("fp8e5", FORMATS[torch.float8_e5m2]),
+        ):
+            for rowwise in (True, False):
+                for block_r, block_c, label in ((2, 1024, "rows"), (32, 64, "transposed view")):
+                    specs.append(
+                        KernelSpec(
+                            "omninft_fast.kernels.fp8_quantize:_fp8_quantize_kernel",
+                            {
+                                "x_ptr": f"*{in_type}",
+                                "q_ptr": f"*{fp8_type}",
+                                "scale_ptr": "*fp32",
+                                "rows": "i32",
+                                "cols": "i32",
+                                "stride_r": "i32",
+                                "stride_c": "i32",
+                                "fp8_max": "fp32",
+                            },
+                            {
+                                "ROWWISE": rowwise,
+                                "MANTISSA_BITS": mantissa_bits,
+                                "MIN_EXPONENT": min_exponent,
+                                "BLOCK_R": block_r,
+                                "BLOCK_C": block_c,
+                            },
+                            num_warps=4,
+                            num_stages=1,
+                            label=f"{in_type} -> {fp8_type}, {'rowwise' if rowwise else 'tensorwise'}, {label}",
+                        )
+                    )
+    return specs
+
+
 def quantize_fp8(
     x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +163,7 @@ def quantize_fp8(
     q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
     rowwise = scale is None
     if rowwise:
-        scale = torch.full((rows, 1), _TINY, dtype=torch.float32, device=x.device)
+        scale = torch.full((rows, 1), TINY, dtype=torch.float32, device=x.device)
     elif scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(f"scale must be a float32 scalar tensor, got {scale.dtype} with {scale.numel()} elements")
     if rows == 0 or cols == 0:

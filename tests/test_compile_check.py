@@ -15,6 +15,7 @@ from omninft_fast.kernels.compile_check import (
 )
 from omninft_fast.kernels.cross_attention import sm90_kernel_specs
 from omninft_fast.kernels.cross_attention_bwd import _split_sum_kernel
+from omninft_fast.kernels.fp8_quantize import sm90_kernel_specs as fp8_quantize_specs
 
 # H100: 227 KiB of shared memory per block, 255 registers per thread.
 MAX_SHARED_BYTES = 227 * 1024
@@ -36,6 +37,13 @@ def test_attention_kernels_compile_for_sm90_without_spills():
         assert 0 < r.registers <= 255, table
         assert r.spills == 0, f"{r.name} [{r.label}] spills registers:\n{table}"
         assert r.shared_bytes <= MAX_SHARED_BYTES, table
+
+
+def test_fp8_quantize_kernel_compiles_for_sm90_without_spills():
+    results = compile_specs_for_sm90(fp8_quantize_specs())
+    table = "\n".join(f"[{r.label}] registers={r.registers} spills={r.spills}" for r in results)
+    print(table)
+    assert len(results) == 16 and all(0 < r.registers <= 255 and r.spills == 0 for r in results), table
 
 
 def test_single_kernel_api_and_errors():
