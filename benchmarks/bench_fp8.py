@@ -16,10 +16,11 @@ import contextlib
 import importlib.util
 import json
 import os
+import time
 from collections.abc import Iterator
 
 import torch
-from bench_ltx2_step import LTX2_19B, TOY, _block_step
+from bench_ltx2_step import LTX2_19B, TOY, _block_step, profile_steps
 from timing import device_ms
 
 from omninft_fast import dispatch, fp8
@@ -103,8 +104,8 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                     "fp8_layers": layers,
                     "scaled_mm_per_forward": counter.calls,
                     "velocity_rel_error_vs_bf16": error,
-                    "fwd+bwd_ms": device_ms(step, dry_run),
-                    "rollout_fwd_ms": device_ms(rollout, dry_run),
+                    "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
+                    "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
                 }
             )
         del model
@@ -118,6 +119,30 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
         "rows": rows,
         "quantize": quantize_comparison(dry_run, copy_bytes_per_s),
     }
+
+
+def fp8_profile(dry_run: bool, steps: int = 3) -> dict:
+    """Where a no-grad rollout forward of the block spends its time, bf16 vs FP8 rowwise and tensorwise
+    (``bench_ltx2_step.profile_steps``: the 12 kernels with the most device time, device total, syncs)."""
+    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    result: dict = {"config": f"1 block rollout forward, {size.describe()}, {steps} profiled steps after 2 warm-up"}
+    for name, recipe in (("bf16", None), ("fp8 rowwise", "rowwise"), ("fp8 tensorwise", "tensorwise")):
+        _, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run)
+        if recipe is not None:
+            fp8.patch(model, recipe=recipe)
+
+        def rollout(model=model, data=data) -> None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
+                model(**data["inputs"])
+
+        start = time.perf_counter()
+        rollout()
+        if not dry_run:
+            torch.cuda.synchronize()
+        result[name] = profile_steps(rollout, dry_run, steps, top=12)
+        result[name]["first_call_s"] = time.perf_counter() - start
+        del model
+    return result
 
 
 def main() -> None:

@@ -320,39 +320,44 @@ def _block_step(name: str, detach: list[float] | None, size: Size, device: str, 
     return step, model, data
 
 
-def block_profile(dry_run: bool, steps: int = 3) -> dict:
-    """Where the time of one block's forward + backward goes, unpatched vs patched with surgery: the ten kernels with
-    the most device time, the device and host totals, and the host-device synchronisations per step."""
+def profile_steps(step, dry_run: bool, steps: int = 3, top: int = 10) -> dict:
+    """Where the time of ``step`` goes after 2 warm-up calls, over ``steps`` profiled calls: the ``top`` events with
+    the most device time (CPU time on a dry run), the device total and the host-device synchronisations per call."""
     from torch.profiler import ProfilerActivity, profile
 
-    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
     activities = [ProfilerActivity.CPU] + ([] if dry_run else [ProfilerActivity.CUDA])
+    for _ in range(2):
+        step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if not dry_run:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "cpu_time_total" if dry_run else "device_time_total"
+    kernels = sorted((e for e in events if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
+    syncs = {
+        e.key: e.count // steps
+        for e in events
+        if any(word in e.key for word in ("Synchronize", "cudaMemcpy", "item", "_local_scalar_dense"))
+    }
+    return {
+        "top": [
+            {"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
+            for e in kernels[:top]
+        ],
+        "device_ms_per_step": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps,
+        "syncs_per_step": syncs,
+    }
+
+
+def block_profile(dry_run: bool, steps: int = 3) -> dict:
+    """Where the time of one block's forward + backward goes, unpatched vs patched with surgery (``profile_steps``)."""
+    size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
     result: dict = {"config": f"1 block, {size.describe()}, {steps} profiled steps after 2 warm-up steps"}
     for name, detach in (("unpatched", None), ("patched, surgery alpha=0.1", [ALPHA])):
         step, model, _ = _block_step(name, detach, size, device, autocast=not dry_run)
-        for _ in range(2):
-            step()
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                step()
-            if not dry_run:
-                torch.cuda.synchronize()
-        events = prof.key_averages()
-        key = "cpu_time_total" if dry_run else "device_time_total"
-        kernels = sorted((e for e in events if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
-        syncs = {
-            e.key: e.count // steps
-            for e in events
-            if any(word in e.key for word in ("Synchronize", "cudaMemcpy", "item", "_local_scalar_dense"))
-        }
-        result[name] = {
-            "top": [
-                {"name": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps}
-                for e in kernels[:10]
-            ],
-            "device_ms_per_step": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps,
-            "syncs_per_step": syncs,
-        }
+        result[name] = profile_steps(step, dry_run, steps)
         del model
     return result
 

@@ -55,7 +55,8 @@ SECTIONS: dict[str, int] = {
     "omninft_step": 120,
     "tiles": 150,
     "block_profile": 90,
-    "fp8": 90,
+    "fp8": 120,
+    "fp8_profile": 90,
     "iteration": 150,
     "distributed": 150,
 }
@@ -142,7 +143,8 @@ def section_tests(work: Path, dry_run: bool) -> dict:
         files = ["tests/test_cuda.py"]
     else:
         env.pop("TRITON_INTERPRET", None)
-        files = CUDA_TESTS
+        chosen = work / "tests.txt"
+        files = chosen.read_text().split() if chosen.exists() else CUDA_TESTS
     # -P: the working tree's omninft_fast/ must not shadow the installed package (scripts/gpu_check.sh).
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *files]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -199,6 +201,12 @@ def section_fp8(work: Path, dry_run: bool) -> dict:
     from bench_fp8 import fp8_comparison
 
     return fp8_comparison(dry_run, _ceilings(work)["copy_bytes_per_s"])
+
+
+def section_fp8_profile(work: Path, dry_run: bool) -> dict:
+    from bench_fp8 import fp8_profile
+
+    return fp8_profile(dry_run)
 
 
 def section_iteration(work: Path, dry_run: bool) -> dict:
@@ -293,6 +301,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections")
+    parser.add_argument("--tests", help="comma-separated pytest files or node ids for the tests section (default: all)")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -307,6 +316,8 @@ def main() -> None:
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.tests:
+        (work / "tests.txt").write_text("\n".join(t.strip() for t in args.tests.split(",") if t.strip()))
     env = dict(os.environ)
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"

@@ -6,9 +6,10 @@ import time
 from collections.abc import Callable
 
 
-def device_ms(fn: Callable[[], object], dry_run: bool = False) -> float:
+def device_ms(fn: Callable[[], object], dry_run: bool = False, rep_ms: int = 100) -> float:
     """Median milliseconds of ``fn`` through ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls,
-    warm-up first); on a dry run (CPU) one host-timed call after one warm-up call."""
+    warm-up first, repeated for about ``rep_ms``: give calls of several milliseconds a longer one); on a dry run (CPU)
+    one host-timed call after one warm-up call."""
     if dry_run:
         fn()
         start = time.perf_counter()
@@ -16,4 +17,4 @@ def device_ms(fn: Callable[[], object], dry_run: bool = False) -> float:
         return (time.perf_counter() - start) * 1e3
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")

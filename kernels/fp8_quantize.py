@@ -1,6 +1,6 @@
 """Scaled FP8 quantisation in Triton: ``q = x / scale`` clamped to the format's range and rounded to e4m3 / e5m2,
-with one scale per row (found here: the row's largest magnitude over the format's largest value) or one given scale
-for the whole tensor.
+with one scale per row (found here: the row's largest magnitude times the reciprocal of the format's largest value,
+as PyTorch computes ``amax / max`` on a GPU) or one given scale for the whole tensor.
 
 Rows are those of a 2-D view read through its strides, so a transposed view comes out as a contiguous transposed
 copy in the same pass (the backward's ``W^T``, ``G^T`` and ``X^T`` operands need no separate transpose). Each
@@ -57,6 +57,7 @@ def _fp8_quantize_kernel(
     stride_r,
     stride_c,
     fp8_max,
+    inv_max,
     ROWWISE: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
@@ -74,7 +75,7 @@ def _fp8_quantize_kernel(
             mask = row_ok[:, None] & (c[None, :] < cols)
             x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.maximum(tl.math.div_rn(amax, fp8_max), _TINY)
+        scale = tl.maximum(amax * inv_max, _TINY)
         tl.store(scale_ptr + r, scale, mask=row_ok)
     else:
         scale = tl.load(scale_ptr + tl.zeros([BLOCK_R], dtype=tl.int32))
@@ -122,6 +123,7 @@ def sm90_kernel_specs() -> list:
                                 "stride_r": "i32",
                                 "stride_c": "i32",
                                 "fp8_max": "fp32",
+                                "inv_max": "fp32",
                             },
                             {
                                 "ROWWISE": rowwise,
@@ -150,7 +152,7 @@ def quantize_fp8(
 
     Returns:
         ``(q, scale)``: ``q`` ``(R, C)`` contiguous in ``fp8_dtype`` with ``q * scale ~ x``; ``scale`` float32
-        ``(R, 1)`` (rowwise, ``max |row| / fp8 max``, at least float32's smallest normal) or the given one.
+        ``(R, 1)`` (rowwise, ``max |row| * (1 / fp8 max)``, at least float32's smallest normal) or the given one.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
@@ -178,6 +180,7 @@ def quantize_fp8(
         x.stride(0),
         x.stride(1),
         top,
+        1.0 / top,
         ROWWISE=rowwise,
         MANTISSA_BITS=mantissa_bits,
         MIN_EXPONENT=min_exponent,

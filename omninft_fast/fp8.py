@@ -26,6 +26,7 @@ e5m2 keeps 2 bits, so a gradient GEMM is within ``(1 + 2**-3) * (1 + 2**-4) - 1 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import types
@@ -54,8 +55,14 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tu
     """``quantize`` in plain PyTorch (any device): the ground truth of the Triton kernel."""
     top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
     amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
-    scale = (amax.float() / top).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = _scale(amax, top)
     return (x.float() / scale).clamp(-top, top).to(dtype).contiguous(), scale
+
+
+def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """``amax * (1 / top)`` in float32, at least float32's smallest normal (a multiplication by the reciprocal: what
+    PyTorch computes for ``amax / top`` on a GPU, and what the kernel computes, on every device)."""
+    return (amax.float() * (1.0 / top)).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def quantize_triton(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +73,7 @@ def quantize_triton(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple
     if rowwise:
         return quantize_fp8(x, dtype)
     top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
-    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
-    return quantize_fp8(x, dtype, (amax / top).clamp(min=torch.finfo(torch.float32).tiny))
+    return quantize_fp8(x, dtype, _scale(torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32), top))
 
 
 def quantize(
@@ -116,8 +122,17 @@ class _FP8Linear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         xq, sx = quantize(x2d, E4M3, rowwise)
         wq, sw = cache.get(weight, rowwise)
-        out = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.t() if rowwise else sw, out_dtype=x.dtype)
-        if bias is not None:
+        # cuBLAS adds a 16-bit bias in the GEMM's epilogue; elsewhere it is one more pass.
+        fused_bias = bias is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        out = torch._scaled_mm(
+            xq,
+            wq.t(),
+            scale_a=sx,
+            scale_b=sw.t() if rowwise else sw,
+            bias=bias.to(x.dtype) if fused_bias else None,
+            out_dtype=x.dtype,
+        )
+        if bias is not None and not fused_bias:
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(x2d, weight)
         ctx.shape, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, bias is not None, rowwise, cache
@@ -164,6 +179,8 @@ def fp8_linear(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "rowwise" and x.device.type == "cpu":
+        _require_cpu_rowwise()
     return _FP8Linear.apply(_autocast_input(x), weight, bias, recipe == "rowwise", _WeightCache())
 
 
@@ -180,6 +197,24 @@ class ScaledMMCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@functools.cache
+def cpu_rowwise_error() -> str | None:
+    """Why this torch cannot run rowwise-scaled FP8 GEMMs on the CPU (older builds take tensorwise scales only), or
+    ``None`` when it can; probed once with a 16 x 16 GEMM."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return f"torch {torch.__version__} runs rowwise-scaled FP8 GEMMs only on GPUs; use recipe='tensorwise' on CPU"
+    return None
+
+
+def _require_cpu_rowwise() -> None:
+    error = cpu_rowwise_error()
+    if error is not None:
+        raise BackendError(f"recipe: {error}")
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes in), else as is."""
     kind = x.device.type
@@ -189,6 +224,8 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self._omninft_fp8_rowwise and x.device.type == "cpu":
+        _require_cpu_rowwise()
     x = _autocast_input(x)
     return _FP8Linear.apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
 

@@ -35,6 +35,8 @@ def test_linear_and_gradients_within_fp8_bounds(
     recipe: str, dtype: torch.dtype, device: str, gen: torch.Generator
 ) -> None:
     """On CUDA the quantisation runs in the Triton kernel and the GEMMs in cuBLAS; on CPU both in PyTorch."""
+    if device == "cpu" and recipe == "rowwise" and fp8.cpu_rowwise_error():
+        pytest.skip(fp8.cpu_rowwise_error())
     x = _activations(gen, (2, 37, 64)).to(device, dtype).requires_grad_()  # 74 rows: the weight GEMM pads to 80
     weight = (torch.randn(48, 64, generator=gen) * 0.1).to(device, dtype).requires_grad_()
     bias = torch.randn(48, generator=gen).to(device, dtype).requires_grad_()

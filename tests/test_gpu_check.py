@@ -21,6 +21,7 @@ SECTIONS = (
     "tiles",
     "block_profile",
     "fp8",
+    "fp8_profile",
     "iteration",
     "distributed",
 )
