@@ -3,10 +3,11 @@ with one scale per row (found here: the row's largest magnitude times the recipr
 as PyTorch computes ``amax / max`` on a GPU) or one given scale for the whole tensor.
 
 Rows are those of a 2-D view read through its strides, so a transposed view comes out as a contiguous transposed
-copy in the same pass (the backward's ``W^T``, ``G^T`` and ``X^T`` operands need no separate transpose). Each
-program owns ``BLOCK_R`` rows and walks their columns in ``BLOCK_C`` steps: once for the row maxima (rowwise only),
-once for the scaled cast (a re-read that hits L2 at LTX-2's widths). One read and a one-byte write per element
-besides, against PyTorch's five passes for the same expression.
+copy in the same pass (the backward's ``W^T``, ``G^T`` and ``X^T`` operands need no separate transpose). Row-major
+input: each program owns ``BLOCK_R`` rows and walks their columns in ``BLOCK_C`` steps, once for the row maxima
+(rowwise), once for the scaled cast (a re-read that hits L2 at LTX-2's widths): one launch. Transposed view: a 2-D
+grid of (32 rows) x (512-column span) programs, so thousands of programs keep the loads in flight; rowwise maxima
+per span, reduced by PyTorch, then the cast. Against PyTorch's five passes for the same expression.
 
 Rounding: the kernel rounds to the FP8 grid itself (nearest, ties to even, subnormals included) in float32, so the
 final cast is exact; the result equals PyTorch's ``(x.float() / scale).clamp(-max, max).to(fp8)`` value for value,
@@ -47,6 +48,29 @@ def _round_to_fp8_grid(y, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexp
     return tl.where(bits < 0, -rounded, rounded)
 
 
+# How the cast kernel gets its scales.
+FIND_ROW_SCALES, GIVEN_ROW_SCALES, GIVEN_TENSOR_SCALE = 0, 1, 2
+
+
+@triton.jit
+def _fp8_amax_kernel(
+    x_ptr, partial_ptr, rows, cols, stride_r, stride_c, col_span, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Largest magnitude of each row within one span of ``col_span`` columns: ``partial[row, span]``."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    span = tl.program_id(1)
+    row_ok = r < rows
+    x_rows = x_ptr + r[:, None].to(tl.int64) * stride_r
+    c_end = tl.minimum(cols, (span + 1) * col_span)
+    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(span * col_span, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (c[None, :] < c_end)
+        x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    tl.store(partial_ptr + r * tl.num_programs(1) + span, amax, mask=row_ok)
+
+
 @triton.jit
 def _fp8_quantize_kernel(
     x_ptr,
@@ -56,87 +80,106 @@ def _fp8_quantize_kernel(
     cols,
     stride_r,
     stride_c,
+    col_span,
     fp8_max,
     inv_max,
-    ROWWISE: tl.constexpr,
+    SCALES: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The scaled cast of ``BLOCK_R`` rows over one span of ``col_span`` columns; with ``FIND_ROW_SCALES`` (one span
+    per row) the rows' scales are found first, in a walk over the same columns."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    span = tl.program_id(1)
     row_ok = r < rows
     x_rows = x_ptr + r[:, None].to(tl.int64) * stride_r
     q_rows = q_ptr + r[:, None].to(tl.int64) * cols
-    if ROWWISE:
+    c_start = span * col_span
+    c_end = tl.minimum(cols, c_start + col_span)
+    if SCALES == 0:
         amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, cols, BLOCK_C):
+        for c0 in range(c_start, c_end, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (c[None, :] < cols)
+            mask = row_ok[:, None] & (c[None, :] < c_end)
             x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl.maximum(amax * inv_max, _TINY)
         tl.store(scale_ptr + r, scale, mask=row_ok)
+    elif SCALES == 1:
+        scale = tl.load(scale_ptr + r, mask=row_ok, other=1.0)
     else:
         scale = tl.load(scale_ptr + tl.zeros([BLOCK_R], dtype=tl.int32))
-    for c0 in range(0, cols, BLOCK_C):
+    for c0 in range(c_start, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (c[None, :] < cols)
+        mask = row_ok[:, None] & (c[None, :] < c_end)
         x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
         y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
         q = _round_to_fp8_grid(y, MANTISSA_BITS, MIN_EXPONENT)
         tl.store(q_rows + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(x: torch.Tensor) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)``: long row tiles when rows are contiguous, tall tiles when columns are (a
-    transposed view), so each load walks memory in order."""
-    cols = x.shape[1]
-    if x.stride(1) == 1 or x.stride(0) != 1:
-        block_c = min(1024, triton.next_power_of_2(max(cols, 16)))
-        return max(1, 2048 // block_c), block_c, 4
-    return 32, 64, 4
+# Transposed views: tiles of 32 rows (contiguous in memory) x 64 columns, spans of 512 columns per program.
+_T_BLOCK_R, _T_BLOCK_C, _T_SPAN = 32, 64, 512
+
+
+def _row_blocks(cols: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_C)`` for rows contiguous in memory: tiles of 2048 elements, up to 1024 columns wide."""
+    block_c = min(1024, triton.next_power_of_2(max(cols, 16)))
+    return max(1, 2048 // block_c), block_c
 
 
 def sm90_kernel_specs() -> list:
-    """The kernel's specialisations at LTX-2's shapes, for ``compile_check`` (bf16 / float32 in, both formats, both
-    scalings, row tiles and the transposed view's column tiles)."""
+    """The kernels' specialisations at LTX-2's shapes, for ``compile_check``: the cast for bf16 / float32 inputs, both
+    formats, each way of getting scales and its tiles, and the span maxima."""
     from omninft_fast.kernels.compile_check import KernelSpec
 
+    module = "omninft_fast.kernels.fp8_quantize"
+    row_blocks = _row_blocks(4096)
+    cases = (
+        (FIND_ROW_SCALES, row_blocks, "rows, rowwise"),
+        (GIVEN_TENSOR_SCALE, row_blocks, "rows, tensorwise"),
+        (GIVEN_ROW_SCALES, (_T_BLOCK_R, _T_BLOCK_C), "transposed view, rowwise"),
+        (GIVEN_TENSOR_SCALE, (_T_BLOCK_R, _T_BLOCK_C), "transposed view, tensorwise"),
+    )
+    shape_args = {"rows": "i32", "cols": "i32", "stride_r": "i32", "stride_c": "i32", "col_span": "i32"}
     specs = []
     for in_type in ("bf16", "fp32"):
-        for fp8_type, (_, mantissa_bits, min_exponent) in (
-            ("fp8e4nv", FORMATS[torch.float8_e4m3fn]),
-            ("fp8e5", FORMATS[torch.float8_e5m2]),
-        ):
-            for rowwise in (True, False):
-                for block_r, block_c, label in ((2, 1024, "rows"), (32, 64, "transposed view")):
-                    specs.append(
-                        KernelSpec(
-                            "omninft_fast.kernels.fp8_quantize:_fp8_quantize_kernel",
-                            {
-                                "x_ptr": f"*{in_type}",
-                                "q_ptr": f"*{fp8_type}",
-                                "scale_ptr": "*fp32",
-                                "rows": "i32",
-                                "cols": "i32",
-                                "stride_r": "i32",
-                                "stride_c": "i32",
-                                "fp8_max": "fp32",
-                                "inv_max": "fp32",
-                            },
-                            {
-                                "ROWWISE": rowwise,
-                                "MANTISSA_BITS": mantissa_bits,
-                                "MIN_EXPONENT": min_exponent,
-                                "BLOCK_R": block_r,
-                                "BLOCK_C": block_c,
-                            },
-                            num_warps=4,
-                            num_stages=1,
-                            label=f"{in_type} -> {fp8_type}, {'rowwise' if rowwise else 'tensorwise'}, {label}",
-                        )
+        specs.append(
+            KernelSpec(
+                f"{module}:_fp8_amax_kernel",
+                {"x_ptr": f"*{in_type}", "partial_ptr": "*fp32", **shape_args},
+                {"BLOCK_R": _T_BLOCK_R, "BLOCK_C": _T_BLOCK_C},
+                num_stages=1,
+                label=f"{in_type} span maxima",
+            )
+        )
+        for fp8_type, dtype in (("fp8e4nv", torch.float8_e4m3fn), ("fp8e5", torch.float8_e5m2)):
+            _, mantissa_bits, min_exponent = FORMATS[dtype]
+            for scales, (block_r, block_c), label in cases:
+                specs.append(
+                    KernelSpec(
+                        f"{module}:_fp8_quantize_kernel",
+                        {
+                            "x_ptr": f"*{in_type}",
+                            "q_ptr": f"*{fp8_type}",
+                            "scale_ptr": "*fp32",
+                            **shape_args,
+                            "fp8_max": "fp32",
+                            "inv_max": "fp32",
+                        },
+                        {
+                            "SCALES": scales,
+                            "MANTISSA_BITS": mantissa_bits,
+                            "MIN_EXPONENT": min_exponent,
+                            "BLOCK_R": block_r,
+                            "BLOCK_C": block_c,
+                        },
+                        num_stages=1,
+                        label=f"{in_type} -> {fp8_type}, {label}",
                     )
+                )
     return specs
 
 
@@ -170,8 +213,38 @@ def quantize_fp8(
         raise ValueError(f"scale must be a float32 scalar tensor, got {scale.dtype} with {scale.numel()} elements")
     if rows == 0 or cols == 0:
         return q, scale
-    block_r, block_c, warps = _blocks(x)
-    _fp8_quantize_kernel[(triton.cdiv(rows, block_r),)](
+    transposed = x.stride(0) == 1 and x.stride(1) != 1
+    common = {"MANTISSA_BITS": mantissa_bits, "MIN_EXPONENT": min_exponent}
+    if not transposed:
+        # One program per row tile, walking the whole row: scales found in the same kernel.
+        block_r, block_c = _row_blocks(cols)
+        _fp8_quantize_kernel[(triton.cdiv(rows, block_r), 1)](
+            x,
+            q,
+            scale,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            cols,
+            top,
+            1.0 / top,
+            SCALES=FIND_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            **common,
+        )
+        return q, scale
+    # A transposed view: rows are strided, so rows are split into spans over a 2-D grid (enough programs to fill the
+    # GPU); rowwise scales come from per-span maxima reduced by PyTorch (three launches instead of one).
+    grid = (triton.cdiv(rows, _T_BLOCK_R), triton.cdiv(cols, _T_SPAN))
+    if rowwise:
+        partial = torch.empty((rows, grid[1]), dtype=torch.float32, device=x.device)
+        _fp8_amax_kernel[grid](
+            x, partial, rows, cols, x.stride(0), x.stride(1), _T_SPAN, BLOCK_R=_T_BLOCK_R, BLOCK_C=_T_BLOCK_C
+        )
+        scale = (partial.amax(dim=1, keepdim=True) * (1.0 / top)).clamp(min=TINY)
+    _fp8_quantize_kernel[grid](
         x,
         q,
         scale,
@@ -179,13 +252,12 @@ def quantize_fp8(
         cols,
         x.stride(0),
         x.stride(1),
+        _T_SPAN,
         top,
         1.0 / top,
-        ROWWISE=rowwise,
-        MANTISSA_BITS=mantissa_bits,
-        MIN_EXPONENT=min_exponent,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=warps,
+        SCALES=GIVEN_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE,
+        BLOCK_R=_T_BLOCK_R,
+        BLOCK_C=_T_BLOCK_C,
+        **common,
     )
     return q, scale
