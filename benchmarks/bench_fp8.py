@@ -72,9 +72,24 @@ def quantize_comparison(dry_run: bool, copy_bytes_per_s: float | None) -> list[d
     return out
 
 
+def _host_issue_ms(fn, repeats: int = 10) -> float:
+    """Median host milliseconds to issue ``fn`` (returning before the GPU finishes); close to its device time, the
+    call is bound by the host (Python and launches), not by the GPU."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict:
-    """Per variant: fwd+bwd and rollout-forward ms, FP8 GEMMs per forward, velocity error against the bf16 block;
-    and the quantisation kernel alone (``quantize_comparison``)."""
+    """Per batch and variant: fwd+bwd and rollout-forward ms (and the host's issue time of a rollout forward), FP8
+    GEMMs per forward, velocity error against the bf16 block; and the quantisation kernel alone
+    (``quantize_comparison``). Batch 1 is what one sample costs; batch 4 is nearer the engine's rollouts, whose
+    guidance passes and micro-batches run together."""
     size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
     variants = [
         ("bf16", "torch", None, None),
@@ -84,38 +99,42 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
     ]
     te = not dry_run and importlib.util.find_spec("transformer_engine") is not None
     variants += [(f"te {recipe}", "te", recipe, None) for recipe in fp8.TE_RECIPES] if te else []
-    rows, reference = [], None
-    for name, backend, recipe, quantize_backend in variants:
-        step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run)
-        layers = 0 if recipe is None else len(fp8.patch(model, backend=backend, recipe=recipe).layers)
+    rows = []
+    for batch in (1, 2) if dry_run else (1, 4):
+        reference, first = None, len(rows)
+        for name, backend, recipe, quantize_backend in variants:
+            step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run, batch=batch)
+            layers = 0 if recipe is None else len(fp8.patch(model, backend=backend, recipe=recipe).layers)
 
-        def rollout(model=model, data=data) -> list[torch.Tensor]:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
-                return [x.float() for x in model(**data["inputs"])]
+            def rollout(model=model, data=data) -> list[torch.Tensor]:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=not dry_run):
+                    return [x.float() for x in model(**data["inputs"])]
 
-        with _quantize_backend(quantize_backend):
-            with fp8.ScaledMMCounter() as counter:
-                velocities = rollout()
-            reference = velocities if reference is None else reference
-            error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
-            rows.append(
-                {
-                    "variant": name,
-                    "fp8_layers": layers,
-                    "scaled_mm_per_forward": counter.calls,
-                    "velocity_rel_error_vs_bf16": error,
-                    "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
-                    "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
-                }
-            )
-        del model
-    for row in rows:
-        row["fwd+bwd_speedup"] = rows[0]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
-        row["rollout_speedup"] = rows[0]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
+            with _quantize_backend(quantize_backend):
+                with fp8.ScaledMMCounter() as counter:
+                    velocities = rollout()
+                reference = velocities if reference is None else reference
+                error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
+                rows.append(
+                    {
+                        "batch": batch,
+                        "variant": name,
+                        "fp8_layers": layers,
+                        "scaled_mm_per_forward": counter.calls,
+                        "velocity_rel_error_vs_bf16": error,
+                        "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
+                        "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
+                        "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
+                    }
+                )
+            del model
+        for row in rows[first:]:
+            row["fwd+bwd_speedup"] = rows[first]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
+            row["rollout_speedup"] = rows[first]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
     precision = "float32 (dry run)" if dry_run else "bf16 autocast"
     note = "" if te else "; Transformer Engine rows only where it imports on a GPU (not here)"
     return {
-        "config": f"1 block, {size.describe()}, batch 1, {precision}{note}",
+        "config": f"1 block, {size.describe()} per sample, {precision}{note}",
         "rows": rows,
         "quantize": quantize_comparison(dry_run, copy_bytes_per_s),
     }

@@ -301,11 +301,12 @@ def step_comparison(dry_run: bool) -> dict:
     }
 
 
-def _block_step(name: str, detach: list[float] | None, size: Size, device: str, autocast: bool):
-    """``(step, model)``: forward + backward of one freshly built block, patched unless ``name == "unpatched"``."""
+def _block_step(name: str, detach: list[float] | None, size: Size, device: str, autocast: bool, batch: int = 1):
+    """``(step, model, data)``: forward + backward of one freshly built block on ``batch`` samples, patched unless
+    ``name == "unpatched"``."""
     from omninft_fast import ltx2
 
-    model, data = _build(1, 1, device, size)
+    model, data = _build(1, batch, device, size)
     if name != "unpatched":
         ltx2.patch(model, detach=detach, backend="triton")
     gen = torch.Generator(device=device).manual_seed(1)

@@ -334,6 +334,8 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
         te_recipe = _te_recipe(recipe)
     if getattr(model, _MARK, None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already patched by omninft_fast.fp8; unpatch() it first")
+    if backend == "torch" and recipe == "rowwise" and any(p.device.type == "cpu" for p in model.parameters()):
+        _require_cpu_rowwise()
     handle = FP8Handle(model, backend, recipe)
     for name, layer in _selected(model, modules):
         if layer.in_features % 16 or layer.out_features % 16:
