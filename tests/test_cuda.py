@@ -150,3 +150,23 @@ def test_public_ops_pick_triton_on_cuda() -> None:
     kw = {name: t.cuda() for name, t in _velocities((2, 50, 64), torch.float32, seed=7).items()}
     loss = functools.partial(of.nft_loss, kw["v_theta"], kw["v_old"], kw["target"], kw["r"], beta=1.0)
     assert torch.equal(loss(), loss(backend="triton"))
+
+
+def test_noise_on_cuda_is_drawn_there_from_one_cpu_draw() -> None:
+    """``draw_noise`` on a GPU: standard normal, the same for the same CPU generator state, and the CPU generator
+    advanced by exactly one draw (so the rest of the run's random stream does not depend on the batch's size)."""
+    from types import SimpleNamespace
+
+    from omninft_fast.train.stages import draw_noise
+
+    spec = SimpleNamespace(video_tokens=6144, video_channels=128, audio_tokens=126, audio_channels=128)
+    device = torch.device("cuda")
+    first, second = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    video, audio = draw_noise(spec, 4, first, device)
+    again = draw_noise(spec, 4, second, device)
+    assert video.device.type == "cuda" and video.shape == (4, 6144, 128) and audio.shape == (4, 126, 128)
+    assert torch.equal(video, again[0]) and torch.equal(audio, again[1])
+    assert abs(float(video.mean())) < 0.01 and abs(float(video.std()) - 1) < 0.01
+    reference = torch.Generator().manual_seed(7)
+    torch.randint(0, 2**62, (), generator=reference)
+    assert torch.equal(first.get_state(), reference.get_state())

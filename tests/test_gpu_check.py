@@ -58,9 +58,13 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
     assert results["omninft_step"]["loss_relative_difference"] < 1e-4
     assert all("error" not in row and row["err_out"] < 1e-5 for row in results["tiles"]["rows"])
     fp8_rows = results["fp8"]["rows"]
-    assert fp8_rows[0]["scaled_mm_per_forward"] == 0
-    assert all(row["scaled_mm_per_forward"] == row["fp8_layers"] > 0 for row in fp8_rows[1:])
-    assert all(row["velocity_rel_error_vs_bf16"] < 0.15 for row in fp8_rows)
+    assert sorted({row["batch"] for row in fp8_rows}) == [1, 2]
+    for row in fp8_rows:
+        bf16 = row["variant"] == "bf16"
+        assert row["scaled_mm_per_forward"] == row["fp8_layers"] and (row["fp8_layers"] == 0) == bf16, row
+        assert row["velocity_rel_error_vs_bf16"] < 0.15 and (row["velocity_rel_error_vs_bf16"] == 0) == bf16, row
+    assert {row["recipe"] for row in results["fp8"]["quantize"]} == {"rowwise", "tensorwise"}
+    assert all(results["fp8_profile"][name]["top"] for name in ("bf16", "fp8 rowwise", "fp8 tensorwise"))
     iteration = results["iteration"]
     assert iteration["first_iteration_loss_rel_diff"] < 1e-5 and iteration["speedup"] > 0
     assert 0 < iteration["engine"]["capture_bytes"] < iteration["baseline"]["capture_bytes"]

@@ -67,6 +67,11 @@ class _Scorer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def micro_batches(count: int, sampling: SamplingConfig) -> range:
+    """The first sample of each rollout micro-batch of ``count`` samples (``sampling.batch_size``; 0: one batch)."""
+    return range(0, count, max(1, sampling.batch_size or count))
+
+
 def sample_and_score(
     model: AVVelocityModel,
     task: AVTask,
@@ -97,13 +102,14 @@ def sample_and_score(
     noise_video, noise_audio = stages.draw_noise(task.spec, len(records), generator, device)
     if share is not None:
         records, noise_video, noise_audio = share(records), share(noise_video), share(noise_audio)
-    size = sampling.batch_size or len(records)
-    scorer = _Scorer(task, rewards, terms, device, sampling.overlap and size < len(records))
+    starts = micro_batches(len(records), sampling)
+    size = starts.step
+    scorer = _Scorer(task, rewards, terms, device, sampling.overlap and len(starts) > 1)
     parts: list[Rollout] = []
     pending: list[Future[Scores] | Scores] = []
     sampling_seconds = 0.0
     try:
-        for lo in range(0, len(records), size):
+        for lo in starts:
             chunk = records[lo : lo + size]
             start = time.perf_counter()
             parts.append(

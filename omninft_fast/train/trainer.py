@@ -36,7 +36,7 @@ from omninft_fast.train.checkpoint import checkpoint_metadata, load_checkpoint, 
 from omninft_fast.train.config import TrainConfig, save_config, times_per_sample
 from omninft_fast.train.metrics import MetricsLogger, progress_bar
 from omninft_fast.train.report import EvalResult, evaluate, format_table, write_reward_curves, write_samples
-from omninft_fast.train.rollouts import sample_and_score
+from omninft_fast.train.rollouts import micro_batches, sample_and_score
 from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, check_rewards
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -268,8 +268,7 @@ class Trainer:
         local = self.dist.local(chosen)
 
         self.policy.eval()
-        size = cfg.sampling.batch_size or len(local)
-        total_steps = math.ceil(len(local) / size) * cfg.sampling.num_steps
+        total_steps = len(micro_batches(len(local), cfg.sampling)) * cfg.sampling.num_steps
         with progress_bar(total_steps, f"sampling {len(local)}", enabled=cfg.progress) as bar:
             samples, scores, timer = sample_and_score(
                 p.old,
