@@ -213,36 +213,19 @@ def quantize_fp8(
         raise ValueError(f"scale must be a float32 scalar tensor, got {scale.dtype} with {scale.numel()} elements")
     if rows == 0 or cols == 0:
         return q, scale
-    transposed = x.stride(0) == 1 and x.stride(1) != 1
-    common = {"MANTISSA_BITS": mantissa_bits, "MIN_EXPONENT": min_exponent}
-    if not transposed:
-        # One program per row tile, walking the whole row: scales found in the same kernel.
-        block_r, block_c = _row_blocks(cols)
-        _fp8_quantize_kernel[(triton.cdiv(rows, block_r), 1)](
-            x,
-            q,
-            scale,
-            rows,
-            cols,
-            x.stride(0),
-            x.stride(1),
-            cols,
-            top,
-            1.0 / top,
-            SCALES=FIND_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE,
-            BLOCK_R=block_r,
-            BLOCK_C=block_c,
-            **common,
-        )
-        return q, scale
-    # A transposed view: rows are strided, so rows are split into spans over a 2-D grid (enough programs to fill the
-    # GPU); rowwise scales come from per-span maxima reduced by PyTorch (three launches instead of one).
-    grid = (triton.cdiv(rows, _T_BLOCK_R), triton.cdiv(cols, _T_SPAN))
-    if rowwise:
+    if not (x.stride(0) == 1 and x.stride(1) != 1):
+        # One program per row tile, walking the whole row: rowwise scales found in the same kernel.
+        (block_r, block_c), span = _row_blocks(cols), cols
+        mode = FIND_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE
+    else:
+        # A transposed view: rows are strided, so they are split into column spans over a 2-D grid (enough programs
+        # to fill the GPU); rowwise scales come from per-span maxima reduced by PyTorch (three launches, not one).
+        (block_r, block_c), span = (_T_BLOCK_R, _T_BLOCK_C), _T_SPAN
+        mode = GIVEN_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, span))
+    if mode == GIVEN_ROW_SCALES:
         partial = torch.empty((rows, grid[1]), dtype=torch.float32, device=x.device)
-        _fp8_amax_kernel[grid](
-            x, partial, rows, cols, x.stride(0), x.stride(1), _T_SPAN, BLOCK_R=_T_BLOCK_R, BLOCK_C=_T_BLOCK_C
-        )
+        _fp8_amax_kernel[grid](x, partial, rows, cols, x.stride(0), x.stride(1), span, BLOCK_R=block_r, BLOCK_C=block_c)
         scale = (partial.amax(dim=1, keepdim=True) * (1.0 / top)).clamp(min=TINY)
     _fp8_quantize_kernel[grid](
         x,
@@ -252,12 +235,13 @@ def quantize_fp8(
         cols,
         x.stride(0),
         x.stride(1),
-        _T_SPAN,
+        span,
         top,
         1.0 / top,
-        SCALES=GIVEN_ROW_SCALES if rowwise else GIVEN_TENSOR_SCALE,
-        BLOCK_R=_T_BLOCK_R,
-        BLOCK_C=_T_BLOCK_C,
-        **common,
+        SCALES=mode,
+        MANTISSA_BITS=mantissa_bits,
+        MIN_EXPONENT=min_exponent,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
     )
     return q, scale
