@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +39,21 @@ class Condition:
     def cat(conditions: list[Condition]) -> Condition:
         """The conditions of ``conditions`` one batch after another."""
         return Condition(torch.cat([c.video for c in conditions]), torch.cat([c.audio for c in conditions]))
+
+
+def _first_rows(args: Any, rows: int) -> Any:
+    """ltx-core ``TransformerArgs`` of its first ``rows`` samples: every tensor (or tuple of tensors, such as
+    rotary embeddings) with the batch in dim 0 is cut; fields broadcast over the batch stay as they are."""
+    batch = args.x.shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(cut(item) for item in value)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:rows]
+        return value
+
+    return replace(args, **{f.name: cut(getattr(args, f.name)) for f in fields(args)})
 
 
 class LatentSpec(Protocol):
@@ -88,9 +103,11 @@ class AVTask(Protocol):
 class AVVelocityModel(nn.Module):
     """Interface of a dual-stream flow model (Eq 2's ``v_theta``).
 
-    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None) -> (v_video, v_audio)``
-    with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]`` lists the blocks
-    whose video and audio self-attention sample ``b`` skips (STG's perturbed pass). ``patch`` returns the handle
+    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None, copied_rows=0) ->
+    (v_video, v_audio)`` with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]``
+    lists the blocks whose video and audio self-attention sample ``b`` skips (STG's perturbed pass); the last
+    ``copied_rows`` samples repeat the inputs of the first ``copied_rows`` (a model may share the work of the blocks
+    where their skips agree; only guided rollouts pass it). ``patch`` returns the handle
     that applies Eq 8 to the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling
     (``capture_region_scores``).
     """
@@ -206,12 +223,15 @@ class LTXAVModel(AVVelocityModel):
         t: torch.Tensor,
         cond: Condition,
         skip_blocks: list[list[int]] | None = None,
+        copied_rows: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nv, Cv)``, ``(B, Na, Ca)``, ``(B,)`` -> velocities of the same shapes.
 
         One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
         ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
-        config), ``None``: none.
+        config), ``None``: none. ``copied_rows = k``: samples ``B - k + r`` repeat the inputs of samples ``r < k``
+        (STG's pass of the conditional one), so the blocks before the first block where their skips differ run on
+        the first ``B - k`` samples only (``_shared_prefix_forward``).
         """
         from ltx_core.model.transformer.modality import Modality
 
@@ -232,7 +252,63 @@ class LTXAVModel(AVVelocityModel):
             context=cond.audio.to(x_audio.dtype),
         )
         perturbations = self._perturbations(batch, skip_blocks)
+        if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
+            return self._shared_prefix_forward(video, audio, perturbations, copied_rows, first)
         v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
+        return v_video, v_audio
+
+    def _first_own_block(self, batch: int, skip_blocks: Sequence[Sequence[int]] | None, copied_rows: int) -> int:
+        """The first block where a copied sample's skips differ from those of the sample it copies
+        (``num_layers``: none)."""
+        if not 0 < copied_rows <= batch // 2:
+            raise ValueError(f"copied_rows must be in 1..{batch // 2} for a batch of {batch}, got {copied_rows}")
+        if skip_blocks is None:
+            return self.num_layers
+        own = (set(skip_blocks[batch - copied_rows + r]) ^ set(skip_blocks[r]) for r in range(copied_rows))
+        return min(min(blocks, default=self.num_layers) for blocks in own)
+
+    def _shared_prefix_forward(
+        self, video: Any, audio: Any, perturbations: Any, copied_rows: int, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ltx-core's ``LTXModel.forward`` with blocks ``0 .. first - 1`` run on the first ``B - copied_rows``
+        samples; the last ``copied_rows`` samples join at block ``first`` as copies of the first ``copied_rows``
+        samples' state. The patch handle's key masses of the shared blocks get the same copies (``expanded_rows``).
+        The blocks run without gradient checkpointing: guided rollouts run without gradients.
+
+        Args:
+            video, audio: ltx-core ``Modality`` of all ``B`` samples.
+            perturbations: ltx-core ``BatchedPerturbationConfig`` of all ``B`` samples.
+            copied_rows: how many samples at the end repeat the first ones.
+            first: the first block the copies run themselves.
+
+        Returns:
+            ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` velocities.
+        """
+        from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+
+        model = self.model
+        kept = video.latent.shape[0] - copied_rows
+
+        def expand(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows, rows[:copied_rows]])
+
+        video_args = model.video_args_preprocessor.prepare(video, audio)
+        audio_args = model.audio_args_preprocessor.prepare(audio, video)
+        v, a = _first_rows(video_args, kept), _first_rows(audio_args, kept)
+        kept_perturbations = BatchedPerturbationConfig(perturbations.perturbations[:kept])
+        sharing = contextlib.nullcontext() if self._handle is None else self._handle.expanded_rows(expand)
+        with sharing:
+            for block in model.transformer_blocks[:first]:
+                v, a = block(video=v, audio=a, perturbations=kept_perturbations)
+        v, a = replace(video_args, x=expand(v.x)), replace(audio_args, x=expand(a.x))
+        for block in model.transformer_blocks[first:]:
+            v, a = block(video=v, audio=a, perturbations=perturbations)
+        v_video = model._process_output(
+            model.scale_shift_table, model.norm_out, model.proj_out, v.x, v.embedded_timestep
+        )
+        v_audio = model._process_output(
+            model.audio_scale_shift_table, model.audio_norm_out, model.audio_proj_out, a.x, a.embedded_timestep
+        )
         return v_video, v_audio
 
     @contextlib.contextmanager
