@@ -15,7 +15,7 @@ pytest.importorskip("ltx_core")
 from omninft_fast.ltx2.patch import RegionCapture
 from omninft_fast.train import stages
 from omninft_fast.train.config import load_config
-from omninft_fast.train.model import Condition
+from omninft_fast.train.model import Condition, LTXAVModel
 from omninft_fast.train.sampler import Guidance, guide, guided_velocity
 from omninft_fast.train.trainer import Trainer
 
@@ -163,3 +163,21 @@ def test_shared_blocks_capture_the_conditional_key_mass_for_the_stg_rows(
     for layer in (1, 2, 3):
         assert received[True][layer].shape == (6, trainer.task.spec.video_tokens)
         torch.testing.assert_close(received[True][layer], received[False][layer], rtol=0, atol=ATOL)
+
+
+def test_compiled_rollout_model_compiles_the_shared_prefix(trainer: Trainer, tmp_path: Path) -> None:
+    """``model.compile=rollout`` compiles the shared-prefix forward too (it runs the blocks outside ltx-core's
+    ``LTXModel.forward``); Dynamo's graph runs as captured (backend ``eager``)."""
+    torch._dynamo.reset()
+    overrides = [f"output_dir={tmp_path}", "model.compile=rollout", "model.compile_backend=eager"]
+    model = Trainer(load_config(MICRO, [*overrides, "model.num_layers=2"])).policies.old
+    assert model.model._compiled_call_impl is not None
+    assert model._shared_forward is not LTXAVModel._shared_prefix_forward
+    xv, xa, t, cond, uncond = _inputs(trainer, 2)
+    guidance = Guidance(uncond, 1.5, 3.0, 1.0, (1,))
+    with torch.no_grad():
+        got = guided_velocity(model, xv, xa, t, cond, guidance)
+        model._shared_forward = LTXAVModel._shared_prefix_forward
+        want = guided_velocity(model, xv, xa, t, cond, guidance)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=ATOL)

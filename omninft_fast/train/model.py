@@ -144,6 +144,8 @@ class LTXAVModel(AVVelocityModel):
         self.num_layers = len(model.transformer_blocks)
         self._handle: Any = None
         self._skip: dict[str, list[int]] = {}
+        # A function of the model (not a bound method), so a deep copy of the model keeps working.
+        self._shared_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = LTXAVModel._shared_prefix_forward
 
     @classmethod
     def build(
@@ -253,7 +255,7 @@ class LTXAVModel(AVVelocityModel):
         )
         perturbations = self._perturbations(batch, skip_blocks)
         if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
-            return self._shared_prefix_forward(video, audio, perturbations, copied_rows, first)
+            return self._shared_forward(self, video, audio, perturbations, copied_rows, first)
         v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
         return v_video, v_audio
 
@@ -310,6 +312,12 @@ class LTXAVModel(AVVelocityModel):
             model.audio_scale_shift_table, model.audio_norm_out, model.audio_proj_out, a.x, a.embedded_timestep
         )
         return v_video, v_audio
+
+    def compile_forward(self, *, backend: str) -> None:
+        """``torch.compile`` ltx-core's transformer (``LTXModel.compile``) and the shared-prefix forward of guided
+        rollouts (``_shared_prefix_forward``), which runs the blocks outside ``LTXModel.forward``."""
+        self.model.compile(backend=backend)
+        self._shared_forward = torch.compile(LTXAVModel._shared_prefix_forward, backend=backend)
 
     @contextlib.contextmanager
     def skip_cross_attention(self, *, a2v: Sequence[int] = (), v2a: Sequence[int] = ()) -> Iterator[None]:
