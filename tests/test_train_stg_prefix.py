@@ -15,7 +15,7 @@ pytest.importorskip("ltx_core")
 from omninft_fast.ltx2.patch import RegionCapture
 from omninft_fast.train import stages
 from omninft_fast.train.config import load_config
-from omninft_fast.train.model import Condition, LTXAVModel
+from omninft_fast.train.model import Condition
 from omninft_fast.train.sampler import Guidance, guide, guided_velocity
 from omninft_fast.train.trainer import Trainer
 
@@ -165,19 +165,40 @@ def test_shared_blocks_capture_the_conditional_key_mass_for_the_stg_rows(
         torch.testing.assert_close(received[True][layer], received[False][layer], rtol=0, atol=ATOL)
 
 
-def test_compiled_rollout_model_compiles_the_shared_prefix(trainer: Trainer, tmp_path: Path) -> None:
-    """``model.compile=rollout`` compiles the shared-prefix forward too (it runs the blocks outside ltx-core's
-    ``LTXModel.forward``); Dynamo's graph runs as captured (backend ``eager``)."""
+def test_compiled_rollout_model_shares_the_prefix(trainer: Trainer, tmp_path: Path) -> None:
+    """``model.compile=rollout`` (backend ``eager``: Dynamo's graph as captured) runs the shared prefix inside the
+    compiled model, gives the separate passes' velocities, and reuses its graph on the next call."""
     torch._dynamo.reset()
     overrides = [f"output_dir={tmp_path}", "model.compile=rollout", "model.compile_backend=eager"]
     model = Trainer(load_config(MICRO, [*overrides, "model.num_layers=2"])).policies.old
     assert model.model._compiled_call_impl is not None
-    assert model._shared_forward is not LTXAVModel._shared_prefix_forward
     xv, xa, t, cond, uncond = _inputs(trainer, 2)
     guidance = Guidance(uncond, 1.5, 3.0, 1.0, (1,))
+    counters = torch._dynamo.utils.counters["stats"]
     with torch.no_grad():
         got = guided_velocity(model, xv, xa, t, cond, guidance)
-        model._shared_forward = LTXAVModel._shared_prefix_forward
-        want = guided_velocity(model, xv, xa, t, cond, guidance)
-    for g, w in zip(got, want, strict=True):
+        graphs = counters["unique_graphs"]
+        again = guided_velocity(model, xv, xa, t, cond, guidance)
+        assert counters["unique_graphs"] == graphs
+        want = guided_velocity(model, xv, xa, t, cond, dataclasses.replace(guidance, stg_shared_prefix=False))
+    for g, a, w in zip(got, again, want, strict=True):
+        assert torch.equal(g, a)
         torch.testing.assert_close(g, w, rtol=0, atol=ATOL)
+
+
+def test_shared_forward_runs_through_ltx_cores_own_forward(trainer: Trainer) -> None:
+    """The sharing replaces only the block loop: ltx-core's ``LTXModel.forward`` (and its hooks, through which a
+    sharded engine gathers the model's own parameters) runs once per guided forward."""
+    xv, xa, t, cond, uncond = _inputs(trainer, 2)
+    model = trainer.policies.old
+    calls: list[int] = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(kw["video"].latent.shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), _block_rows(trainer) as rows:
+            guided_velocity(model, xv, xa, t, cond, Guidance(uncond, 1.5, 3.0, 1.0, (2,)))
+    finally:
+        hook.remove()
+    assert calls == [6] and rows == [4, 4, 6, 6]
+    assert model.model._omninft_share is None

@@ -291,8 +291,8 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
             )
     if config.model.compile != "none":
         compiled = [old] if config.model.compile == "rollout" else [policy, *(m for m in (old, ref) if m is not None)]
-        for model in {id(m.model): m for m in compiled if isinstance(m, LTXAVModel)}.values():
-            model.compile_forward(backend=config.model.compile_backend)
+        for model in {id(m.model): m.model for m in compiled if isinstance(m, LTXAVModel)}.values():
+            model.compile(backend=config.model.compile_backend)
     named = list(policy.named_parameters())
     streams = {stream: [p for n, p in named if stream_of(n) == stream] for stream in STREAMS}
     parameters = [p for _, p in named]

@@ -9,6 +9,7 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
@@ -54,6 +55,35 @@ def _first_rows(args: Any, rows: int) -> Any:
         return value
 
     return replace(args, **{f.name: cut(getattr(args, f.name)) for f in fields(args)})
+
+
+def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tuple[Any, Any]:
+    """ltx-core's ``LTXModel._process_transformer_blocks`` in place on an ``LTXAVModel``'s model: the model's own loop,
+    or, while ``LTXAVModel.forward`` shares a prefix (``model._omninft_share = (copied_rows, first, handle)``), blocks
+    ``0 .. first - 1`` on all but the last ``copied_rows`` samples and the rest on all of them, the last samples
+    joining at block ``first`` as copies of the first ``copied_rows`` samples' state. The patch handle's key masses
+    of the shared blocks get the same copies (``expanded_rows``). Guided rollouts run without gradients: the shared
+    blocks run without gradient checkpointing."""
+    from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+
+    share = model._omninft_share
+    if share is None:
+        return type(model)._process_transformer_blocks(model, video=video, audio=audio, perturbations=perturbations)
+    copied_rows, first, handle = share
+    kept = video.x.shape[0] - copied_rows
+
+    def expand(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, rows[:copied_rows]])
+
+    v, a = _first_rows(video, kept), _first_rows(audio, kept)
+    kept_perturbations = BatchedPerturbationConfig(perturbations.perturbations[:kept])
+    with contextlib.nullcontext() if handle is None else handle.expanded_rows(expand):
+        for block in model.transformer_blocks[:first]:
+            v, a = block(video=v, audio=a, perturbations=kept_perturbations)
+    v, a = replace(video, x=expand(v.x)), replace(audio, x=expand(a.x))
+    for block in model.transformer_blocks[first:]:
+        v, a = block(video=v, audio=a, perturbations=perturbations)
+    return v, a
 
 
 class LatentSpec(Protocol):
@@ -144,8 +174,10 @@ class LTXAVModel(AVVelocityModel):
         self.num_layers = len(model.transformer_blocks)
         self._handle: Any = None
         self._skip: dict[str, list[int]] = {}
-        # A function of the model (not a bound method), so a deep copy of the model keeps working.
-        self._shared_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = LTXAVModel._shared_prefix_forward
+        # ltx-core's block loop, through ``_blocks``: its own loop unless ``forward`` shares a prefix (a bound method
+        # of the model, so deep copies rebind it; a compiled model guards on ``_omninft_share``).
+        model._omninft_share = None
+        model._process_transformer_blocks = types.MethodType(_blocks, model)
 
     @classmethod
     def build(
@@ -233,7 +265,7 @@ class LTXAVModel(AVVelocityModel):
         ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
         config), ``None``: none. ``copied_rows = k``: samples ``B - k + r`` repeat the inputs of samples ``r < k``
         (STG's pass of the conditional one), so the blocks before the first block where their skips differ run on
-        the first ``B - k`` samples only (``_shared_prefix_forward``).
+        the first ``B - k`` samples only (``_blocks``).
         """
         from ltx_core.model.transformer.modality import Modality
 
@@ -255,7 +287,12 @@ class LTXAVModel(AVVelocityModel):
         )
         perturbations = self._perturbations(batch, skip_blocks)
         if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
-            return self._shared_forward(self, video, audio, perturbations, copied_rows, first)
+            # Through ltx-core's own forward (its hooks, e.g. a sharded engine's gathers, run as always).
+            self.model._omninft_share = (copied_rows, first, self._handle)
+            try:
+                return self.model(video=video, audio=audio, perturbations=perturbations)
+            finally:
+                self.model._omninft_share = None
         v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
         return v_video, v_audio
 
@@ -268,56 +305,6 @@ class LTXAVModel(AVVelocityModel):
             return self.num_layers
         own = (set(skip_blocks[batch - copied_rows + r]) ^ set(skip_blocks[r]) for r in range(copied_rows))
         return min(min(blocks, default=self.num_layers) for blocks in own)
-
-    def _shared_prefix_forward(
-        self, video: Any, audio: Any, perturbations: Any, copied_rows: int, first: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ltx-core's ``LTXModel.forward`` with blocks ``0 .. first - 1`` run on the first ``B - copied_rows``
-        samples; the last ``copied_rows`` samples join at block ``first`` as copies of the first ``copied_rows``
-        samples' state. The patch handle's key masses of the shared blocks get the same copies (``expanded_rows``).
-        The blocks run without gradient checkpointing: guided rollouts run without gradients.
-
-        Args:
-            video, audio: ltx-core ``Modality`` of all ``B`` samples.
-            perturbations: ltx-core ``BatchedPerturbationConfig`` of all ``B`` samples.
-            copied_rows: how many samples at the end repeat the first ones.
-            first: the first block the copies run themselves.
-
-        Returns:
-            ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` velocities.
-        """
-        from ltx_core.guidance.perturbations import BatchedPerturbationConfig
-
-        model = self.model
-        kept = video.latent.shape[0] - copied_rows
-
-        def expand(rows: torch.Tensor) -> torch.Tensor:
-            return torch.cat([rows, rows[:copied_rows]])
-
-        video_args = model.video_args_preprocessor.prepare(video, audio)
-        audio_args = model.audio_args_preprocessor.prepare(audio, video)
-        v, a = _first_rows(video_args, kept), _first_rows(audio_args, kept)
-        kept_perturbations = BatchedPerturbationConfig(perturbations.perturbations[:kept])
-        sharing = contextlib.nullcontext() if self._handle is None else self._handle.expanded_rows(expand)
-        with sharing:
-            for block in model.transformer_blocks[:first]:
-                v, a = block(video=v, audio=a, perturbations=kept_perturbations)
-        v, a = replace(video_args, x=expand(v.x)), replace(audio_args, x=expand(a.x))
-        for block in model.transformer_blocks[first:]:
-            v, a = block(video=v, audio=a, perturbations=perturbations)
-        v_video = model._process_output(
-            model.scale_shift_table, model.norm_out, model.proj_out, v.x, v.embedded_timestep
-        )
-        v_audio = model._process_output(
-            model.audio_scale_shift_table, model.audio_norm_out, model.audio_proj_out, a.x, a.embedded_timestep
-        )
-        return v_video, v_audio
-
-    def compile_forward(self, *, backend: str) -> None:
-        """``torch.compile`` ltx-core's transformer (``LTXModel.compile``) and the shared-prefix forward of guided
-        rollouts (``_shared_prefix_forward``), which runs the blocks outside ``LTXModel.forward``."""
-        self.model.compile(backend=backend)
-        self._shared_forward = torch.compile(LTXAVModel._shared_prefix_forward, backend=backend)
 
     @contextlib.contextmanager
     def skip_cross_attention(self, *, a2v: Sequence[int] = (), v2a: Sequence[int] = ()) -> Iterator[None]:
