@@ -219,6 +219,7 @@ class PatchHandle:
         self._originals = [library.get(m) for m in a2v], [library.get(m) for m in v2a]
         self._alphas = alphas
         self._capture: RegionCapture | None = None
+        self._expand: Callable[[torch.Tensor], torch.Tensor] | None = None
         # One core (and one key-mass sink) per module for the handle's lifetime; ``_refresh`` only changes their
         # attributes, so a compiled model recompiles once per state (detach ratios, armed sinks), not per capture.
         self._a2v_cores = [CrossAttentionFunction(backend=backend) for _ in a2v]
@@ -271,6 +272,17 @@ class PatchHandle:
             if self._patched:
                 self._refresh()
 
+    @contextmanager
+    def expanded_rows(self, expand: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Inside, the blocks run on part of the forward's samples: ``expand`` maps a ``(b, Nv)`` key mass of
+        those samples to the ``(B, Nv)`` key mass of all of them (a sample that shares another's blocks gets a
+        copy of its mass) before the capture takes it."""
+        previous, self._expand = self._expand, expand
+        try:
+            yield
+        finally:
+            self._expand = previous
+
     def unpatch(self) -> None:
         """Put the model's original attention back; the handle is unusable afterwards."""
         self._check_patched()
@@ -286,6 +298,8 @@ class PatchHandle:
 
     def _receive(self, layer: int, key_mass: torch.Tensor) -> None:
         """Key-mass sink of ``layer``'s V2A core: hand the mass to the capture, then stop computing it."""
+        if self._expand is not None:
+            key_mass = self._expand(key_mass)
         if self._capture is not None and self._capture.receive(layer, key_mass):
             self._refresh(layer)
 

@@ -139,7 +139,9 @@ class SamplingConfig:
     Per modality ``cond + (cfg - 1) (cond - uncond) + stg_scale (cond - perturbed)`` (ltx-core's multi-modal guider
     without rescaling; ``video_cfg``/``audio_cfg``), where ``uncond`` is the pass on the empty prompt and
     ``perturbed`` the pass skipping the video and audio self-attention of ``stg_blocks``; the passes of a step run
-    as one batched forward (the release: 1.5 / 3.0, STG 1.0 at block 29).
+    as one batched forward (the release: 1.5 / 3.0, STG 1.0 at block 29). With ``stg_shared_prefix`` the perturbed
+    pass shares the conditional pass's blocks before the first of ``stg_blocks`` (they compute the same) and joins
+    it there as a copy; off, every pass runs every block.
 
     An iteration's rollouts run in micro-batches of ``batch_size`` samples (0: all at once; the noise of every
     sample is drawn first, so the cut does not change what is sampled); with ``overlap`` one worker thread decodes
@@ -153,6 +155,7 @@ class SamplingConfig:
     audio_cfg: float = 1.0
     stg_scale: float = 0.0
     stg_blocks: list[int] = field(default_factory=list)
+    stg_shared_prefix: bool = True
     batch_size: int = 0
     overlap: bool = True
 

@@ -136,6 +136,7 @@ class AdapterView(AVVelocityModel):
         t: torch.Tensor,
         cond: Condition,
         skip_blocks: list[list[int]] | None = None,
+        copied_rows: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.adapters.use(self.name):
-            return self._model[0](x_video, x_audio, t, cond, skip_blocks)
+            return self._model[0](x_video, x_audio, t, cond, skip_blocks, copied_rows)

@@ -9,8 +9,9 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +40,50 @@ class Condition:
     def cat(conditions: list[Condition]) -> Condition:
         """The conditions of ``conditions`` one batch after another."""
         return Condition(torch.cat([c.video for c in conditions]), torch.cat([c.audio for c in conditions]))
+
+
+def _first_rows(args: Any, rows: int) -> Any:
+    """ltx-core ``TransformerArgs`` of its first ``rows`` samples: every tensor (or tuple of tensors, such as
+    rotary embeddings) with the batch in dim 0 is cut; fields broadcast over the batch stay as they are."""
+    batch = args.x.shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(cut(item) for item in value)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:rows]
+        return value
+
+    return replace(args, **{f.name: cut(getattr(args, f.name)) for f in fields(args)})
+
+
+def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tuple[Any, Any]:
+    """ltx-core's ``LTXModel._process_transformer_blocks`` in place on an ``LTXAVModel``'s model: the model's own loop,
+    or, while ``LTXAVModel.forward`` shares a prefix (``model._omninft_share = (copied_rows, first, handle)``), blocks
+    ``0 .. first - 1`` on all but the last ``copied_rows`` samples and the rest on all of them, the last samples
+    joining at block ``first`` as copies of the first ``copied_rows`` samples' state. The patch handle's key masses
+    of the shared blocks get the same copies (``expanded_rows``). Guided rollouts run without gradients: the shared
+    blocks run without gradient checkpointing."""
+    from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+
+    share = model._omninft_share
+    if share is None:
+        return type(model)._process_transformer_blocks(model, video=video, audio=audio, perturbations=perturbations)
+    copied_rows, first, handle = share
+    kept = video.x.shape[0] - copied_rows
+
+    def expand(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, rows[:copied_rows]])
+
+    v, a = _first_rows(video, kept), _first_rows(audio, kept)
+    kept_perturbations = BatchedPerturbationConfig(perturbations.perturbations[:kept])
+    with contextlib.nullcontext() if handle is None else handle.expanded_rows(expand):
+        for block in model.transformer_blocks[:first]:
+            v, a = block(video=v, audio=a, perturbations=kept_perturbations)
+    v, a = replace(video, x=expand(v.x)), replace(audio, x=expand(a.x))
+    for block in model.transformer_blocks[first:]:
+        v, a = block(video=v, audio=a, perturbations=perturbations)
+    return v, a
 
 
 class LatentSpec(Protocol):
@@ -88,9 +133,11 @@ class AVTask(Protocol):
 class AVVelocityModel(nn.Module):
     """Interface of a dual-stream flow model (Eq 2's ``v_theta``).
 
-    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None) -> (v_video, v_audio)``
-    with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]`` lists the blocks
-    whose video and audio self-attention sample ``b`` skips (STG's perturbed pass). ``patch`` returns the handle
+    ``forward(x_video (B, Nv, Cv), x_audio (B, Na, Ca), t (B,), cond, skip_blocks=None, copied_rows=0) ->
+    (v_video, v_audio)`` with the velocity convention ``v = x1 - x0`` (``x_t = (1 - t) x0 + t x1``); ``skip_blocks[b]``
+    lists the blocks whose video and audio self-attention sample ``b`` skips (STG's perturbed pass); the last
+    ``copied_rows`` samples repeat the inputs of the first ``copied_rows`` (a model may share the work of the blocks
+    where their skips agree; only guided rollouts pass it). ``patch`` returns the handle
     that applies Eq 8 to the A2V keys/values (``set_detach``) and captures Eq 10 scores during sampling
     (``capture_region_scores``).
     """
@@ -127,6 +174,10 @@ class LTXAVModel(AVVelocityModel):
         self.num_layers = len(model.transformer_blocks)
         self._handle: Any = None
         self._skip: dict[str, list[int]] = {}
+        # ltx-core's block loop, through ``_blocks``: its own loop unless ``forward`` shares a prefix (a bound method
+        # of the model, so deep copies rebind it; a compiled model guards on ``_omninft_share``).
+        model._omninft_share = None
+        model._process_transformer_blocks = types.MethodType(_blocks, model)
 
     @classmethod
     def build(
@@ -206,12 +257,15 @@ class LTXAVModel(AVVelocityModel):
         t: torch.Tensor,
         cond: Condition,
         skip_blocks: list[list[int]] | None = None,
+        copied_rows: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nv, Cv)``, ``(B, Na, Ca)``, ``(B,)`` -> velocities of the same shapes.
 
         One timestep per sample (``timesteps`` of shape ``(B, 1)``): ltx-core then embeds it once, not per token.
         ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
-        config), ``None``: none.
+        config), ``None``: none. ``copied_rows = k``: samples ``B - k + r`` repeat the inputs of samples ``r < k``
+        (STG's pass of the conditional one), so the blocks before the first block where their skips differ run on
+        the first ``B - k`` samples only (``_blocks``).
         """
         from ltx_core.model.transformer.modality import Modality
 
@@ -232,8 +286,25 @@ class LTXAVModel(AVVelocityModel):
             context=cond.audio.to(x_audio.dtype),
         )
         perturbations = self._perturbations(batch, skip_blocks)
+        if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
+            # Through ltx-core's own forward (its hooks, e.g. a sharded engine's gathers, run as always).
+            self.model._omninft_share = (copied_rows, first, self._handle)
+            try:
+                return self.model(video=video, audio=audio, perturbations=perturbations)
+            finally:
+                self.model._omninft_share = None
         v_video, v_audio = self.model(video=video, audio=audio, perturbations=perturbations)
         return v_video, v_audio
+
+    def _first_own_block(self, batch: int, skip_blocks: Sequence[Sequence[int]] | None, copied_rows: int) -> int:
+        """The first block where a copied sample's skips differ from those of the sample it copies
+        (``num_layers``: none)."""
+        if not 0 < copied_rows <= batch // 2:
+            raise ValueError(f"copied_rows must be in 1..{batch // 2} for a batch of {batch}, got {copied_rows}")
+        if skip_blocks is None:
+            return self.num_layers
+        own = (set(skip_blocks[batch - copied_rows + r]) ^ set(skip_blocks[r]) for r in range(copied_rows))
+        return min(min(blocks, default=self.num_layers) for blocks in own)
 
     @contextlib.contextmanager
     def skip_cross_attention(self, *, a2v: Sequence[int] = (), v2a: Sequence[int] = ()) -> Iterator[None]:

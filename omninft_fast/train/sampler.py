@@ -30,6 +30,8 @@ class Guidance:
         uncond: the ``B`` samples' unconditional (empty prompt) condition; needed when a cfg scale is not 1.
         video_cfg, audio_cfg: classifier-free guidance scales (1: off).
         stg_scale: STG scale (0: off); its pass skips the self-attention of ``stg_blocks``.
+        stg_shared_prefix: the perturbed pass shares the conditional pass's blocks before the first of
+            ``stg_blocks`` (``AVVelocityModel.forward``'s ``copied_rows``); off, every pass runs every block.
     """
 
     uncond: Condition | None
@@ -37,6 +39,7 @@ class Guidance:
     audio_cfg: float = 1.0
     stg_scale: float = 0.0
     stg_blocks: tuple[int, ...] = ()
+    stg_shared_prefix: bool = True
 
     @property
     def uses_uncond(self) -> bool:
@@ -75,7 +78,9 @@ def guided_velocity(
     guidance: Guidance | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The guided ``(B, Nv, Cv)`` and ``(B, Na, Ca)`` velocities: every pass of ``guidance`` in one batched
-    forward of ``passes * B`` samples (conditional, unconditional, perturbed), combined by ``guide``."""
+    forward of ``passes * B`` samples (conditional, unconditional, perturbed), combined by ``guide``. The perturbed
+    rows come last and repeat the conditional rows' inputs, so with ``stg_shared_prefix`` the model runs them as
+    copies of the first ``B`` rows (``copied_rows``)."""
     if guidance is None or guidance.passes == 1:
         return model(x_video, x_audio, t, cond)
     batch, passes = x_video.shape[0], guidance.passes
@@ -84,9 +89,9 @@ def guided_velocity(
     conds = [cond] + [guidance.uncond] * guidance.uses_uncond + [cond] * guidance.uses_stg
     skip = [[] for _ in range(batch * (passes - guidance.uses_stg))]
     skip += [list(guidance.stg_blocks) for _ in range(batch * guidance.uses_stg)]
-    v_video, v_audio = model(
-        x_video.repeat(passes, 1, 1), x_audio.repeat(passes, 1, 1), t.repeat(passes), Condition.cat(conds), skip
-    )
+    inputs = (x_video.repeat(passes, 1, 1), x_audio.repeat(passes, 1, 1), t.repeat(passes), Condition.cat(conds), skip)
+    shared = guidance.uses_stg and guidance.stg_shared_prefix
+    v_video, v_audio = model(*inputs, copied_rows=batch) if shared else model(*inputs)
     out = []
     for v, cfg in ((v_video, guidance.video_cfg), (v_audio, guidance.audio_cfg)):
         parts = list(v.chunk(passes))

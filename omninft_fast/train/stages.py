@@ -157,6 +157,7 @@ def rollout(
         sampling.audio_cfg,
         sampling.stg_scale,
         tuple(sampling.stg_blocks),
+        sampling.stg_shared_prefix,
     )
     kwargs: dict[str, Any] = {
         "num_steps": sampling.num_steps,
