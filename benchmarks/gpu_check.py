@@ -5,8 +5,9 @@ and the others still run; a CUDA fault cannot poison the rest):
 
 1. ``environment``: GPU, SM count, driver, library versions, and the two ceilings every ratio is quoted against:
    device-to-device copy bandwidth (bytes read + written) and bf16 GEMM TFLOP/s, both measured.
-2. ``tests``: the CUDA tests (``tests/test_cuda.py``, the Triton attention tests on CUDA tensors, the sm_90a compile
-   check) through pytest, as a pass/fail table.
+2. ``tests``: the CUDA tests (``tests/test_cuda.py``, the FP8 quantisation kernel and FP8 layers on CUDA tensors, the
+   Triton attention tests on CUDA tensors, the sm_90a compile check) through pytest, as a pass/fail table
+   (``--tests`` picks files or node ids).
 3. ``attention``: A2V (with ``kv_grad_scale``) and V2A cross-attention at LTX-2 shapes against SDPA (flash and
    efficient backends) and flash-attn where installed: fwd, bwd, fwd+bwd; V2A forward + key mass against SDPA plus
    a materialised-map column sum, with its extra memory.
@@ -18,15 +19,17 @@ and the others still run; a CUDA fault cannot poison the rest):
    data for the tuned tile table.
 8. ``block_profile``: ``torch.profiler`` of the LTX-2 block, unpatched vs patched: top kernels, device time and
    host-device synchronisations per step.
-9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise): fwd+bwd and rollout forward.
-10. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
+9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise, PyTorch's quantisation) at
+   batch 1 and 4: fwd+bwd, rollout forward and its host issue time; the quantisation kernel alone.
+10. ``fp8_profile``: ``torch.profiler`` of the block's rollout forward, bf16 vs FP8 rowwise and tensorwise.
+11. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
     straightforward loop written the released code's way (``bench_iteration.py``): samples/s, peak memory, losses.
-11. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
+12. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
     (target: at most 5% slower; ``bench_distributed.py``).
 
 ``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
-``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b] [--budget-s 480]``.
+``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b] [--budget-s 480] [--tests f,g]``.
 """
 
 from __future__ import annotations
