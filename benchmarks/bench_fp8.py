@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -85,25 +86,40 @@ def _host_issue_ms(fn, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _freeze_fp8_linears(model: torch.nn.Module) -> None:
+    """LoRA's case: the weights of the layers FP8 patches get no gradient (their backward computes input gradients
+    only; norms, tables and biases still train, so gradients flow through every layer)."""
+    pattern = re.compile(fp8.DEFAULT_MODULES)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and pattern.search(name):
+            module.weight.requires_grad_(False)
+
+
 def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict:
     """Per batch and variant: fwd+bwd and rollout-forward ms (and the host's issue time of a rollout forward), FP8
     GEMMs per forward, velocity error against the bf16 block; and the quantisation kernel alone
     (``quantize_comparison``). Batch 1 is what one sample costs; batch 4 is nearer the engine's rollouts, whose
-    guidance passes and micro-batches run together."""
+    guidance passes and micro-batches run together. "frozen linears": the patched layers' weights frozen, as the base
+    of a LoRA run (the 19B recipe), whose backward computes input gradients only."""
     size, device = (TOY, "cpu") if dry_run else (LTX2_19B, "cuda")
+    # (name, backend, recipe, quantisation backend, linear weights frozen as a LoRA run's base)
     variants = [
-        ("bf16", "torch", None, None),
-        ("fp8 rowwise", "torch", "rowwise", None),
-        ("fp8 tensorwise", "torch", "tensorwise", None),
-        ("fp8 rowwise, PyTorch quantisation", "torch", "rowwise", "reference"),
+        ("bf16", "torch", None, None, False),
+        ("fp8 rowwise", "torch", "rowwise", None, False),
+        ("fp8 tensorwise", "torch", "tensorwise", None, False),
+        ("fp8 rowwise, PyTorch quantisation", "torch", "rowwise", "reference", False),
+        ("bf16, frozen linears", "torch", None, None, True),
+        ("fp8 rowwise, frozen linears", "torch", "rowwise", None, True),
     ]
     te = not dry_run and importlib.util.find_spec("transformer_engine") is not None
-    variants += [(f"te {recipe}", "te", recipe, None) for recipe in fp8.TE_RECIPES] if te else []
+    variants += [(f"te {recipe}", "te", recipe, None, False) for recipe in fp8.TE_RECIPES] if te else []
     rows = []
     for batch in (1, 2) if dry_run else (1, 4):
         reference, first = None, len(rows)
-        for name, backend, recipe, quantize_backend in variants:
+        for name, backend, recipe, quantize_backend, frozen in variants:
             step, model, data = _block_step("unpatched", None, size, device, autocast=not dry_run, batch=batch)
+            if frozen:
+                _freeze_fp8_linears(model)
             layers = 0 if recipe is None else len(fp8.patch(model, backend=backend, recipe=recipe).layers)
 
             def rollout(model=model, data=data) -> list[torch.Tensor]:
@@ -119,6 +135,7 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                     {
                         "batch": batch,
                         "variant": name,
+                        "frozen_linears": frozen,
                         "fp8_layers": layers,
                         "scaled_mm_per_forward": counter.calls,
                         "velocity_rel_error_vs_bf16": error,
@@ -129,8 +146,11 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                 )
             del model
         for row in rows[first:]:
-            row["fwd+bwd_speedup"] = rows[first]["fwd+bwd_ms"] / row["fwd+bwd_ms"]
-            row["rollout_speedup"] = rows[first]["rollout_fwd_ms"] / row["rollout_fwd_ms"]
+            # Against the bf16 row of the same batch with the same weights trained.
+            same = [r for r in rows[first:] if r["frozen_linears"] == row["frozen_linears"]]
+            base = next(r for r in same if r["fp8_layers"] == 0)
+            row["fwd+bwd_speedup"] = base["fwd+bwd_ms"] / row["fwd+bwd_ms"]
+            row["rollout_speedup"] = base["rollout_fwd_ms"] / row["rollout_fwd_ms"]
     precision = "float32 (dry run)" if dry_run else "bf16 autocast"
     note = "" if te else "; Transformer Engine rows only where it imports on a GPU (not here)"
     return {

@@ -59,8 +59,9 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
     assert all("error" not in row and row["err_out"] < 1e-5 for row in results["tiles"]["rows"])
     fp8_rows = results["fp8"]["rows"]
     assert sorted({row["batch"] for row in fp8_rows}) == [1, 2]
+    assert {row["frozen_linears"] for row in fp8_rows} == {True, False}
     for row in fp8_rows:
-        bf16 = row["variant"] == "bf16"
+        bf16 = row["variant"].startswith("bf16")
         assert row["scaled_mm_per_forward"] == row["fp8_layers"] and (row["fp8_layers"] == 0) == bf16, row
         assert row["velocity_rel_error_vs_bf16"] < 0.15 and (row["velocity_rel_error_vs_bf16"] == 0) == bf16, row
     assert {row["recipe"] for row in results["fp8"]["quantize"]} == {"rowwise", "tensorwise"}
