@@ -98,7 +98,7 @@ def _fp8_quantize_kernel(
     q_rows = q_ptr + r[:, None].to(tl.int64) * cols
     c_start = span * col_span
     c_end = tl.minimum(cols, c_start + col_span)
-    if SCALES == 0:
+    if SCALES == 0:  # FIND_ROW_SCALES (module constants are not visible inside the kernel)
         amax = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(c_start, c_end, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
@@ -107,7 +107,7 @@ def _fp8_quantize_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl.maximum(amax * inv_max, _TINY)
         tl.store(scale_ptr + r, scale, mask=row_ok)
-    elif SCALES == 1:
+    elif SCALES == 1:  # GIVEN_ROW_SCALES
         scale = tl.load(scale_ptr + r, mask=row_ok, other=1.0)
     else:
         scale = tl.load(scale_ptr + tl.zeros([BLOCK_R], dtype=tl.int32))

@@ -179,9 +179,7 @@ def fp8_linear(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if recipe == "rowwise" and x.device.type == "cpu":
-        _require_cpu_rowwise()
-    return _FP8Linear.apply(_autocast_input(x), weight, bias, recipe == "rowwise", _WeightCache())
+    return _apply(x, weight, bias, recipe == "rowwise", _WeightCache())
 
 
 class ScaledMMCounter(TorchDispatchMode):
@@ -215,19 +213,21 @@ def _require_cpu_rowwise() -> None:
         raise BackendError(f"recipe: {error}")
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes in), else as is."""
+def _apply(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rowwise: bool, cache: _WeightCache
+) -> torch.Tensor:
+    """``_FP8Linear`` on ``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes
+    in); rowwise on a CPU only where this torch has it."""
     kind = x.device.type
+    if rowwise and kind == "cpu":
+        _require_cpu_rowwise()
     if x.is_floating_point() and torch.is_autocast_enabled(kind):
-        return x.to(torch.get_autocast_dtype(kind))
-    return x
+        x = x.to(torch.get_autocast_dtype(kind))
+    return _FP8Linear.apply(x, weight, bias, rowwise, cache)
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if self._omninft_fp8_rowwise and x.device.type == "cpu":
-        _require_cpu_rowwise()
-    x = _autocast_input(x)
-    return _FP8Linear.apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
+    return _apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
 
 
 @dataclass
