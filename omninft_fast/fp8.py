@@ -148,10 +148,9 @@ class _FP8Linear(torch.autograd.Function):
             # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
             gq, sg = quantize(g2d, E5M2, rowwise)
             wq_t, sw = ctx.cache.get(weight, rowwise, transposed=True)
-            # 16-bit inputs get their gradient straight from the GEMM (no float32 intermediate).
-            out_dtype = x2d.dtype if x2d.dtype in (torch.bfloat16, torch.float16) else torch.float32
-            grad_x = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=out_dtype)
-            grad_x = grad_x.to(x2d.dtype).reshape(ctx.shape)
+            # Straight in the input's dtype (no float32 intermediate for 16-bit inputs).
+            grad_x = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=x2d.dtype)
+            grad_x = grad_x.reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
             # dW (N, K) = G^T (N, M) @ X (M, K): G^T scaled per row, X per column (never along the contracted M).
             gq_t, sg = quantize(_pad_rows(g2d).t(), E5M2, rowwise)
