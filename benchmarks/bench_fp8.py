@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from bench_ltx2_step import LTX2_19B, TOY, _block_step, profile_steps
@@ -27,19 +27,9 @@ from timing import device_ms
 from omninft_fast import dispatch, fp8
 
 
-@contextlib.contextmanager
-def _quantize_backend(name: str | None) -> Iterator[None]:
+def _quantize_backend(name: str | None) -> contextlib.AbstractContextManager:
     """Run the block with the FP8 quantisation of ``name`` (``reference``: PyTorch ops) instead of the default."""
-    old = os.environ.get(dispatch.ENV_VAR)
-    if name is not None:
-        os.environ[dispatch.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(dispatch.ENV_VAR, None)
-        else:
-            os.environ[dispatch.ENV_VAR] = old
+    return mock.patch.dict(os.environ, {} if name is None else {dispatch.ENV_VAR: name})
 
 
 def quantize_comparison(dry_run: bool, copy_bytes_per_s: float | None) -> list[dict]:
