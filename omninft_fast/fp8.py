@@ -16,7 +16,9 @@ are not multiples of 16 stays as it is (logged). Quantised weights are cached pe
 weight (LoRA) is quantised once per load, not per forward; a LoRA branch around a patched base layer stays in its
 own precision. Optimisers that update weights without bumping their version (torch's fused AdamW) would leave a
 stale copy: ``handle.watch(optimizer)`` (or ``handle.refresh()`` after each step) drops the trained weights' copies
-after every step.
+after every step. Under ``torch.compile`` the patched layers trace into one graph (no break): the compiler generates
+the quantisation from PyTorch's ops, fused into the kernels producing each activation, and quantises the weights in
+the graph on every forward (as autocast recasts a 16-bit weight on every forward); the cache serves eager runs.
 
 Error bound (tests): e4m3 keeps 3 mantissa bits, so each quantised value is within a factor ``1 +- 2**-4`` of the
 scaled original (away from the subnormal range), and each product in the forward GEMM within ``(1 + 2**-4)**2 - 1
@@ -82,7 +84,10 @@ def quantize(
     """``(q, scale)`` with ``q * scale ~ x`` for a 2-D ``x`` of any strides (a transposed view gives the transposed
     copy): ``q`` contiguous in the FP8 ``dtype``, ``scale`` float32 of shape ``(rows, 1)`` when ``rowwise`` else
     ``()``, chosen so the largest magnitude maps to the format's largest value. ``backend`` as in
-    ``omninft_fast.dispatch`` (``auto``: the Triton kernel for CUDA tensors, PyTorch elsewhere)."""
+    ``omninft_fast.dispatch`` (``auto``: the Triton kernel for CUDA tensors, PyTorch elsewhere). Inside
+    ``torch.compile`` always PyTorch's ops, which the compiler fuses into the kernel producing ``x``."""
+    if torch.compiler.is_compiling():
+        return quantize_reference(x, dtype, rowwise)
     _, implementation = select("fp8_quantize", x.device, backend)
     return implementation(x, dtype, rowwise)
 
@@ -105,11 +110,15 @@ class _WeightCache:
         self.key, self.value = None, {}
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.detach()
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot key a cache on the weight's version: it quantises the weight itself, in a kernel
+            # the compiler generates (as autocast recasts a bf16 weight in every forward).
+            return quantize(w.t() if transposed else w, E4M3, rowwise)
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
             self.key, self.value = key, {}
         if transposed not in self.value:
-            w = weight.detach()
             self.value[transposed] = quantize(w.t() if transposed else w, E4M3, rowwise)
         return self.value[transposed]
 
@@ -218,7 +227,7 @@ def _apply(
     """``_FP8Linear`` on ``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes
     in); rowwise on a CPU only where this torch has it."""
     kind = x.device.type
-    if rowwise and kind == "cpu":
+    if rowwise and kind == "cpu" and not torch.compiler.is_compiling():
         _require_cpu_rowwise()
     if x.is_floating_point() and torch.is_autocast_enabled(kind):
         x = x.to(torch.get_autocast_dtype(kind))

@@ -1,4 +1,5 @@
-"""CUDA-only tests: the Triton NFT loss on CUDA tensors and ``torch.compile`` of every public op on CUDA.
+"""CUDA-only tests: the Triton NFT loss on CUDA tensors and ``torch.compile`` of every public op on CUDA (the FP8
+linear included).
 
 They run on a GPU machine (``scripts/gpu_check.sh`` calls them); elsewhere they are skipped. The Triton attention
 kernels' CUDA tests live in ``test_triton_cross_attention.py``, which runs on CUDA tensors whenever
@@ -143,6 +144,24 @@ def test_compile_small_ops_on_cuda() -> None:
     torch.testing.assert_close(
         of.region_weights(scores, lam=1.5).cpu().double(), explicit_region_weights(scores.cpu().double(), 1.5)
     )
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_compile_fp8_linear_on_cuda(recipe: str) -> None:
+    """Compiled, the FP8 linear quantises in inductor's kernels instead of the Triton one; both round to the same FP8
+    values, so outputs and both gradients agree to the bf16 rounding of the results."""
+    from omninft_fast import fp8
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 37, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(48, 64, generator=gen) * 0.1).cuda().to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(2, 37, 48, generator=gen).cuda().to(torch.bfloat16)
+    results = []
+    for fn in (fp8.fp8_linear, torch.compile(fp8.fp8_linear, fullgraph=True)):
+        out = fn(x, weight, recipe=recipe)
+        results.append((out, *torch.autograd.grad(out, (x, weight), grad)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * float(want.abs().max()))
 
 
 def test_public_ops_pick_triton_on_cuda() -> None:

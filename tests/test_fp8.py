@@ -166,6 +166,39 @@ def test_fp8_linear_compiles_fullgraph(gen: torch.Generator) -> None:
     assert torch.equal(compiled(x, weight), fp8.fp8_linear(x, weight))
 
 
+def test_patched_model_compiles_into_one_graph(tiny) -> None:
+    """``fullgraph=True`` through every patched layer (no graph break at the weight cache): the one graph holds every
+    FP8 GEMM and quantises activations and weights itself with PyTorch's ops, so (``aot_eager``: the graphs inductor
+    would compile, without its code generation) forward and gradients equal eager's, which on a CPU quantises with
+    the same ops."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    model, x = tiny.model, tiny.inputs(seed=7)
+    handle = fp8.patch(model, recipe="tensorwise")
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        # Each FP8 layer's forward and backward are subgraphs of the one graph.
+        forwards = [m for name, m in gm.named_modules() if "fwd_body" in name]
+        graphs.append(sum(n.target is torch._scaled_mm for m in forwards for n in m.graph.nodes))
+        return aot_eager(gm, inputs)
+
+    compiled = torch.compile(lambda inputs: tiny.run(model, inputs), fullgraph=True, backend=backend)
+    results = []
+    for forward in (lambda inputs: tiny.run(model, inputs), compiled):
+        model.zero_grad(set_to_none=True)
+        outputs = forward(x)
+        sum((out.float() * torch.linspace(-1, 1, out.shape[-1])).sum() for out in outputs).backward()
+        results.append((outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert graphs == [len(handle.layers) - _skipped_calls(tiny, handle)]
+    (want, want_grads), (got, grads) = results
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_training_step_sends_gradients_through_fp8(tiny) -> None:
     model, x = tiny.model, tiny.inputs(seed=6)
     handle = fp8.patch(model)
