@@ -63,7 +63,8 @@ class Size:
     def describe(self) -> str:
         return (
             f"video {self.video_heads}x{self.video_head_dim}, audio {self.audio_heads}x{self.audio_head_dim}, "
-            f"{self.video_tokens} video / {self.audio_tokens} audio / {self.text_tokens} text tokens"
+            f"{self.video_tokens} video / {self.audio_tokens} audio / {self.text_tokens} text tokens, one timestep per "
+            "sample"
         )
 
 
@@ -123,7 +124,9 @@ def _build(layers: int, batch: int, device: str, size: Size = TINY) -> tuple[nn.
 
     def modality(state, width: int) -> Modality:
         latent = torch.randn(state.latent.shape, generator=gen).to(device)
-        timesteps = sigma[:, None].expand(batch, latent.shape[1])
+        # One timestep per sample, as the trainer passes it: per-token timesteps (LTX-2's pipelines) would run the
+        # model's adaLN projection over every token, as many FLOPs as a feed-forward layer, once per model forward.
+        timesteps = sigma[:, None]
         context = torch.randn(batch, size.text_tokens, width, generator=gen).to(device)
         return Modality(latent=latent, sigma=sigma, timesteps=timesteps, positions=state.positions, context=context)
 

@@ -21,10 +21,12 @@ and the others still run; a CUDA fault cannot poison the rest):
    host-device synchronisations per step.
 9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise, PyTorch's quantisation) at
    batch 1 and 4: fwd+bwd, rollout forward and its host issue time; the quantisation kernel alone.
-10. ``fp8_profile``: ``torch.profiler`` of the block's rollout forward, bf16 vs FP8 rowwise and tensorwise.
-11. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
+10. ``fp8_compiled``: the same block under ``torch.compile`` (inductor), bf16 and FP8 rowwise / tensorwise at
+    batch 4, against the eager and the compiled bf16 block (the compiler fuses FP8's quantisation into its producers).
+11. ``fp8_profile``: ``torch.profiler`` of the block's rollout forward, bf16 vs FP8 rowwise and tensorwise.
+12. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
     straightforward loop written the released code's way (``bench_iteration.py``): samples/s, peak memory, losses.
-12. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
+13. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
     (target: at most 5% slower; ``bench_distributed.py``).
 
 ``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
@@ -59,6 +61,7 @@ SECTIONS: dict[str, int] = {
     "tiles": 150,
     "block_profile": 90,
     "fp8": 120,
+    "fp8_compiled": 300,
     "fp8_profile": 90,
     "iteration": 150,
     "distributed": 150,
@@ -204,6 +207,12 @@ def section_fp8(work: Path, dry_run: bool) -> dict:
     from bench_fp8 import fp8_comparison
 
     return fp8_comparison(dry_run, _ceilings(work)["copy_bytes_per_s"])
+
+
+def section_fp8_compiled(work: Path, dry_run: bool) -> dict:
+    from bench_fp8 import fp8_compiled
+
+    return fp8_compiled(dry_run)
 
 
 def section_fp8_profile(work: Path, dry_run: bool) -> dict:
