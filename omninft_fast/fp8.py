@@ -12,7 +12,8 @@ scaling recipe (TE keeps its own scaling state per layer); it needs a CUDA build
 Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out projections of the self-, text- and
 cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
 scale-shift, timestep and caption projections and the norms keep their precision. A layer whose in or out features
-are not multiples of 16 stays as it is (logged). Quantised weights are cached per weight version: a frozen base
+are not multiples of 16 stays as it is (logged). Layers reading one tensor (an attention's q, k and v) cast and
+quantise it once, for all of them. Quantised weights are cached per weight version: a frozen base
 weight (LoRA) is quantised once per load, not per forward; a LoRA branch around a patched base layer stays in its
 own precision. Optimisers that update weights without bumping their version (torch's fused AdamW) would leave a
 stale copy: ``handle.watch(optimizer)`` (or ``handle.refresh()`` after each step) drops the trained weights' copies
@@ -32,6 +33,7 @@ import functools
 import logging
 import re
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -123,13 +125,41 @@ class _WeightCache:
         return self.value[transposed]
 
 
+class _InputCache:
+    """The activation the patched layers of one model quantised last, as ``(x in the compute dtype, xq, scale)``:
+    q, k and v projections (and a cross-attention's k and v) read one tensor, which is then cast and quantised once
+    instead of per layer. Keyed on the caller's tensor itself (a weak reference, whose death clears the entry, so
+    the cache never keeps an activation alive), its version, the compute dtype, the recipe and the grad mode."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self, *_: object) -> None:
+        self.ref: weakref.ref | None = None
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+
+    def get(
+        self, x: torch.Tensor, dtype: torch.dtype, rowwise: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (x._version, dtype, rowwise, torch.is_grad_enabled())
+        if self.ref is None or self.ref() is not x or self.key != key:
+            cast = x.to(dtype)
+            xq, sx = quantize(cast.detach().reshape(-1, cast.shape[-1]), E4M3, rowwise)
+            # ``cast is x`` is not held: a strong reference to ``x`` would keep it, and the entry, alive.
+            self.ref, self.key, self.value = weakref.ref(x, self.clear), key, (None if cast is x else cast, xq, sx)
+        cast, xq, sx = self.value
+        return (x if cast is None else cast), xq, sx
+
+
 class _FP8Linear(torch.autograd.Function):
-    """``x @ weight^T + bias`` with FP8 GEMMs in forward and backward (see the module docstring for the scaling)."""
+    """``x @ weight^T + bias`` with FP8 GEMMs in forward and backward (see the module docstring for the scaling);
+    ``quantized``: ``x`` already quantised as ``(xq, scale)``, or ``None``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rowwise: bool, cache: _WeightCache):
+    def forward(ctx, x, weight, bias, rowwise: bool, cache: _WeightCache, quantized=None):
         x2d = x.reshape(-1, x.shape[-1])
-        xq, sx = quantize(x2d, E4M3, rowwise)
+        xq, sx = quantize(x2d, E4M3, rowwise) if quantized is None else quantized
         wq, sw = cache.get(weight, rowwise)
         # cuBLAS adds a 16-bit bias in the GEMM's epilogue; elsewhere it is one more pass.
         fused_bias = bias is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -170,7 +200,7 @@ class _FP8Linear(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def fp8_linear(
@@ -222,20 +252,31 @@ def _require_cpu_rowwise() -> None:
 
 
 def _apply(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rowwise: bool, cache: _WeightCache
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowwise: bool,
+    cache: _WeightCache,
+    inputs: _InputCache | None = None,
 ) -> torch.Tensor:
     """``_FP8Linear`` on ``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes
-    in); rowwise on a CPU only where this torch has it."""
+    in); rowwise on a CPU only where this torch has it. ``inputs``: share the cast and quantised ``x`` with the
+    other layers reading it (eager only: a compiled graph deduplicates the quantisation itself)."""
     kind = x.device.type
-    if rowwise and kind == "cpu" and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if rowwise and kind == "cpu" and not compiling:
         _require_cpu_rowwise()
-    if x.is_floating_point() and torch.is_autocast_enabled(kind):
-        x = x.to(torch.get_autocast_dtype(kind))
-    return _FP8Linear.apply(x, weight, bias, rowwise, cache)
+    dtype = torch.get_autocast_dtype(kind) if x.is_floating_point() and torch.is_autocast_enabled(kind) else x.dtype
+    if inputs is None or compiling:
+        return _FP8Linear.apply(x.to(dtype), weight, bias, rowwise, cache)
+    x, xq, sx = inputs.get(x, dtype, rowwise)
+    return _FP8Linear.apply(x, weight, bias, rowwise, cache, (xq, sx))
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _apply(x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache)
+    return _apply(
+        x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache, self._omninft_fp8_inputs
+    )
 
 
 @dataclass
@@ -263,7 +304,7 @@ class FP8Handle:
         """Give every patched layer its own forward back (weights were never touched)."""
         for layer in self.layers.values():
             del layer.forward
-            for name in ("_omninft_fp8_rowwise", "_omninft_fp8_cache", "_omninft_te"):
+            for name in ("_omninft_fp8_rowwise", "_omninft_fp8_cache", "_omninft_fp8_inputs", "_omninft_te"):
                 if hasattr(layer, name):
                     delattr(layer, name)
         self.layers.clear()
@@ -345,6 +386,7 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
     if backend == "torch" and recipe == "rowwise" and any(p.device.type == "cpu" for p in model.parameters()):
         _require_cpu_rowwise()
     handle = FP8Handle(model, backend, recipe)
+    inputs = _InputCache()
     for name, layer in _selected(model, modules):
         if layer.in_features % 16 or layer.out_features % 16:
             handle.skipped[name] = f"{layer.in_features} -> {layer.out_features} features are not multiples of 16"
@@ -356,6 +398,7 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
         else:
             layer._omninft_fp8_rowwise = recipe == "rowwise"
             layer._omninft_fp8_cache = _WeightCache()
+            layer._omninft_fp8_inputs = inputs
             layer.forward = types.MethodType(_fp8_forward, layer)
         handle.layers[name] = layer
     if not handle.layers:

@@ -144,6 +144,69 @@ def test_frozen_weight_quantised_once_for_forward_and_once_for_backward(monkeypa
     handle.unpatch()
 
 
+class _QKV(nn.Module):
+    """Three projections of one input (as an attention's q, k, v) and one of another tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.other = (nn.Linear(32, 48) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.to_q(x) * self.to_k(x) + self.to_v(x) + self.other(y)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> None:
+    """q, k and v of one input share its cast and quantisation (one activation quantisation for them, one for the
+    other input), with outputs and gradients identical to each layer quantising on its own; changing the input in
+    place, or freeing it, ends the sharing."""
+    gen = torch.Generator().manual_seed(2)
+    model = _QKV()
+    x, y = (_activations(gen, (2, 9, 32)).requires_grad_(grad) for _ in range(2))
+    want = model(x, y)
+    if grad:
+        want.square().sum().backward()
+        want_grads = [t.grad.clone() for t in (x, y, *model.parameters())]
+        for t in (x, y, *model.parameters()):
+            t.grad = None
+    handle = fp8.patch(model, recipe="tensorwise", modules=r"^(to_q|to_k|to_v|other)$")
+    q, k, v, other = (
+        fp8.fp8_linear(i, m.weight, m.bias, recipe="tensorwise")
+        for i, m in ((x, model.to_q), (x, model.to_k), (x, model.to_v), (y, model.other))
+    )
+    separate = q * k + v + other
+    del q, k, v, other
+    activations: list[torch.Size] = []
+    quantize = fp8.quantize
+
+    def counting(t, dtype, rowwise, backend=None):
+        if dtype == fp8.E4M3 and t.shape == (18, 32) and t.stride() == (32, 1):
+            activations.append(t.shape)
+        return quantize(t, dtype, rowwise, backend)
+
+    monkeypatch.setattr(fp8, "quantize", counting)
+    with torch.set_grad_enabled(grad):
+        got = model(x, y)
+    assert len(activations) == 2
+    assert torch.equal(got, separate)
+    if grad:
+        got.square().sum().backward()
+        separate_grads = torch.autograd.grad(separate.square().sum(), (x, y, *model.parameters()))
+        grads = (x.grad, y.grad, *(p.grad for p in model.parameters()))
+        for g, s, w in zip(grads, separate_grads, want_grads, strict=True):
+            assert torch.equal(g, s) and float((g - w).norm() / w.norm()) < 0.15
+    cache = model.to_q._omninft_fp8_inputs
+    holds_y = cache.ref() is y  # (outside ``assert``, whose rewriting would keep a reference to ``y``)
+    assert cache is model.other._omninft_fp8_inputs and holds_y
+    with torch.no_grad():
+        x.mul_(2)
+        model(x, y)
+    assert len(activations) == 4  # x again (changed in place); y again (the entry had moved on to x)
+    del x, y, got, separate, want  # (the other products' autograd graphs hold x and y)
+    assert cache.value is None  # the last input's death cleared the entry
+    handle.unpatch()
+
+
 def test_patched_layer_follows_autocast_like_linear() -> None:
     """Under autocast the FP8 layer computes from and returns the autocast dtype, as ``nn.Linear`` does."""
     gen = torch.Generator().manual_seed(0)
