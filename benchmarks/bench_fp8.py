@@ -200,6 +200,8 @@ def fp8_compiled(dry_run: bool) -> dict:
                 "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
             }
         )
+        # Each row to the log as it is measured: a section stopped by its time limit still leaves them.
+        print(json.dumps(rows[-1]), flush=True)
         del model
     eager, base = rows[0], rows[1]
     for row in rows:
