@@ -70,11 +70,13 @@ def test_te_backend_without_transformer_engine_is_one_line(tmp_path: Path, capsy
     assert "fp8.recipe must be one of ['delayed', 'current', 'block'], got 'rowwise'" in capsys.readouterr().err
 
 
-def test_compiled_fp8_transformer_trains_like_eager(tmp_path: Path) -> None:
-    """``fp8.enabled`` with ``model.compile=all``: Dynamo traces through the FP8 layers (``aot_eager``: the forward and
-    backward graphs inductor would compile) and the iteration's rewards and losses equal the eager FP8 run's."""
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compiled_fp8_transformer_trains_like_eager(tmp_path: Path, mode: str) -> None:
+    """``fp8.enabled`` with ``model.compile=all``: Dynamo traces through the FP8 layers (with LoRA: the adapters'
+    wrappers around them; ``aot_eager``: the forward and backward graphs inductor would compile) and the iteration's
+    rewards and losses equal the eager FP8 run's."""
     torch._dynamo.reset()
-    common = ["fp8.enabled=true", "iterations=1", "sampling.num_steps=2", "nft.mini_batch=8"]
+    common = ["fp8.enabled=true", f"finetune.mode={mode}", "iterations=1", "sampling.num_steps=2", "nft.mini_batch=8"]
     eager = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'eager'}", *common]))
     compiled = Trainer(
         load_config(
