@@ -128,27 +128,30 @@ class _WeightCache:
 class _InputCache:
     """The activation the patched layers of one model quantised last, as ``(x in the compute dtype, xq, scale)``:
     q, k and v projections (and a cross-attention's k and v) read one tensor, which is then cast and quantised once
-    instead of per layer. Keyed on the caller's tensor itself (a weak reference, whose death clears the entry, so
-    the cache never keeps an activation alive), its version, the compute dtype, the recipe and the grad mode."""
+    instead of per layer. Keyed on the caller's tensor itself (a weak reference, whose death drops the entry, so
+    the cache never keeps an activation alive), its version, the compute dtype, the recipe and the grad mode. The
+    entry is one tuple, replaced whole, so a drop from another thread (autograd's) never leaves half an entry."""
 
     def __init__(self) -> None:
-        self.clear()
+        self.entry: tuple[weakref.ref, tuple, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
 
-    def clear(self, *_: object) -> None:
-        self.ref: weakref.ref | None = None
-        self.key: tuple | None = None
-        self.value: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+    def _drop(self, ref: weakref.ref) -> None:
+        entry = self.entry
+        if entry is not None and entry[0] is ref:
+            self.entry = None
 
     def get(
         self, x: torch.Tensor, dtype: torch.dtype, rowwise: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (x._version, dtype, rowwise, torch.is_grad_enabled())
-        if self.ref is None or self.ref() is not x or self.key != key:
+        entry = self.entry
+        if entry is None or entry[0]() is not x or entry[1] != key:
             cast = x.to(dtype)
             xq, sx = quantize(cast.detach().reshape(-1, cast.shape[-1]), E4M3, rowwise)
             # ``cast is x`` is not held: a strong reference to ``x`` would keep it, and the entry, alive.
-            self.ref, self.key, self.value = weakref.ref(x, self.clear), key, (None if cast is x else cast, xq, sx)
-        cast, xq, sx = self.value
+            entry = (weakref.ref(x, self._drop), key, (None if cast is x else cast, xq, sx))
+            self.entry = entry
+        cast, xq, sx = entry[2]
         return (x if cast is None else cast), xq, sx
 
 

@@ -196,14 +196,14 @@ def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> N
         for g, s, w in zip(grads, separate_grads, want_grads, strict=True):
             assert torch.equal(g, s) and float((g - w).norm() / w.norm()) < 0.15
     cache = model.to_q._omninft_fp8_inputs
-    holds_y = cache.ref() is y  # (outside ``assert``, whose rewriting would keep a reference to ``y``)
+    holds_y = cache.entry[0]() is y  # (outside ``assert``, whose rewriting would keep a reference to ``y``)
     assert cache is model.other._omninft_fp8_inputs and holds_y
     with torch.no_grad():
         x.mul_(2)
         model(x, y)
     assert len(activations) == 4  # x again (changed in place); y again (the entry had moved on to x)
     del x, y, got, separate, want  # (the other products' autograd graphs hold x and y)
-    assert cache.value is None  # the last input's death cleared the entry
+    assert cache.entry is None  # the last input's death dropped the entry
     handle.unpatch()
 
 
