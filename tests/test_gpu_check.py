@@ -67,14 +67,9 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
         assert row["velocity_rel_error_vs_bf16"] < 0.15 and (row["velocity_rel_error_vs_bf16"] == 0) == bf16, row
     assert {row["recipe"] for row in results["fp8"]["quantize"]} == {"rowwise", "tensorwise"}
     compiled = results["fp8_compiled"]["rows"]
-    assert [row["variant"] for row in compiled] == [
-        "bf16",
-        "bf16 compiled",
-        "fp8 rowwise compiled",
-        "fp8 tensorwise compiled",
-    ]
+    assert [row["variant"] for row in compiled] == ["bf16", "bf16 compiled", "fp8 rowwise compiled"]
     assert compiled[1]["velocity_rel_error_vs_bf16"] < 1e-5
-    assert all(0 < row["velocity_rel_error_vs_bf16"] < 0.15 for row in compiled[2:])
+    assert 0 < compiled[2]["velocity_rel_error_vs_bf16"] < 0.15
     assert all(row["rollout_vs_compiled_bf16"] > 0 and row["fwd+bwd_ms"] > 0 for row in compiled)
     assert all(results["fp8_profile"][name]["top"] for name in ("bf16", "fp8 rowwise", "fp8 tensorwise"))
     iteration = results["iteration"]
