@@ -4,8 +4,10 @@
 which runs on CPUs and on H100s with a stock torch. Activations and weights in e4m3, output gradients in e5m2, with
 current scaling per tensor (``tensorwise``) or per row of each GEMM operand along its kept axis (``rowwise``: per
 token and per output channel in the forward; in the two backward GEMMs per gradient row and weight/activation
-column, never along the contracted axis, whose scale could not be factored out of the sum). Amax and scales stay on
-the device: nothing syncs with the host. ``backend="te"`` runs each selected layer through a Transformer Engine
+column, never along the contracted axis, whose scale could not be factored out of the sum). Tensorwise, the weight
+gradient reuses the forward's FP8 input and the input gradient's FP8 output gradient, transposed as bytes (one scale
+serves both orientations), so backward keeps 1 byte per input value; a frozen weight's layer keeps none. Amax and
+scales stay on the device: nothing syncs with the host. ``backend="te"`` runs each selected layer through a Transformer Engine
 ``Linear`` that shares the layer's parameters, inside TE's ``fp8_autocast`` with its delayed, current or block
 scaling recipe (TE keeps its own scaling state per layer); it needs a CUDA build of TE.
 
@@ -100,6 +102,12 @@ def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
+def _transposed_padded(q: torch.Tensor) -> torch.Tensor:
+    """An FP8 ``q`` (M, K) as the contiguous ``(K, M')`` of its zero-padded rows, copied as bytes (an FP8 zero is
+    the zero byte; byte copies run on every device, whatever its FP8 support)."""
+    return _pad_rows(q.view(torch.uint8)).t().contiguous().view(q.dtype)
+
+
 class _WeightCache:
     """The quantised copies of one weight, ``W`` (forward) and ``W^T`` (input gradient), per (storage, version,
     recipe): each built on first use and rebuilt only after the weight changes."""
@@ -176,30 +184,38 @@ class _FP8Linear(torch.autograd.Function):
         )
         if bias is not None and not fused_bias:
             out = out + bias.to(out.dtype)
-        ctx.save_for_backward(x2d, weight)
-        ctx.shape, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, bias is not None, rowwise, cache
+        # What the weight gradient needs of x: nothing for a frozen weight (a LoRA base); x itself, quantised again
+        # per column in backward (rowwise); the forward's FP8 copy (tensorwise: its one scale serves X^T too, so half
+        # the bytes are kept and nothing is quantised twice).
+        kept = () if not ctx.needs_input_grad[1] else (x2d,) if rowwise else (xq, sx)
+        ctx.save_for_backward(weight, *kept)
+        ctx.shape, ctx.dtype, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, x.dtype, bias is not None, rowwise, cache
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, weight = ctx.saved_tensors
-        rowwise = ctx.rowwise
+        weight, *kept = ctx.saved_tensors
+        rowwise, (need_x, need_w) = ctx.rowwise, ctx.needs_input_grad[:2]
         g2d = grad_out.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
+        if need_x or (need_w and not rowwise):
             gq, sg = quantize(g2d, E5M2, rowwise)
+        if need_x:
+            # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
             wq_t, sw = ctx.cache.get(weight, rowwise, transposed=True)
             # Straight in the input's dtype (no float32 intermediate for 16-bit inputs).
-            grad_x = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=x2d.dtype)
+            grad_x = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=ctx.dtype)
             grad_x = grad_x.reshape(ctx.shape)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             # dW (N, K) = G^T (N, M) @ X (M, K): G^T scaled per row, X per column (never along the contracted M).
-            gq_t, sg = quantize(_pad_rows(g2d).t(), E5M2, rowwise)
-            xq_t, sx = quantize(_pad_rows(x2d).t(), E4M3, rowwise)
-            grad_w = torch._scaled_mm(
-                gq_t, xq_t.t(), scale_a=sg, scale_b=sx.t() if rowwise else sx, out_dtype=torch.float32
-            )
+            if rowwise:
+                gq_t, sg_t = quantize(_pad_rows(g2d).t(), E5M2, True)
+                xq_t, sx_t = quantize(_pad_rows(kept[0]).t(), E4M3, True)
+                sx_t = sx_t.t()
+            else:
+                (xq, sx_t), sg_t = kept, sg
+                gq_t, xq_t = _transposed_padded(gq), _transposed_padded(xq)
+            grad_w = torch._scaled_mm(gq_t, xq_t.t(), scale_a=sg_t, scale_b=sx_t, out_dtype=torch.float32)
             grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(grad_out.dtype)

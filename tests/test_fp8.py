@@ -59,6 +59,54 @@ def test_linear_and_gradients_within_fp8_bounds(
     assert 1e-4 < error < 0.08
 
 
+def test_tensorwise_backward_reuses_the_forward_and_gradient_quantisations(gen: torch.Generator) -> None:
+    """Tensorwise, one scale serves both orientations, so the weight gradient's ``X^T`` and ``G^T`` are the byte
+    transposes of the FP8 copies the forward and the input gradient made: gradients equal, bit for bit, the GEMMs
+    of independently quantised transposes (74 rows: padded to 80 for the weight gradient)."""
+    x = _activations(gen, (2, 37, 64)).requires_grad_()
+    weight = (torch.randn(48, 64, generator=gen) * 0.1).requires_grad_()
+    grad = torch.randn(2, 37, 48, generator=gen)
+    fp8.fp8_linear(x, weight, recipe="tensorwise").backward(grad)
+    x2d, g2d = x.detach().reshape(-1, 64), grad.reshape(-1, 48)
+    wq_t, sw = fp8.quantize_reference(weight.detach().t(), fp8.E4M3, False)
+    gq, sg = fp8.quantize_reference(g2d, fp8.E5M2, False)
+    want_dx = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw, out_dtype=torch.float32)
+    gq_t, sg_t = fp8.quantize_reference(fp8._pad_rows(g2d).t(), fp8.E5M2, False)
+    xq_t, sx_t = fp8.quantize_reference(fp8._pad_rows(x2d).t(), fp8.E4M3, False)
+    want_dw = torch._scaled_mm(gq_t, xq_t.t(), scale_a=sg_t, scale_b=sx_t, out_dtype=torch.float32)
+    assert torch.equal(x.grad, want_dx.reshape(x.shape)) and torch.equal(weight.grad, want_dw)
+
+
+@pytest.mark.parametrize("case", ["frozen", "tensorwise", "rowwise"])
+def test_what_the_backward_keeps_of_the_input(case: str, gen: torch.Generator) -> None:
+    """A frozen weight's layer keeps nothing of its input for backward (the input gradient needs only ``W``);
+    tensorwise keeps the forward's FP8 copy and its scale (1 byte per value); rowwise the input itself, which the
+    weight gradient quantises again per column."""
+    if case == "rowwise" and fp8.cpu_rowwise_error():
+        pytest.skip(fp8.cpu_rowwise_error())
+    model = nn.Sequential(nn.Linear(64, 48))
+    model[0].weight.requires_grad_(case != "frozen")
+    fp8.patch(model, recipe="tensorwise" if case != "rowwise" else "rowwise", modules=r"^0$")
+    kept: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() != model[0].weight.data_ptr():
+            kept.append((t.dtype, tuple(t.shape)))
+        return t
+
+    x = _activations(gen, (3, 16, 64)).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model[0](x)
+    out.sum().backward()
+    assert x.grad is not None and (model[0].weight.grad is None) == (case == "frozen")
+    want = {
+        "frozen": [],
+        "tensorwise": [(fp8.E4M3, (48, 64)), (torch.float32, ())],
+        "rowwise": [(torch.float32, (48, 64))],
+    }
+    assert kept == want[case]
+
+
 def test_quantize_saturates_and_scales(gen: torch.Generator) -> None:
     x = torch.randn(8, 32, generator=gen) * 1000
     q, scale = fp8.quantize(x, fp8.E4M3, rowwise=True)
