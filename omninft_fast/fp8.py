@@ -7,9 +7,9 @@ token and per output channel in the forward; in the two backward GEMMs per gradi
 column, never along the contracted axis, whose scale could not be factored out of the sum). Tensorwise, the weight
 gradient reuses the forward's FP8 input and the input gradient's FP8 output gradient, transposed as bytes (one scale
 serves both orientations), so backward keeps 1 byte per input value; a frozen weight's layer keeps none. Amax and
-scales stay on the device: nothing syncs with the host. ``backend="te"`` runs each selected layer through a Transformer Engine
-``Linear`` that shares the layer's parameters, inside TE's ``fp8_autocast`` with its delayed, current or block
-scaling recipe (TE keeps its own scaling state per layer); it needs a CUDA build of TE.
+scales stay on the device: nothing syncs with the host. ``backend="te"`` runs each selected layer through a
+Transformer Engine ``Linear`` that shares the layer's parameters, inside TE's ``fp8_autocast`` with its delayed,
+current or block scaling recipe (TE keeps its own scaling state per layer); it needs a CUDA build of TE.
 
 Selected layers are those LTX's own trainer puts in FP8: the attention q/k/v/out projections of the self-, text- and
 cross-modal attentions and the feed-forward layers of every transformer block; patchify, output projection, adaLN /
