@@ -64,6 +64,23 @@ def quantize_comparison(dry_run: bool, copy_bytes_per_s: float | None) -> list[d
     return out
 
 
+def _peak_extra_bytes(fn) -> int:
+    """CUDA memory ``fn`` allocates at its peak beyond what was allocated before it (activations kept for backward,
+    workspaces)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _weight_copies_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the FP8 copies of weights (``W`` and, once a backward has run, ``W^T``) the patched layers keep."""
+    caches = (getattr(m, "_omninft_fp8_cache", None) for m in model.modules())
+    return sum(t.nbytes for c in caches if c is not None for pair in c.value.values() for t in pair)
+
+
 def _host_issue_ms(fn, repeats: int = 10) -> float:
     """Median host milliseconds to issue ``fn`` (returning before the GPU finishes); close to its device time, the
     call is bound by the host (Python and launches), not by the GPU."""
@@ -140,6 +157,8 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                         "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
                         "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
                         "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
+                        "fwd+bwd_peak_extra_MiB": None if dry_run else _peak_extra_bytes(step) / 2**20,
+                        "fp8_weight_copies_MiB": _weight_copies_bytes(model) / 2**20,
                     }
                 )
             del model

@@ -110,9 +110,11 @@ def _transposed_padded(q: torch.Tensor) -> torch.Tensor:
 
 class _WeightCache:
     """The quantised copies of one weight, ``W`` (forward) and ``W^T`` (input gradient), per (storage, version,
-    recipe): each built on first use and rebuilt only after the weight changes."""
+    recipe): each built on first use and rebuilt only after the weight changes; ``enabled=False`` keeps none and
+    quantises on every use."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.key: tuple | None = None
         self.value: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -121,7 +123,7 @@ class _WeightCache:
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach()
-        if torch.compiler.is_compiling():
+        if not self.enabled or torch.compiler.is_compiling():
             # A compiled graph cannot key a cache on the weight's version: it quantises the weight itself, in a kernel
             # the compiler generates (as autocast recasts a bf16 weight in every forward).
             return quantize(w.t() if transposed else w, E4M3, rowwise)
@@ -371,7 +373,14 @@ def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]
             yield name, module
 
 
-def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", modules: str = DEFAULT_MODULES):
+def patch(
+    model: nn.Module,
+    *,
+    backend: str = "torch",
+    recipe: str = "rowwise",
+    modules: str = DEFAULT_MODULES,
+    cache_weights: bool = True,
+):
     """Run the transformer blocks' linear layers of an LTX-2 (ltx-core or diffusers) in FP8, in place.
 
     Args:
@@ -382,6 +391,9 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
         recipe: ``torch``: ``rowwise`` or ``tensorwise`` current scaling; ``te``: ``delayed``, ``current`` or
             ``block`` scaling (``TE_RECIPES``).
         modules: regular expression searched in each layer's qualified name.
+        cache_weights: ``torch``: keep each weight's FP8 copies (``W``, and ``W^T`` once a backward ran: 2 bytes per
+            parameter beside the weight) until the weight changes; ``False`` quantises the weights on every use
+            instead, for a model whose memory cannot hold them (Transformer Engine keeps its own).
 
     Returns:
         ``FP8Handle`` listing the patched and the skipped layers; ``handle.unpatch()`` restores the model.
@@ -391,6 +403,10 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
     allowed = TE_RECIPES if backend == "te" else RECIPES
     if recipe not in allowed:
         raise ValueError(f"recipe must be one of {allowed} with backend {backend!r}, got {recipe!r}")
+    if backend == "te" and not cache_weights:
+        raise ValueError(
+            "cache_weights: False applies to backend 'torch' (Transformer Engine keeps its own FP8 weights)"
+        )
     te = None
     if backend == "te":
         try:
@@ -416,7 +432,7 @@ def patch(model: nn.Module, *, backend: str = "torch", recipe: str = "rowwise", 
             layer.forward = types.MethodType(_te_forward, layer)
         else:
             layer._omninft_fp8_rowwise = recipe == "rowwise"
-            layer._omninft_fp8_cache = _WeightCache()
+            layer._omninft_fp8_cache = _WeightCache(cache_weights)
             layer._omninft_fp8_inputs = inputs
             layer.forward = types.MethodType(_fp8_forward, layer)
         handle.layers[name] = layer

@@ -170,6 +170,27 @@ def test_weight_quantised_once_per_version(tiny) -> None:
     assert layer._omninft_fp8_cache.value is not first
 
 
+def test_uncached_weights_give_the_same_results_and_keep_no_copies() -> None:
+    """``cache_weights=False``: the weights are quantised on every use, with the same outputs and gradients as the
+    cached copies give, and nothing is kept between uses; Transformer Engine keeps its own, so it is refused there."""
+    results = []
+    for cache_weights in (True, False):
+        gen = torch.Generator().manual_seed(1)
+        model = nn.Sequential(nn.Linear(32, 48))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randn(48, 32, generator=gen) * 0.1)
+            model[0].bias.copy_(torch.randn(48, generator=gen))
+        fp8.patch(model, recipe="tensorwise", modules=r"^0$", cache_weights=cache_weights)
+        x = _activations(gen, (2, 8, 32)).requires_grad_()
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, x.grad, model[0].weight.grad))
+        assert bool(model[0]._omninft_fp8_cache.value) == cache_weights
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with pytest.raises(ValueError, match="^cache_weights: False applies to backend 'torch'"):
+        fp8.patch(nn.Sequential(nn.Linear(32, 48)), backend="te", recipe="current", cache_weights=False)
+
+
 def test_frozen_weight_quantised_once_for_forward_and_once_for_backward(monkeypatch) -> None:
     """A frozen base weight (LoRA) is quantised once as ``W`` and once as ``W^T`` over several training steps."""
     gen = torch.Generator().manual_seed(0)

@@ -65,6 +65,7 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
         bf16 = row["variant"].startswith("bf16")
         assert row["scaled_mm_per_forward"] == row["fp8_layers"] and (row["fp8_layers"] == 0) == bf16, row
         assert row["velocity_rel_error_vs_bf16"] < 0.15 and (row["velocity_rel_error_vs_bf16"] == 0) == bf16, row
+        assert (row["fp8_weight_copies_MiB"] == 0) == bf16, row
     assert {row["recipe"] for row in results["fp8"]["quantize"]} == {"rowwise", "tensorwise"}
     compiled = results["fp8_compiled"]["rows"]
     assert [row["variant"] for row in compiled] == ["bf16", "bf16 compiled", "fp8 rowwise compiled"]

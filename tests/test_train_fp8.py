@@ -37,6 +37,16 @@ def test_an_iteration_trains_through_fp8_layers(tmp_path: Path, mode: str) -> No
     assert any(not torch.equal(b, p) for b, p in zip(before, policies.trainable, strict=True))
 
 
+def test_cache_weights_reaches_every_fp8_layer(tmp_path: Path) -> None:
+    overrides = [f"output_dir={tmp_path}", "fp8.enabled=true", "nft.kl_weight=0.1", "fp8.cache_weights=false"]
+    policies = Trainer(load_config(MICRO, overrides)).policies
+    models = (policies.policy, policies.old, policies.ref)
+    caches = [m._omninft_fp8_cache for p in models for m in p.modules() if hasattr(m, "_omninft_fp8_cache")]
+    assert caches and not any(c.enabled for c in caches)
+    with pytest.raises(ConfigError, match="fp8.cache_weights=false applies to fp8.backend=torch"):
+        load_config(MICRO, [*overrides, "fp8.backend=te", "fp8.recipe=current"])
+
+
 def test_rollout_only_keeps_the_trained_policy_and_refuses_lora(tmp_path: Path) -> None:
     overrides = [f"output_dir={tmp_path}", "fp8.enabled=true", "fp8.rollout_only=true"]
     trainer = Trainer(load_config(MICRO, overrides))

@@ -281,14 +281,14 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         trainable = [p for p in policy.parameters() if p.requires_grad]
     fp8_handle = None
     if config.fp8.enabled:
+        f = config.fp8
+        options = {"backend": f.backend, "recipe": f.recipe, "modules": f.modules, "cache_weights": f.cache_weights}
         # With LoRA the old policy and the reference are adapter views of the policy's one model.
         separate = [] if adapters is not None else [m for m in (old, ref) if m is not None]
         for model in separate:
-            model.patch_fp8(backend=config.fp8.backend, recipe=config.fp8.recipe, modules=config.fp8.modules)
-        if not config.fp8.rollout_only:
-            fp8_handle = policy.patch_fp8(
-                backend=config.fp8.backend, recipe=config.fp8.recipe, modules=config.fp8.modules
-            )
+            model.patch_fp8(**options)
+        if not f.rollout_only:
+            fp8_handle = policy.patch_fp8(**options)
     if config.model.compile != "none":
         compiled = [old] if config.model.compile == "rollout" else [policy, *(m for m in (old, ref) if m is not None)]
         for model in {id(m.model): m.model for m in compiled if isinstance(m, LTXAVModel)}.values():

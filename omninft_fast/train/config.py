@@ -289,13 +289,15 @@ class FP8Config:
     three share one model); ``modules``: a regular expression over the linear layers' qualified names (default:
     the blocks' attention projections and feed-forward layers, ``fp8.DEFAULT_MODULES``). ``recipe``: ``rowwise`` or
     ``tensorwise`` with ``backend: torch``; ``delayed``, ``current`` or ``block`` with ``backend: te`` (Transformer
-    Engine, CUDA only)."""
+    Engine, CUDA only). ``cache_weights`` (``backend: torch``): keep the weights' FP8 copies between uses (2 bytes per
+    patched parameter); ``false`` quantises them on every use, for models whose memory cannot hold the copies."""
 
     enabled: bool = False
     backend: str = "torch"
     recipe: str = "rowwise"
     rollout_only: bool = False
     modules: str = DEFAULT_MODULES
+    cache_weights: bool = True
 
 
 @dataclass
@@ -437,6 +439,10 @@ class TrainConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
+        if self.fp8.backend == "te" and not self.fp8.cache_weights:
+            raise ConfigError(
+                "fp8.cache_weights=false applies to fp8.backend=torch (Transformer Engine keeps its own FP8 weights)"
+            )
         if self.fp8.enabled and self.fp8.rollout_only and self.finetune.mode == "lora":
             raise ConfigError(
                 "fp8.rollout_only needs finetune.mode=full: with LoRA the trained and the old policy share one model"

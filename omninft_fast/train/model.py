@@ -147,7 +147,9 @@ class AVVelocityModel(nn.Module):
     def patch(self, *, detach: list[float] | None = None, region_layers: list[int] | None = None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no attention surgery handle")
 
-    def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise", modules: str | None = None) -> Any:
+    def patch_fp8(
+        self, *, backend: str = "torch", recipe: str = "rowwise", modules: str | None = None, cache_weights: bool = True
+    ) -> Any:
         """Run the transformer's linear layers in FP8 (``omninft_fast.fp8.patch``); returns its handle."""
         raise NotImplementedError(f"{type(self).__name__} has no FP8 layers")
 
@@ -375,9 +377,12 @@ class LTXAVModel(AVVelocityModel):
             if alpha > 0:
                 block.audio_to_video_attn.register_forward_pre_hook(hook(alpha), with_kwargs=True)
 
-    def patch_fp8(self, *, backend: str = "torch", recipe: str = "rowwise", modules: str | None = None) -> Any:
+    def patch_fp8(
+        self, *, backend: str = "torch", recipe: str = "rowwise", modules: str | None = None, cache_weights: bool = True
+    ) -> Any:
         """``omninft_fast.fp8.patch`` on the layers ``modules`` names (default: the blocks' attention projections
         and feed-forward layers)."""
         from omninft_fast import fp8
 
-        return fp8.patch(self.model, backend=backend, recipe=recipe, modules=modules or fp8.DEFAULT_MODULES)
+        modules = modules or fp8.DEFAULT_MODULES
+        return fp8.patch(self.model, backend=backend, recipe=recipe, modules=modules, cache_weights=cache_weights)
