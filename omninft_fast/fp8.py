@@ -123,9 +123,10 @@ class _WeightCache:
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach()
-        if not self.enabled or torch.compiler.is_compiling():
-            # A compiled graph cannot key a cache on the weight's version: it quantises the weight itself, in a kernel
-            # the compiler generates (as autocast recasts a bf16 weight in every forward).
+        if not self.enabled or torch.compiler.is_compiling() or weight.is_inference():
+            # A compiled graph cannot key a cache on the weight's version (nor can anything key an inference-mode
+            # weight's, which has none): it quantises the weight itself, in a kernel the compiler generates (as
+            # autocast recasts a bf16 weight in every forward).
             return quantize(w.t() if transposed else w, E4M3, rowwise)
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
@@ -282,13 +283,15 @@ def _apply(
 ) -> torch.Tensor:
     """``_FP8Linear`` on ``x`` in the autocast dtype where autocast is on for its device (what ``F.linear`` computes
     in); rowwise on a CPU only where this torch has it. ``inputs``: share the cast and quantised ``x`` with the
-    other layers reading it (eager only: a compiled graph deduplicates the quantisation itself)."""
+    other layers reading it (eager only: a compiled graph deduplicates the quantisation itself; not for
+    inference-mode tensors, which have no version counter)."""
     kind = x.device.type
     compiling = torch.compiler.is_compiling()
     if rowwise and kind == "cpu" and not compiling:
         _require_cpu_rowwise()
     dtype = torch.get_autocast_dtype(kind) if x.is_floating_point() and torch.is_autocast_enabled(kind) else x.dtype
-    if inputs is None or compiling:
+    # An inference-mode tensor has no version counter to key the shared copy on.
+    if inputs is None or compiling or x.is_inference():
         return _FP8Linear.apply(x.to(dtype), weight, bias, rowwise, cache)
     x, xq, sx = inputs.get(x, dtype, rowwise)
     return _FP8Linear.apply(x, weight, bias, rowwise, cache, (xq, sx))

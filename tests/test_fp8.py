@@ -187,6 +187,12 @@ def test_uncached_weights_give_the_same_results_and_keep_no_copies() -> None:
         results.append((out, x.grad, model[0].weight.grad))
         assert bool(model[0]._omninft_fp8_cache.value) == cache_weights
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with torch.inference_mode():  # a model built in inference mode: its weights have no version to key a copy on
+        model = nn.Sequential(nn.Linear(32, 48))
+        fp8.patch(model, recipe="tensorwise", modules=r"^0$")
+        x = torch.randn(2, 32)
+        assert torch.equal(model(x), fp8.fp8_linear(x, model[0].weight, model[0].bias, recipe="tensorwise"))
+        assert not model[0]._omninft_fp8_cache.value
     with pytest.raises(ValueError, match="^cache_weights: False applies to backend 'torch'"):
         fp8.patch(nn.Sequential(nn.Linear(32, 48)), backend="te", recipe="current", cache_weights=False)
 
@@ -273,6 +279,15 @@ def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> N
     assert len(activations) == 4  # x again (changed in place); y again (the entry had moved on to x)
     del x, y, got, separate, want  # (the other products' autograd graphs hold x and y)
     assert cache.entry is None  # the last input's death dropped the entry
+    with torch.inference_mode():  # inference tensors have no version: each layer quantises its own
+        x, y = (_activations(gen, (2, 9, 32)) for _ in range(2))
+        got = model(x, y)
+        assert len(activations) == 8 and cache.entry is None
+        q, k, v, other = (
+            fp8.fp8_linear(i, m.weight, m.bias, recipe="tensorwise")
+            for i, m in ((x, model.to_q), (x, model.to_k), (x, model.to_v), (y, model.other))
+        )
+        assert torch.equal(got, q * k + v + other)
     handle.unpatch()
 
 
