@@ -62,3 +62,21 @@ def test_bfloat16_under_the_interpreter_is_refused() -> None:
     q, k, v = (torch.randn(1, 2, 1, 16, dtype=torch.bfloat16) for _ in range(3))
     with pytest.raises(TypeError, match=r"q: the Triton interpreter \(TRITON_INTERPRET=1\) multiplies bfloat16"):
         of.cross_attention(q, k, v, backend="triton")
+
+
+def test_undefined_rows_are_those_whose_log_sum_exp_is_not_finite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's cheap test (the largest scaled score is not finite) against the definition, over several
+    query tiles, with NaNs, infinities, all-``-inf`` rows and scores that overflow float32."""
+    from omninft_fast.ops import attention
+
+    generator = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 300, 3, 8, generator=generator), torch.randn(2, 7, 3, 8, generator=generator)
+    q[0, 5, 1, 3], q[1, 7, 0, 0], k[1, 2, 2, 1] = math.nan, math.inf, -math.inf
+    q[0, 9, 2, 0], k[0, :, 2, 0] = math.inf, -1.0  # every score of that row is -inf
+    q[1, 250, 0], k[1, 3, 0] = 1e20, 1e20  # a score that overflows float32
+    scale = 0.5
+    scores = torch.einsum("bqhd,bkhd->bqhk", q.double(), k.double()).float() * scale
+    want = ~torch.isfinite(torch.logsumexp(scores, dim=-1))
+    monkeypatch.setattr(attention, "UNDEFINED_ROWS_FLOATS", 2 * 3 * 7 * 64)  # tiles of 128 rows: 3 tiles
+    got = attention._undefined_rows(q, k, scale)
+    assert want.sum() >= 5 and torch.equal(got, want)

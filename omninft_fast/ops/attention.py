@@ -21,6 +21,8 @@ from omninft_fast.profiling import nvtx_range
 
 # Queries per tile when the reference sums attention mass: extra memory is B * H * tile * Nk floats.
 KEY_MASS_QUERY_TILE = 128
+# Scores the reference's check for undefined rows holds at once (64 MiB of float32).
+UNDEFINED_ROWS_FLOATS = 2**24
 
 
 def cross_attention(
@@ -126,14 +128,18 @@ def cross_attention_reference(
 
 @torch.no_grad()
 def _undefined_rows(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """``(B, Nq, H)`` bool: query rows whose scores' log-sum-exp is not finite (a NaN, an infinity or all
-    ``-inf``), in query tiles of ``KEY_MASS_QUERY_TILE``."""
+    """``(B, Nq, H)`` bool: query rows whose scores' log-sum-exp is not finite (a NaN, an infinity or all ``-inf``).
+    That is exactly the rows whose largest score is not finite (with a finite maximum ``m`` and no NaN, the sum of
+    ``exp(s - m)`` lies in ``[1, Nk]``), and the largest scaled score is the scale times the largest score (rounding
+    is monotonic), so one matmul and a max per row decide it; query tiles hold at most ``UNDEFINED_ROWS_FLOATS``
+    scores."""
     acc = compute_dtype(q.dtype)
     kt = k.to(acc).permute(0, 2, 3, 1)  # (B, H, D, Nk)
+    tile = max(KEY_MASS_QUERY_TILE, UNDEFINED_ROWS_FLOATS // (q.shape[0] * q.shape[2] * k.shape[1]))
     rows = []
-    for start in range(0, q.shape[1], KEY_MASS_QUERY_TILE):
-        q_tile = q[:, start : start + KEY_MASS_QUERY_TILE].to(acc).transpose(1, 2)  # (B, H, t, D)
-        rows.append(~torch.isfinite(torch.logsumexp(torch.matmul(q_tile, kt) * softmax_scale, dim=-1)))
+    for start in range(0, q.shape[1], tile):
+        q_tile = q[:, start : start + tile].to(acc).transpose(1, 2)  # (B, H, t, D)
+        rows.append(~torch.isfinite(torch.matmul(q_tile, kt).amax(dim=-1) * softmax_scale))
     return torch.cat(rows, dim=2).transpose(1, 2)
 
 
