@@ -35,6 +35,8 @@ class CrossAttentionFunction:
         key_mass_sink: called with the ``(B, Nk)`` float32 key mass (no gradient) after every call; ``None``
             (the default) skips the key-mass pass entirely.
         softmax_scale: logit scale, default ``1 / sqrt(D)`` as in ltx-core and diffusers.
+        check_values: ``cross_attention``'s per-call value checks (None: its default, on for CPU tensors); a caller
+            that validates what the attention produces once per iteration (the trainer) passes False.
 
     Attributes of the same names may be changed between calls (e.g. a sink only during the last sampling steps).
     """
@@ -45,6 +47,7 @@ class CrossAttentionFunction:
         backend: str | None = None,
         key_mass_sink: Callable[[torch.Tensor], object] | None = None,
         softmax_scale: float | None = None,
+        check_values: bool | None = None,
     ) -> None:
         self.kv_grad_scale = check_scalar("kv_grad_scale", kv_grad_scale, low=0.0, high=1.0)
         if key_mass_sink is not None and not callable(key_mass_sink):
@@ -52,6 +55,7 @@ class CrossAttentionFunction:
         self.backend = backend
         self.key_mass_sink = key_mass_sink
         self.softmax_scale = softmax_scale
+        self.check_values = check_values
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
@@ -86,6 +90,7 @@ class CrossAttentionFunction:
             kv_grad_scale=self.kv_grad_scale,
             return_key_mass=sink is not None,
             backend=self.backend,
+            check_values=self.check_values,
         )
         if sink is None:
             out = result

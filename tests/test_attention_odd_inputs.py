@@ -80,3 +80,21 @@ def test_undefined_rows_are_those_whose_log_sum_exp_is_not_finite(monkeypatch: p
     monkeypatch.setattr(attention, "UNDEFINED_ROWS_FLOATS", 2 * 3 * 7 * 64)  # tiles of 128 rows: 3 tiles
     got = attention._undefined_rows(q, k, scale)
     assert want.sum() >= 5 and torch.equal(got, want)
+
+
+def test_undefined_rows_bound_skips_the_scores_only_when_no_score_can_overflow() -> None:
+    """On a CPU, finite inputs whose bound on every score is far below overflow have no undefined row (``None``:
+    nothing to mask); large finite inputs beyond the bound go through the scores, which decide no row is undefined
+    when none overflows, and the op's output is then SDPA's either way."""
+    from omninft_fast.ops import attention
+
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=generator) for n in (40, 9, 9))
+    assert attention._undefined_rows(q, k, 0.25) is None
+    big_q, big_k = q * 1e18, k * 1e18  # scores near 1e36: finite, but the bound is above SCORE_BOUND
+    undefined = attention._undefined_rows(big_q, big_k, 0.25)
+    assert undefined is not None and undefined.shape == (2, 40, 3) and not undefined.any()
+    for a, b in ((q, k), (big_q, big_k)):
+        out = of.cross_attention(a, b, v, softmax_scale=0.25, backend="reference", check_values=False)
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (a, b, v)), scale=0.25)
+        assert torch.equal(out, want.transpose(1, 2))

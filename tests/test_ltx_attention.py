@@ -51,6 +51,19 @@ def test_casts_q_and_k_to_v_dtype_and_sink_is_optional():
     assert "key_mass_sink=None" in repr(fn)
 
 
+def test_check_values_reaches_the_op():
+    """By default a CPU call checks values (a NaN in ``q`` is named); ``check_values=False`` leaves that to a caller
+    that validates once per iteration (the NaN then reaches the output of its row only)."""
+    heads, dim = 2, 16
+    q, k, v = _flat(1, 5, heads, dim, 0), _flat(1, 4, heads, dim, 1), _flat(1, 4, heads, dim, 2)
+    q[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^q\[0, 2, 0, 3\] is not finite"):
+        CrossAttentionFunction(backend="reference")(q, k, v, heads)
+    out = CrossAttentionFunction(backend="reference", check_values=False)(q, k, v, heads)
+    assert out[0, 2, :dim].isnan().all() and not out[0, 2, dim:].isnan().any()
+    assert not out[0, [0, 1, 3, 4]].isnan().any()
+
+
 def test_errors():
     q = _flat(1, 4, 2, 8, 0)
     fn = CrossAttentionFunction(backend="reference")

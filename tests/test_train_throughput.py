@@ -210,6 +210,19 @@ def test_a_non_finite_gradient_skips_the_step_on_the_device_and_stops_at_the_end
     assert len(reads) == 2
 
 
+def test_the_patched_attention_leaves_value_checks_to_the_iteration(tmp_path: Path) -> None:
+    """The trainer's A2V/V2A attention runs without per-call value checks (on a CPU each would read q, k and v in
+    full, in every block of every forward), nor does the loss: a non-finite activation surfaces at the update's own
+    check of the loss, as ``TrainingDiverged``, not as an op's ``ValueError``."""
+    trainer = micro(tmp_path, "nft.mini_batch=4")
+    handle = trainer.policies.policy_handle
+    assert all(core.check_values is False for core in (*handle._a2v_cores, *handle._v2a_cores))
+    with torch.no_grad():
+        trainer.policies.policy.model.transformer_blocks[0].audio_to_video_attn.to_q.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"^video loss is not finite \(nan\)$"):
+        _update(trainer)
+
+
 def test_iteration_metrics_time_every_phase_and_print_one_line(tmp_path: Path) -> None:
     trainer = micro(tmp_path, "sampling.batch_size=4")
     metrics = trainer.iteration(0)

@@ -209,6 +209,7 @@ class PatchHandle:
         alphas: list[float],
         region_layers: tuple[int, ...],
         backend: str | None,
+        check_values: bool | None = None,
     ) -> None:
         self.model = model
         self.library = library.name
@@ -222,8 +223,8 @@ class PatchHandle:
         self._expand: Callable[[torch.Tensor], torch.Tensor] | None = None
         # One core (and one key-mass sink) per module for the handle's lifetime; ``_refresh`` only changes their
         # attributes, so a compiled model recompiles once per state (detach ratios, armed sinks), not per capture.
-        self._a2v_cores = [CrossAttentionFunction(backend=backend) for _ in a2v]
-        self._v2a_cores = [CrossAttentionFunction(backend=backend) for _ in v2a]
+        self._a2v_cores = [CrossAttentionFunction(backend=backend, check_values=check_values) for _ in a2v]
+        self._v2a_cores = [CrossAttentionFunction(backend=backend, check_values=check_values) for _ in v2a]
         self._sinks = [functools.partial(self._receive, layer) for layer in range(self.num_layers)]
         for modules, cores in ((a2v, self._a2v_cores), (v2a, self._v2a_cores)):
             for module, core in zip(modules, cores, strict=True):
@@ -318,6 +319,7 @@ def patch(
     detach: DetachSpec = EQ9,
     region_layers: Iterable[int] | None = None,
     backend: str | None = None,
+    check_values: bool | None = None,
 ) -> PatchHandle:
     """Make a loaded LTX-2 OmniNFT-ready in place: A2V/V2A core attention runs on ``omninft_fast.cross_attention``.
 
@@ -328,6 +330,8 @@ def patch(
         region_layers: blocks whose V2A key mass enters Eq 10; default blocks ``>= 10``.
         backend: ``cross_attention`` backend (``auto`` | ``triton`` | ``cpp`` | ``reference``); None (the default)
             reads ``$OMNINFT_BACKEND`` on every call, as every other op does.
+        check_values: the attention's per-call value checks (None: ``cross_attention``'s default, on for CPU
+            tensors; False for a caller that validates its results once per iteration, as the trainer does).
 
     Returns:
         ``PatchHandle`` with ``set_detach``, ``capture_region_scores`` and ``unpatch``.
@@ -353,4 +357,5 @@ def patch(
         _resolve_detach(detach, num_layers),
         _resolve_region_layers(region_layers, num_layers),
         backend,
+        check_values,
     )

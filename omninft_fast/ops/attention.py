@@ -21,8 +21,10 @@ from omninft_fast.profiling import nvtx_range
 
 # Queries per tile when the reference sums attention mass: extra memory is B * H * tile * Nk floats.
 KEY_MASS_QUERY_TILE = 128
-# Scores the reference's check for undefined rows holds at once (64 MiB of float32).
+# Scores the reference's check for undefined rows holds at once (64 MiB of float32), and the bound on a score's
+# magnitude below which no score can overflow (float32's largest value is 3.4e38).
 UNDEFINED_ROWS_FLOATS = 2**24
+SCORE_BOUND = 1e37
 
 
 def cross_attention(
@@ -121,18 +123,30 @@ def cross_attention_reference(
         v_s.to(acc).transpose(1, 2),
         scale=softmax_scale,
     )
-    out = torch.where(_undefined_rows(q, k, softmax_scale)[..., None], torch.nan, out.transpose(1, 2)).to(q.dtype)
+    out = out.transpose(1, 2)
+    undefined = _undefined_rows(q, k, softmax_scale)
+    if undefined is not None:
+        out = torch.where(undefined[..., None], torch.nan, out)
+    out = out.to(q.dtype)
     key_mass = attention_key_mass_reference(q, k, softmax_scale) if return_key_mass else None
     return out, key_mass
 
 
 @torch.no_grad()
-def _undefined_rows(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """``(B, Nq, H)`` bool: query rows whose scores' log-sum-exp is not finite (a NaN, an infinity or all ``-inf``).
-    That is exactly the rows whose largest score is not finite (with a finite maximum ``m`` and no NaN, the sum of
-    ``exp(s - m)`` lies in ``[1, Nk]``), and the largest scaled score is the scale times the largest score (rounding
-    is monotonic), so one matmul and a max per row decide it; query tiles hold at most ``UNDEFINED_ROWS_FLOATS``
-    scores."""
+def _undefined_rows(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tensor | None:
+    """``(B, Nq, H)`` bool: query rows whose scores' log-sum-exp is not finite (a NaN, an infinity or all ``-inf``),
+    or ``None`` when no row can be one. That is exactly the rows whose largest score is not finite (with a finite
+    maximum ``m`` and no NaN, the sum of ``exp(s - m)`` lies in ``[1, Nk]``), and the largest scaled score is the
+    scale times the largest score (rounding is monotonic), so one matmul and a max per row decide it, in query tiles
+    of at most ``UNDEFINED_ROWS_FLOATS`` scores. Eagerly on a CPU a bound comes first: every partial sum of a score
+    is at most ``sum_d |q_d| * max |k|`` in magnitude, so when that bound, times the scale, is finite and far below
+    float32's overflow for every row, every score is finite and no row is undefined (reading the bound is a host
+    read, free on a CPU; compiled or on a GPU the rows are always computed)."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        row_bound = q.abs().sum(dim=-1, dtype=torch.float32)  # (B, Nq, H); NaN or inf for a NaN or inf in q
+        key_bound = k.abs().amax(dim=(1, 3)).float()  # (B, H); NaN or inf for a NaN or inf in k
+        if bool((row_bound * key_bound[:, None, :] * max(1.0, softmax_scale) <= SCORE_BOUND).all()):
+            return None
     acc = compute_dtype(q.dtype)
     kt = k.to(acc).permute(0, 2, 3, 1)  # (B, H, D, Nk)
     tile = max(KEY_MASS_QUERY_TILE, UNDEFINED_ROWS_FLOATS // (q.shape[0] * q.shape[2] * k.shape[1]))

@@ -461,6 +461,9 @@ def nft_losses(
             kl_weight=nft.kl_weight,
             v_ref=None if v_ref is None else v_ref.float(),
             kl_space=nft.kl_space,
+            # Validated once per iteration instead: r and token weights (check_loss_inputs); a non-finite velocity
+            # or sample weight reaches the gradient norm's check.
+            check_values=False,
         )
     return losses
 
