@@ -64,7 +64,7 @@ def quantize_comparison(dry_run: bool, copy_bytes_per_s: float | None) -> list[d
     return out
 
 
-def _peak_extra_bytes(fn) -> int:
+def _peak_extra_bytes(fn: Callable[[], object]) -> int:
     """CUDA memory ``fn`` allocates at its peak beyond what was allocated before it (activations kept for backward,
     workspaces)."""
     torch.cuda.synchronize()
@@ -81,7 +81,7 @@ def _weight_copies_bytes(model: torch.nn.Module) -> int:
     return sum(t.nbytes for c in caches if c is not None for pair in c.value.values() for t in pair)
 
 
-def _host_issue_ms(fn, repeats: int = 10) -> float:
+def _host_issue_ms(fn: Callable[[], object], repeats: int = 10) -> float:
     """Median host milliseconds to issue ``fn`` (returning before the GPU finishes); close to its device time, the
     call is bound by the host (Python and launches), not by the GPU."""
     times = []
