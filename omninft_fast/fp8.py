@@ -59,7 +59,7 @@ _MARK = "_omninft_fp8_handle"
 
 def quantize_reference(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize`` in plain PyTorch (any device): the ground truth of the Triton kernel."""
-    top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
+    top = torch.finfo(dtype).max
     amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
     scale = _scale(amax, top)
     return (x.float() / scale).clamp(-top, top).to(dtype).contiguous(), scale
@@ -78,7 +78,7 @@ def quantize_triton(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple
 
     if rowwise:
         return quantize_fp8(x, dtype)
-    top = E4M3_MAX if dtype == E4M3 else E5M2_MAX
+    top = torch.finfo(dtype).max
     return quantize_fp8(x, dtype, _scale(torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32), top))
 
 
@@ -122,17 +122,17 @@ class _WeightCache:
         self.key, self.value = None, {}
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.detach()
+        operand = weight.detach().t() if transposed else weight.detach()
         if not self.enabled or torch.compiler.is_compiling() or weight.is_inference():
             # A compiled graph cannot key a cache on the weight's version (nor can anything key an inference-mode
             # weight's, which has none): it quantises the weight itself, in a kernel the compiler generates (as
             # autocast recasts a bf16 weight in every forward).
-            return quantize(w.t() if transposed else w, E4M3, rowwise)
+            return quantize(operand, E4M3, rowwise)
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
             self.key, self.value = key, {}
         if transposed not in self.value:
-            self.value[transposed] = quantize(w.t() if transposed else w, E4M3, rowwise)
+            self.value[transposed] = quantize(operand, E4M3, rowwise)
         return self.value[transposed]
 
 

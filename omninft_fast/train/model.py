@@ -354,8 +354,8 @@ class LTXAVModel(AVVelocityModel):
         if self._handle is None:
             from omninft_fast import ltx2
 
-            # No per-call value checks: the trainer validates once per iteration (rewards, loss inputs, gradient
-            # norm), which a non-finite attention output reaches.
+            # No per-call value checks: the trainer validates once per iteration (rewards, loss inputs, losses,
+            # gradient norm), which a non-finite attention output reaches.
             self._handle = ltx2.patch(self.model, detach=detach, region_layers=region_layers, check_values=False)
         else:
             self._handle.set_detach(detach)

@@ -462,7 +462,7 @@ def nft_losses(
             v_ref=None if v_ref is None else v_ref.float(),
             kl_space=nft.kl_space,
             # Validated once per iteration instead: r and token weights (check_loss_inputs); a non-finite velocity
-            # or sample weight reaches the gradient norm's check.
+            # or sample weight reaches nft_update's check of the losses and the gradient norm.
             check_values=False,
         )
     return losses
