@@ -104,6 +104,20 @@ def _rollout(model: torch.nn.Module, data: dict, autocast: bool) -> Callable[[],
     return rollout
 
 
+def _relative_error(velocities: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest relative error (Frobenius norm) of the streams' velocities against the reference variant's."""
+    return max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
+
+
+def _timings(step: Callable[[], object], rollout: Callable[[], object], dry_run: bool) -> dict:
+    """fwd+bwd and rollout-forward device ms (1 s windows) and the host's issue time of a rollout forward."""
+    return {
+        "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
+        "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
+        "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
+    }
+
+
 def _freeze_fp8_linears(model: torch.nn.Module) -> None:
     """LoRA's case: the weights of the layers FP8 patches get no gradient (their backward computes input gradients
     only; norms, tables and biases still train, so gradients flow through every layer)."""
@@ -145,7 +159,6 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                 with fp8.ScaledMMCounter() as counter:
                     velocities = rollout()
                 reference = velocities if reference is None else reference
-                error = max(float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True))
                 rows.append(
                     {
                         "batch": batch,
@@ -153,10 +166,8 @@ def fp8_comparison(dry_run: bool, copy_bytes_per_s: float | None = None) -> dict
                         "frozen_linears": frozen,
                         "fp8_layers": layers,
                         "scaled_mm_per_forward": counter.calls,
-                        "velocity_rel_error_vs_bf16": error,
-                        "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
-                        "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
-                        "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
+                        "velocity_rel_error_vs_bf16": _relative_error(velocities, reference),
+                        **_timings(step, rollout, dry_run),
                         "fwd+bwd_peak_extra_MiB": None if dry_run else _peak_extra_bytes(step) / 2**20,
                         "fp8_weight_copies_MiB": _weight_copies_bytes(model) / 2**20,
                     }
@@ -216,12 +227,8 @@ def fp8_compiled(dry_run: bool) -> dict:
             {
                 "variant": name,
                 "first_calls_s": first_calls_s,
-                "velocity_rel_error_vs_bf16": max(
-                    float((v - r).norm() / r.norm()) for v, r in zip(velocities, reference, strict=True)
-                ),
-                "fwd+bwd_ms": device_ms(step, dry_run, rep_ms=1000),
-                "rollout_fwd_ms": device_ms(rollout, dry_run, rep_ms=1000),
-                "rollout_host_issue_ms": None if dry_run else _host_issue_ms(rollout),
+                "velocity_rel_error_vs_bf16": _relative_error(velocities, reference),
+                **_timings(step, rollout, dry_run),
             }
         )
         # Each row to the log as it is measured: a section stopped by its time limit still leaves them.
