@@ -229,6 +229,14 @@ class _QKV(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.to_q(x) * self.to_k(x) + self.to_v(x) + self.other(y)
 
+    def separately(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``forward`` with each layer's FP8 product from ``fp8_linear``, which quantises its input on its own."""
+        q, k, v, other = (
+            fp8.fp8_linear(i, m.weight, m.bias, recipe="tensorwise")
+            for i, m in ((x, self.to_q), (x, self.to_k), (x, self.to_v), (y, self.other))
+        )
+        return q * k + v + other
+
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> None:
@@ -245,12 +253,7 @@ def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> N
         for t in (x, y, *model.parameters()):
             t.grad = None
     handle = fp8.patch(model, recipe="tensorwise", modules=r"^(to_q|to_k|to_v|other)$")
-    q, k, v, other = (
-        fp8.fp8_linear(i, m.weight, m.bias, recipe="tensorwise")
-        for i, m in ((x, model.to_q), (x, model.to_k), (x, model.to_v), (y, model.other))
-    )
-    separate = q * k + v + other
-    del q, k, v, other
+    separate = model.separately(x, y)
     activations: list[torch.Size] = []
     quantize = fp8.quantize
 
@@ -283,11 +286,7 @@ def test_layers_reading_one_input_quantise_it_once(monkeypatch, grad: bool) -> N
         x, y = (_activations(gen, (2, 9, 32)) for _ in range(2))
         got = model(x, y)
         assert len(activations) == 8 and cache.entry is None
-        q, k, v, other = (
-            fp8.fp8_linear(i, m.weight, m.bias, recipe="tensorwise")
-            for i, m in ((x, model.to_q), (x, model.to_k), (x, model.to_v), (y, model.other))
-        )
-        assert torch.equal(got, q * k + v + other)
+        assert torch.equal(got, model.separately(x, y))
     handle.unpatch()
 
 
