@@ -289,7 +289,8 @@ def _apply(
     compiling = torch.compiler.is_compiling()
     if rowwise and kind == "cpu" and not compiling:
         _require_cpu_rowwise()
-    dtype = torch.get_autocast_dtype(kind) if x.is_floating_point() and torch.is_autocast_enabled(kind) else x.dtype
+    autocast = x.is_floating_point() and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
     # An inference-mode tensor has no version counter to key the shared copy on.
     if inputs is None or compiling or x.is_inference():
         return _FP8Linear.apply(x.to(dtype), weight, bias, rowwise, cache)
