@@ -21,6 +21,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_device(device: str | torch.device, name: str) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` unless it is the CPU or an accelerator (with
+    its index in range) this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must name a torch device such as cpu or cuda:0, got {device!r}") from None
+    if parsed.type == "cpu":
+        return parsed
+    present = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if present is None or present.type != parsed.type:
+        has = "only a CPU" if present is None else f"a {present.type} device, not {parsed.type}"
+        raise ValueError(f"{name} {str(device)!r} is not available on this machine (it has {has})")
+    count = torch.accelerator.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"{name} {str(device)!r} is not available on this machine (it has {count} {parsed.type})")
+    return parsed
+
+
 def check_tensor(
     name: str,
     x: object,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from omninft_fast import analysis, evaluation, generate, merge
+from omninft_fast._checks import check_device
 from omninft_fast.dispatch import BackendError
 from omninft_fast.media import MissingDependency
 from omninft_fast.rewards import check as reward_check
@@ -182,14 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str) -> None:
-    """``ValueError`` unless ``--device`` names a torch device."""
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device must name a torch device such as cpu or cuda:0, got {device!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error prints one line to stderr and returns 2 (the traceback only with ``--debug``)."""
     parser = build_parser()
@@ -200,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         if getattr(args, "device", None) is not None:
-            _check_device(args.device)
+            check_device(args.device, "--device")
         return args.func(args)
     except USER_ERRORS as error:
         if getattr(args, "debug", False):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from omninft_fast._checks import check_device
 from omninft_fast.media import refuse_existing, sample_files, write_index, write_sample
 
 if TYPE_CHECKING:
@@ -74,9 +75,7 @@ def load_policy(config: TrainConfig, run: str | Path | None, *, training: bool =
     from omninft_fast.train.checkpoint import load_modules
     from omninft_fast.train.lora import LoraAdapters
 
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device!r} is not available on this machine (no CUDA device)")
+    device = check_device(config.device, "device")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     task = build_task(config)

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from omninft_fast._checks import check_device
 from omninft_fast.cli import main
 
 
@@ -37,3 +39,36 @@ def test_pretrain_never_overwrites_weights(tmp_path: Path, capsys: pytest.Captur
     assert main(["pretrain", "--config", config, "--output", str(existing), "--steps", "1"]) == 2
     assert "exists; choose another --output" in capsys.readouterr().err
     assert existing.read_bytes() == b"weights"
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")
+@pytest.mark.parametrize("device", ["cuda", "mps", "meta"])
+def test_selfcheck_names_an_unavailable_device(capsys: pytest.CaptureFixture[str], device: str) -> None:
+    assert main(["selfcheck", "--device", device]) == 2
+    assert capsys.readouterr().err == (
+        f"selfcheck: --device {device!r} is not available on this machine (it has only a CPU)\n"
+    )
+
+
+def test_generate_names_an_unavailable_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    args = ["generate", "--config", config, "--prompts", str(prompts), "--out", str(tmp_path / "out"), "device=xpu:3"]
+    assert main(args) == 2
+    assert "generate: device 'xpu:3' is not available on this machine" in capsys.readouterr().err
+
+
+def test_check_device_on_a_machine_with_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    assert check_device("cuda", "--device") == torch.device("cuda")
+    assert check_device("cuda:0", "--device") == torch.device("cuda", 0)
+    assert check_device("cpu", "--device") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^--device 'cuda:1' is not available on this machine \(it has 1 cuda\)$"):
+        check_device("cuda:1", "--device")
+    with pytest.raises(ValueError, match=r"^device 'mps' is not available on this machine \(it has a cuda device, not"):
+        check_device("mps", "device")
+    with pytest.raises(ValueError, match="^--device must name a torch device such as cpu or cuda:0, got 'gpu0'$"):
+        check_device("gpu0", "--device")

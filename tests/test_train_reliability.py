@@ -171,10 +171,11 @@ def test_bad_values_are_refused_at_load(
     assert not tmp_path.joinpath("config.yaml").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert train(tmp_path, "device=cuda:0") == 2
-    assert capsys.readouterr().err == "train: device 'cuda:0' is not available on this machine (no CUDA device)\n"
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")
+@pytest.mark.parametrize("device", ["cuda:0", "mps", "meta"])
+def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str) -> None:
+    assert train(tmp_path, f"device={device}") == 2
+    assert capsys.readouterr().err == f"train: device {device!r} is not available on this machine (it has only a CPU)\n"
 
 
 def test_an_interrupt_while_building_is_one_line(

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from omninft_fast._checks import check_device
 from omninft_fast.task.synthetic import all_prompts
 from omninft_fast.train.builders import build_policy, build_task
 from omninft_fast.train.checkpoint import save_weights
@@ -36,7 +37,7 @@ def pretrain(
         raise ValueError(f"steps, batch_size and lr must be positive, got {steps}, {batch_size}, {lr}")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    device = check_device(config.device, "device")
     task = build_task(config)
     model = build_policy(config, task, load=False).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from omninft_fast._checks import check_device
 from omninft_fast.train.builders import STREAMS, Policies, stream_of
 from omninft_fast.train.config import TrainConfig, times_per_sample
 from omninft_fast.train.stages import Rollout, Scores
@@ -128,7 +129,7 @@ def init(config: TrainConfig) -> Dist:
                 f"distributed.backend=none runs one process, but {world} were launched: set distributed.backend to "
                 "fsdp2 or deepspeed"
             )
-        return Dist("none", 0, 1, torch.device(config.device))
+        return Dist("none", 0, 1, check_device(config.device, "device"))
     if backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "distributed.backend=deepspeed needs the deepspeed package: "
@@ -138,10 +139,8 @@ def init(config: TrainConfig) -> Dist:
         if value % world:
             raise ValueError(f"{key} ({value}) must be a multiple of the world size ({world})")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(config.device)
+    device = check_device(config.device, "device")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} is not available on this machine (no CUDA device)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif backend == "deepspeed":

@@ -152,8 +152,6 @@ class Trainer:
 
     def _build(self, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
         self.device = self.dist.device
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} is not available on this machine (no CUDA device)")
         self.out = Path(config.output_dir)
         run_files = (*RUN_FILES, distributed.DCP_CHECKPOINT, distributed.DEEPSPEED_CHECKPOINT)
         held = [name for name in run_files if (self.out / name).exists()]
