@@ -107,17 +107,18 @@ def _text_cache(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     x = config.ltx
+    output = args.output or x.text_cache
     problems = [
         (config.model.kind != "ltx", f"needs model.kind=ltx, got {config.model.kind!r}"),
         (x.gemma_root is None, "needs ltx.gemma_root (the local Gemma directory), e.g. ltx.gemma_root=/models/gemma"),
         (config.prompts is None and config.prompt_file is None, "needs prompts or prompt_file to encode"),
-        (not (args.output or x.text_cache), "needs --output or ltx.text_cache"),
+        (not output, "needs --output or ltx.text_cache"),
+        (output and Path(output).exists(), f"output {output} exists; choose another --output (nothing is overwritten)"),
     ]
     for failed, message in problems:
         if failed:
             print(f"text-cache {message}", file=sys.stderr)
             return 2
-    output = args.output or x.text_cache
     prompts = load_prompts(config)
     encoder = build_prompt_encoder(config)
     written = precompute_text_cache(encoder, prompts, output)
@@ -166,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "text-cache", parents=[common], help="encode the prompts with Gemma once into ltx.text_cache (model.kind=ltx)"
     )
     cache.add_argument("--config", default=None, help="YAML config (model, ltx and prompt sections are used)")
-    cache.add_argument("--output", default=None, help="text cache file (default: ltx.text_cache)")
+    cache.add_argument(
+        "--output", default=None, help="text cache file to write, never overwritten (default: ltx.text_cache)"
+    )
     cache.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. ltx.gemma_root=/models/gemma")
     cache.set_defaults(func=_text_cache)
     evaluate = commands.add_parser(

@@ -1,5 +1,6 @@
 """Sample files: one ``<id>.mp4`` (H.264 video + AAC audio, through PyAV) and ``<id>.wav`` per sample, with the
-``prompts.jsonl`` index that ``omninft-fast eval`` reads; and reading such an mp4 back.
+``prompts.jsonl`` index that ``omninft-fast eval`` reads; reading such an mp4 back; and writing files that never
+replace one already there.
 
 PyAV is optional at import: the first call that needs it raises ``MissingDependency`` (one line) when it is absent.
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import wave
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,25 @@ def refuse_existing(folder: str | Path, names: Sequence[str]) -> None:
     if held:
         more = " ..." if len(held) > 3 else ""
         raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{more}; choose another folder")
+
+
+def write_new(path: str | Path, write: Callable[[Path], object], *, hint: str = "") -> Path:
+    """Create ``path`` by ``write(temporary)`` on a fresh file beside it, linked into place only while ``path`` does
+    not exist: nothing is ever overwritten (``FileExistsError`` naming ``path``, then ``hint``) and a kill leaves no
+    half-written ``path``. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists{hint} (nothing is overwritten)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_sample(

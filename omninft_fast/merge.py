@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from omninft_fast.generate import load_policy, resolve_config
+from omninft_fast.media import write_new
 
 RELEASED_PREFIX = "model.diffusion_model."
 
@@ -58,10 +59,7 @@ def merge_lora(run: str | Path, out: str | Path, config_path: str | None = None,
         metadata["config"] = json.dumps(loaded.task.config)
     else:
         metadata["metadata"] = json.dumps({"merged_from": str(run)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.rename(out)
+    write_new(out, lambda tmp: save_file(state, str(tmp), metadata=metadata), hint="; choose another --out")
     return len(state)
 
 

@@ -58,3 +58,21 @@ def test_missing_pyav_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(media.MissingDependency, match="needs PyAV: pip install av"):
         media.write_mp4(tmp_path / "a.mp4", torch.rand(1, 3, 2, 2), 8.0)
+
+
+def test_write_new_never_replaces_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "weights.bin"
+    assert media.write_new(path, lambda tmp: tmp.write_bytes(b"first")) == path
+    assert path.read_bytes() == b"first"
+    with pytest.raises(FileExistsError, match=r"weights.bin exists; choose another --out \(nothing is overwritten\)$"):
+        media.write_new(path, lambda tmp: tmp.write_bytes(b"second"), hint="; choose another --out")
+    assert path.read_bytes() == b"first"
+
+    def fails(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        media.write_new(tmp_path / "other.bin", fails)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]

@@ -47,6 +47,7 @@ def test_merged_weights_reproduce_the_lora_velocities(tmp_path: Path, capsys: py
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(b, e, rtol=1e-5, atol=1e-6)
     before = out.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors", "run"]
     capsys.readouterr()
     assert main(["merge-lora", "--run", str(run), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
@@ -58,3 +59,13 @@ def test_a_full_run_is_refused_in_one_line(tmp_path: Path, capsys: pytest.Captur
     assert main(["merge-lora", "--run", str(run), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "finetune.mode=full" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_file_beside_the_output_is_never_touched(tmp_path: Path) -> None:
+    """The merged weights are written through a fresh temporary file: a user's ``<out>.tmp`` stays as it was."""
+    run = tmp_path / "run"
+    Trainer(load_config(MICRO, [f"output_dir={run}", "finetune.mode=lora", "finetune.lora_rank=4"])).save(0)
+    out, mine = tmp_path / "merged.safetensors", tmp_path / "merged.safetensors.tmp"
+    mine.write_text("my notes")
+    assert main(["merge-lora", "--run", str(run), "--out", str(out)]) == 0
+    assert mine.read_text() == "my notes" and out.stat().st_size > 0

@@ -104,11 +104,21 @@ def test_text_cache_encodes_the_distinct_prompts(
     assert bool(torch.isfinite(video).all()) and not torch.equal(video[0], video[1])
 
 
-def test_text_cache_writes_ltx_text_cache_without_output(tmp_path: Path, loads: list[dict[str, Any]]) -> None:
+def test_text_cache_writes_ltx_text_cache_without_output(
+    tmp_path: Path, loads: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
     cache = tmp_path / "default.safetensors"
     assert main(["text-cache", "--config", MICRO, *_ltx(tmp_path, f"ltx.text_cache={cache}", "device=cpu")]) == 0
     assert loads[0]["device"] == "cpu"
     assert read_text_cache(cache)[0] == ["a dog barks in a park", "rain falls on a tin roof", "an owl hoots"]
+    before, calls = cache.read_bytes(), len(loads)
+    capsys.readouterr()
+    assert main(["text-cache", "--config", MICRO, *_ltx(tmp_path, f"ltx.text_cache={cache}", "device=cpu")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"text-cache output {cache} exists; choose another --output (nothing is overwritten)\n"
+    )
+    assert cache.read_bytes() == before and len(loads) == calls  # refused before Gemma loads
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omninft_fast.media import write_new
 from omninft_fast.train.model import LTXAVModel
 
 TEXT_CACHE_FORMAT = "omninft-ltx2-text-cache-1"
@@ -203,7 +204,8 @@ def load_transformer(path: str | Path, *, device: torch.device | str, dtype: tor
 
 # ----- text -----
 def write_text_cache(path: str | Path, prompts: list[str], video: torch.Tensor, audio: torch.Tensor) -> Path:
-    """Write precomputed text contexts: ``video (N, L, Dv)`` and ``audio (N, L, Da)`` for ``N`` distinct prompts."""
+    """Write precomputed text contexts: ``video (N, L, Dv)`` and ``audio (N, L, Da)`` for ``N`` distinct prompts, to a
+    new file (``FileExistsError`` if ``path`` exists)."""
     from safetensors.torch import save_file
 
     if len(set(prompts)) != len(prompts):
@@ -211,14 +213,9 @@ def write_text_cache(path: str | Path, prompts: list[str], video: torch.Tensor, 
     for key, value in (("video", video), ("audio", audio)):
         if value.dim() != 3 or value.shape[0] != len(prompts):
             raise ValueError(f"{key} must be (N={len(prompts)}, L, D), got {tuple(value.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": TEXT_CACHE_FORMAT, "prompts": json.dumps(prompts)}
     tensors = {"video": video.detach().cpu().contiguous(), "audio": audio.detach().cpu().contiguous()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_new(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_text_cache(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
