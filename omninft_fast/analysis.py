@@ -298,16 +298,20 @@ OUTPUTS = {
     "conflicts": ["conflicts.csv", "conflicts.json", "conflicts.png"],
     "grad-norms": ["grad_norms.csv", "grad_norms.json", "grad_norms.png"],
     "kv-blocking": ["kv_blocking.csv", "kv_blocking.json", "kv_blocking.png"],
-    "v2a-maps": ["v2a_maps.png", "v2a_maps.json", "v2a_0.mp4"],
+    "v2a-maps": ["v2a_maps.png", "v2a_maps.json"],
 }
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    refuse_existing(out, OUTPUTS[args.name])
-
+    for name, value in (("--samples", args.samples), ("--ranges", args.ranges)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     surgery = ["surgery.enabled=true"] if args.name == "grad-norms" else []
     config = resolve_config(args.config, args.run, [*args.overrides, *surgery])
+    out = Path(args.out)
+    videos = [f"v2a_{k}.mp4" for k in range(min(args.samples, config.group_size))] if args.name == "v2a-maps" else []
+    refuse_existing(out, [*OUTPUTS[args.name], *videos])
+
     loaded = load_policy(config, args.run, training=args.name == "grad-norms")
     prompts = _prompts(loaded, args.prompts)
     out.mkdir(parents=True, exist_ok=True)

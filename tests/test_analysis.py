@@ -91,3 +91,24 @@ def test_block_ranges_and_latent_grid() -> None:
     assert block_ranges(2, 4) == [(0, 1), (1, 2)]
     config = load_config(MICRO, [])
     assert latent_grid(build_policy(config, build_task(config)).video_positions) == (8, 3, 3)
+
+
+def test_v2a_maps_never_overwrites_a_sample_video(
+    tmp_path: Path, prompts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every ``v2a_<k>.mp4`` it would write is refused up front, before any sampling."""
+    out = tmp_path / "maps"
+    out.mkdir()
+    (out / "v2a_1.mp4").write_text("mine")
+    assert _analyze("v2a-maps", out, prompts, "--samples", "3") == 2
+    assert capsys.readouterr().err == f"analyze: {out} already holds v2a_1.mp4; choose another folder\n"
+    assert sorted(p.name for p in out.iterdir()) == ["v2a_1.mp4"] and (out / "v2a_1.mp4").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--samples", "v2a-maps"), ("--ranges", "kv-blocking")])
+def test_counts_below_one_are_one_line(
+    tmp_path: Path, prompts: Path, capsys: pytest.CaptureFixture[str], flag: str, name: str
+) -> None:
+    assert _analyze(name, tmp_path / "out", prompts, flag, "0") == 2
+    assert capsys.readouterr().err == f"analyze: {flag} must be >= 1, got 0\n"
+    assert not (tmp_path / "out").exists()
