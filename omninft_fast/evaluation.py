@@ -17,7 +17,7 @@ samples of one score of one reward plugin; metrics whose reward has no ``--check
 better) is minus the mean ``neg_desync`` reward of ``synchformer``, with the training defaults (every clip padded or
 cut to 8 s, the windows 0-4.8 s and 3.2-8 s, as the trainer's ``synchformer`` reward). Every reward runs with
 its plugin's defaults unless ``--options`` changes them. Writes ``results.md`` and ``results.json`` to ``--out``
-and prints the markdown table::
+(refused up front where either exists: nothing is overwritten) and prints the markdown table::
 
     python -m omninft_fast.evaluation samples/ --checkpoint clap=ckpt/clap --checkpoint clip_score=ckpt/clip
 """
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omninft_fast.media import read_mp4
+from omninft_fast.media import read_mp4, refuse_existing
 from omninft_fast.media import write_wav as write_wav  # part of this module's interface
 from omninft_fast.rewards import (  # the adapters register themselves on import
     RewardBatch,
@@ -185,7 +185,12 @@ def load_samples(folder: str | Path, fps: float | None = None) -> list[Sample]:
         if sample_id in seen:
             raise ValueError(f"{listing}:{number}: id {sample_id!r} repeats line {seen[sample_id]}")
         seen[sample_id] = number
-        video, video_fps = read_video(folder, sample_id, entry.get("fps", fps))
+        own_fps = entry.get("fps")
+        if own_fps is not None and not (
+            isinstance(own_fps, int | float) and not isinstance(own_fps, bool) and 0 < own_fps < math.inf
+        ):
+            raise ValueError(f"{listing}:{number}: fps must be a positive number, got {own_fps!r}")
+        video, video_fps = read_video(folder, sample_id, fps if own_fps is None else own_fps)
         audio, rate = read_wav(folder / f"{sample_id}.wav")
         samples.append(
             Sample(
@@ -306,6 +311,27 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+# Arguments ``evaluate`` passes to every reward itself: ``--options`` cannot set them.
+RESERVED_OPTIONS = ("checkpoint_dir", "device", "dtype", "micro_batch")
+RESULT_FILES = ("results.md", "results.json")
+
+
+def _options(name: str, text: str) -> dict[str, Any]:
+    """The JSON object of ``--options NAME=JSON``; one line naming ``NAME`` for anything else."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--options {name}=...: not JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"--options {name}=... must be a JSON object, got {text!r}")
+    reserved = sorted(set(value) & set(RESERVED_OPTIONS))
+    if reserved:
+        raise SystemExit(
+            f"--options {name}=... cannot set {reserved} (--checkpoint, --device, --dtype and --batch-size do)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``omninft-fast eval``."""
     parser = argparse.ArgumentParser(
@@ -324,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--options", action="append", default=[], metavar="REWARD=JSON", help="plugin options as a JSON object"
     )
-    parser.add_argument("--out", default=None, help="where results.md and results.json go (default: FOLDER)")
+    parser.add_argument(
+        "--out", default=None, help="where results.md and results.json go, never overwritten (default: FOLDER)"
+    )
     parser.add_argument("--fps", type=float, default=None, help="fps of .npy and PNG-folder videos without one")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -335,14 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation for parsed ``build_parser`` arguments; returns the process exit status."""
     checkpoints = _pairs(args.checkpoint, "--checkpoint")
-    options = {name: json.loads(text) for name, text in _pairs(args.options, "--options").items()}
+    options = {name: _options(name, text) for name, text in _pairs(args.options, "--options").items()}
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.fps is not None and not 0 < args.fps < math.inf:
+        raise SystemExit(f"--fps must be a positive number, got {args.fps}")
+    out = Path(args.out or args.folder)
+    refuse_existing(out, RESULT_FILES)
     samples = load_samples(args.folder, args.fps)
     result = evaluate(
         samples, checkpoints, options=options, device=args.device, dtype=args.dtype, batch_size=args.batch_size
     )
-    out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(result)
     (out / "results.md").write_text(markdown, encoding="utf-8")

@@ -94,3 +94,42 @@ def test_non_finite_scores_never_reach_the_table_or_json_as_numbers(
     result = json.loads((folder / "results.json").read_text())
     assert result["metrics"]["CLAP"]["value"] is None
     assert result["per_sample"] == {"a": {"clap.clap": 0.5}, "b": {"clap.clap": None}}
+
+
+def test_results_are_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_folder(tmp_path / "s", [A, B])
+    assert main(["eval", str(folder)]) == 0
+    first = (folder / "results.json").read_text()
+    capsys.readouterr()
+    assert f"{folder} already holds results.md, results.json; choose another folder" in eval_error(folder, capsys)
+    assert (folder / "results.json").read_text() == first
+    other = tmp_path / "second"
+    assert main(["eval", str(folder), "--out", str(other)]) == 0
+    assert json.loads((other / "results.json").read_text()) == json.loads(first)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("clap=5", "--options clap=... must be a JSON object, got '5'"),
+        ("clap={", "--options clap=...: not JSON (Expecting property name enclosed in double quotes)"),
+        ('clap={"device": "cpu"}', "--options clap=... cannot set ['device'] (--checkpoint, --device, --dtype and"),
+    ],
+)
+def test_bad_options_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: str, message: str
+) -> None:
+    folder = make_folder(tmp_path / "s", [A, B])
+    assert message in eval_error(folder, capsys, "--options", options)
+
+
+def test_a_null_fps_falls_back_to_the_flag_and_a_bad_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_folder(tmp_path / "s", ['{"id": "a", "prompt": "rain", "fps": null}', B])
+    assert main(["eval", str(folder), "--fps", "4", "--out", str(tmp_path / "r")]) == 0
+    listing = folder / "prompts.jsonl"
+    for bad in ("[8]", "0", "true", '"8"'):
+        listing.write_text(f'{{"id": "a", "prompt": "rain", "fps": {bad}}}\n{B}\n')
+        assert f"{listing}:1: fps must be a positive number, got " in eval_error(folder, capsys, "--fps", "4")
+    assert "--fps must be a positive number, got -1.0" in eval_error(folder, capsys, "--fps", "-1")
