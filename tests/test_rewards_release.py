@@ -277,6 +277,9 @@ def test_rewards_check_command(
     absent = ["config.json", "preprocessor_config.json", "tokenizer_config.json"]
     expected = "; ".join([*(str(base / n) for n in absent), f"{base / 'tokenizer.json'} or {base / 'vocab.json'}"])
     assert f"| UNUSABLE | {expected} | CheckpointError: " in rows["| hpsv3"]
+    for seconds in ("0", "-1", "nan", "inf"):
+        assert main(["rewards", "check", str(folder), "--seconds", seconds]) == 2
+        assert capsys.readouterr().err == f"rewards check: --seconds must be in (0, 60], got {float(seconds)}\n"
     absent = tmp_path / "absent"
     assert main(["rewards", "check", str(absent)]) == 2
     assert capsys.readouterr().err == f"rewards check: {absent} is neither a directory nor a config file\n"

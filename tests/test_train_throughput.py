@@ -284,6 +284,51 @@ def test_flash_attn_backend_lays_out_heads_like_sdpa_and_leaves_the_cross_modal_
     assert model.transformer_blocks[0].audio_to_video_attn.attention_function is cross
 
 
+@pytest.mark.parametrize("returns_lse", [False, True], ids=["out", "out-and-lse"])
+def test_flash_attention_3_calls_its_package_even_beside_xformers(
+    monkeypatch: pytest.MonkeyPatch, returns_lse: bool
+) -> None:
+    """ltx-core leaves its own FlashAttention-3 callable disabled where xformers is installed; the backend calls
+    ``flash_attn_interface`` itself (older builds return the log-sum-exp too)."""
+    from ltx_core.model.transformer import attention as ltx_attention
+
+    def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | tuple:
+        out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)))
+        out = out.transpose(1, 2).to(v.dtype)
+        return (out, torch.zeros(())) if returns_lse else out
+
+    stand_in = types.ModuleType("flash_attn_interface")
+    stand_in.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", stand_in)
+    monkeypatch.setattr(ltx_attention, "flash_attn_interface", None)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn((2, 7, 12), generator=gen).bfloat16() for _ in range(3))
+    got = attention_backends.attention_function("flash_attention_3")(q, k, v, 3)
+    torch.testing.assert_close(got, ltx_attention.AttentionFunction.PYTORCH(q, k, v, 3), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("capability", "runs"),
+    [
+        ((7, 5), ["xformers"]),
+        ((8, 0), ["flash_attn", "xformers"]),
+        ((9, 0), ["flash_attention_3", "flash_attn", "xformers"]),
+    ],
+)
+def test_flash_backends_need_their_gpu_generation(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], runs: list[str]
+) -> None:
+    monkeypatch.setattr(attention_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    usable = [n for n in ("flash_attention_3", "flash_attn", "xformers") if not attention_backends.unavailable(n, cuda)]
+    assert usable == runs
+    assert attention_backends.resolve("auto", cuda) == usable[0]
+    if "flash_attn" not in usable:
+        with pytest.raises(ValueError, match="flash_attn cannot run here: flash-attn needs an sm_80 or newer GPU"):
+            attention_backends.resolve("flash_attn", cuda)
+
+
 def test_compiled_transformer_trains_like_eager(tmp_path: Path) -> None:
     """Dynamo and AOT autograd trace the forward and backward graphs (``aot_eager``: the graphs inductor would
     compile, without its code generation, which takes minutes on a CPU)."""

@@ -30,8 +30,12 @@ def unavailable(name: str, device: torch.device) -> str | None:
         return f"the {_MODULES[name]} package is not installed"
     if device.type != "cuda":
         return f"it needs a CUDA device (the model is on {device.type})"
-    if name == "flash_attention_3" and torch.cuda.get_device_capability(device) < (9, 0):
-        return "FlashAttention-3 needs an sm_90 GPU"
+    needs = {
+        "flash_attention_3": ((9, 0), "FlashAttention-3 needs an sm_90 GPU"),
+        "flash_attn": ((8, 0), "flash-attn needs an sm_80 or newer GPU"),
+    }.get(name)
+    if needs and torch.cuda.get_device_capability(device) < needs[0]:
+        return needs[1]
     return None
 
 
@@ -60,13 +64,13 @@ class _WithoutMask:
 
         if mask is not None or v.dtype not in (torch.float16, torch.bfloat16):
             return AttentionFunction.PYTORCH(q, k, v, heads, mask)
-        if self.name == "flash_attention_3":
-            return AttentionFunction.FLASH_ATTENTION_3(q, k, v, heads, None)
-        from flash_attn import flash_attn_func
-
+        # The package itself, not ltx-core's FLASH_ATTENTION_3 (which ltx-core disables where xformers is installed).
+        flash_attn_func = importlib.import_module(_MODULES[self.name]).flash_attn_func
         b, _, width = q.shape
         q, k, v = (x.to(v.dtype).view(b, -1, heads, width // heads) for x in (q, k, v))
-        return flash_attn_func(q, k, v).reshape(b, -1, width)
+        out = flash_attn_func(q, k, v)
+        # Older FlashAttention-3 builds return (out, log-sum-exp).
+        return (out[0] if isinstance(out, tuple) else out).reshape(b, -1, width)
 
 
 def attention_function(name: str) -> Any:

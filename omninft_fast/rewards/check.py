@@ -34,6 +34,9 @@ class CheckResult:
     missing: list[str] = field(default_factory=list)
 
 
+MAX_SECONDS = 60.0  # the synthetic clip's longest length (a minute of 128 x 192 frames at 24 fps: 425 MB of float32)
+
+
 def synthetic_clip(
     seconds: float = 2.0, fps: float = 24.0, size: tuple[int, int] = (128, 192), sample_rate: int = 16_000
 ) -> RewardBatch:
@@ -136,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     """The ``rewards check`` command: 0 if every reward is usable, 1 if one is not, 2 on a usage error."""
     from omninft_fast.train.config import ConfigError
 
+    if not 0 < args.seconds <= MAX_SECONDS:
+        print(f"rewards check: --seconds must be in (0, {MAX_SECONDS:g}], got {args.seconds}", file=sys.stderr)
+        return 2
     try:
         entries = entries_from(Path(args.target).expanduser())
     except (ConfigError, ValueError, FileNotFoundError) as error:
@@ -155,5 +161,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     check = commands.add_parser("check", help="load every configured reward and score a synthetic clip")
     check.add_argument("target", help="trainer config (YAML) or a folder with one sub-folder per reward")
     check.add_argument("--device", default=None, help="run every reward here (default: each entry's device)")
-    check.add_argument("--seconds", type=float, default=2.0, help="length of the synthetic clip")
+    check.add_argument(
+        "--seconds", type=float, default=2.0, help=f"length of the synthetic clip (at most {MAX_SECONDS:g})"
+    )
     check.set_defaults(func=run)
