@@ -86,10 +86,10 @@ def _nft_loss_fwd_kernel(
         coef *= tl.load(token_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     grad_coef = (2.0 * beta * coef)[:, None]
     if X0_NORM:
-        # g = 2 beta coef w: two live per-row values instead of three (no spills on sm_90a); the policy sum then
-        # carries the factor 2 beta, divided out after the loop.
-        g_pos = grad_coef * w_pos
-        g_neg = grad_coef * w_neg
+        # coef w: two live per-row values instead of three (no spills on sm_90a); 2 beta stays a scalar, so a tiny
+        # beta never takes the loss below float32's range.
+        c_pos = coef[:, None] * w_pos
+        c_neg = coef[:, None] * w_neg
     policy = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     kl = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     row_start = rows.to(tl.int64)[:, None] * channels
@@ -99,8 +99,8 @@ def _nft_loss_fwd_kernel(
         offsets = row_start + cols[None, :]
         theta, pos, neg = _velocity_errors(theta_ptr, old_ptr, target_ptr, offsets, mask, beta)
         if X0_NORM:
-            policy += tl.sum(g_pos * pos * pos + g_neg * neg * neg, axis=1)
-            grad = g_pos * pos - g_neg * neg
+            policy += tl.sum(c_pos * pos * pos + c_neg * neg * neg, axis=1)
+            grad = (2.0 * beta) * (c_pos * pos - c_neg * neg)
         else:
             policy += tl.sum(w_pos * pos * pos + w_neg * neg * neg, axis=1)
             grad = grad_coef * (w_pos * pos - w_neg * neg)
@@ -112,7 +112,7 @@ def _nft_loss_fwd_kernel(
             else:
                 grad += (2.0 * kl_coef) * diff
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    partial = tl.sum(policy, axis=0) / (2.0 * beta) if X0_NORM else tl.sum(coef * policy, axis=0)
+    partial = tl.sum(policy, axis=0) if X0_NORM else tl.sum(coef * policy, axis=0)
     if HAS_REF:
         if KL_X0:
             partial += tl.sum(kl_row_coef * kl, axis=0)

@@ -8,6 +8,7 @@ Two kinds of checks: free ones (types, shapes, dtypes, devices, Python scalars) 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -120,7 +121,7 @@ def check_scalar(
     low_inclusive: bool = True,
 ) -> float:
     """Check that ``value`` is a finite real number in the given bounds and return it as ``float``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not -math.inf < value < math.inf:

@@ -291,6 +291,9 @@ def _apply(
         _require_cpu_rowwise()
     autocast = x.is_floating_point() and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
     dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
+    if x.numel() == 0:
+        # No token: no scale to take (the amax of nothing); the empty product is the same in any precision.
+        return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     # An inference-mode tensor has no version counter to key the shared copy on.
     if inputs is None or compiling or x.is_inference():
         return _FP8Linear.apply(x.to(dtype), weight, bias, rowwise, cache)

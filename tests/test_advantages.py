@@ -130,3 +130,16 @@ def test_routing_bad_input() -> None:
         route_advantages(torch.zeros(2), torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="mode must be one of"):
         route_advantages(torch.zeros(2), torch.zeros(2), torch.zeros(2), mode="sum")
+    for mode in ("modality", "shared", "gdpo"):  # eps is checked whichever mode reads it
+        with pytest.raises(ValueError, match="eps must be >= 0.0, got -1.0"):
+            route_advantages(torch.zeros(2), torch.zeros(2), torch.zeros(2), mode=mode, eps=-1)
+
+
+def test_numpy_scalars_are_real_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    rewards = torch.tensor([[1.0, 2.0, 4.0]])
+    want = group_advantages(rewards, eps=1e-4)
+    assert torch.equal(group_advantages(rewards, eps=np.float32(1e-4)), want)
+    assert torch.equal(optimality_probability(want, clip=np.int64(1)), optimality_probability(want, clip=1.0))
+    with pytest.raises(TypeError, match="eps must be a real number, got bool$"):
+        group_advantages(rewards, eps=np.bool_(True))

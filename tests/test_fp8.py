@@ -59,6 +59,20 @@ def test_linear_and_gradients_within_fp8_bounds(
     assert 1e-4 < error < 0.08
 
 
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_an_input_without_tokens_is_linear_of_nothing(recipe: str, gen: torch.Generator) -> None:
+    """Zero tokens: an empty output and zero weight and bias gradients, as ``F.linear`` gives (no scale exists)."""
+    if recipe == "rowwise" and fp8.cpu_rowwise_error():
+        pytest.skip(fp8.cpu_rowwise_error())
+    x = torch.randn(2, 0, 32, generator=gen, requires_grad=True)
+    weight = torch.randn(48, 32, generator=gen, requires_grad=True)
+    bias = torch.randn(48, generator=gen, requires_grad=True)
+    out = fp8.fp8_linear(x, weight, bias, recipe=recipe)
+    out.backward(torch.ones_like(out))
+    assert out.shape == (2, 0, 48) and x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
 def test_tensorwise_backward_reuses_the_forward_and_gradient_quantisations(gen: torch.Generator) -> None:
     """Tensorwise, one scale serves both orientations, so the weight gradient's ``X^T`` and ``G^T`` are the byte
     transposes of the FP8 copies the forward and the input gradient made: gradients equal, bit for bit, the GEMMs

@@ -197,6 +197,22 @@ def test_x0_norm_floor(backend: str) -> None:
     _assert_close(torch.float32, loss, grad, *_oracle(0.5, **kw))
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("beta", [1e-20, 1e-40])
+def test_x0_norm_with_a_tiny_beta(backend: str, beta: float) -> None:
+    """The x0-space loss does not depend on beta's size: no factor of beta leaves float32's range on the way to it
+    (its gradient, proportional to beta, is subnormal at beta = 1e-40: exact to float32's smallest spacing)."""
+    kw = _inputs((2, 13, 40), torch.float32, "between", seed=13, token_weight=True, x0_norm_t=True)
+    loss, grad = _run(backend, beta, **kw)
+    ref_loss, ref_grad = _oracle(beta, **kw)
+    loss_rtol, grad_tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_rtol, atol=0.0)
+    spacing = 2 * torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+    atol = grad_tol * float(ref_grad.abs().max()) + spacing
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0.0, atol=atol)
+    assert loss > 0.1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("x0", [False, True])

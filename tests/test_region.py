@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omninft_fast import RegionScoreAccumulator, region_weights
+from omninft_fast import RegionScoreAccumulator, frame_region_weights, region_weights
 from omninft_fast.testing import explicit_region_weights
 
 
@@ -69,3 +69,19 @@ def test_accumulator_wants_and_errors() -> None:
     acc.add(10, 9, torch.ones(2, 5))
     with pytest.raises(ValueError, match="key_mass has shape"):
         acc.add(11, 9, torch.ones(2, 4))
+
+
+def test_region_weights_of_scores_spanning_float32() -> None:
+    """A span larger than float32's range still maps the smallest score to 1 and the largest to 1 + lam."""
+    w = region_weights(torch.tensor([[-3e38, 0.0, 3e38]]), lam=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.75, 2.5]]))
+
+
+@pytest.mark.parametrize("value", [0.1, 0.0205, 1e-30, 7.0])
+@pytest.mark.parametrize("tokens", [7, 880])
+def test_a_flat_frame_gets_the_middle_weight(value: float, tokens: int) -> None:
+    """All-equal scores in a frame are z = 0 exactly (their rounded float32 std need not be 0)."""
+    scores = torch.cat([torch.full((1, tokens), value), torch.linspace(0, 1, tokens)[None]], dim=1)
+    w = frame_region_weights(scores, frames=2, w_max=1.5)
+    assert torch.equal(w[:, :tokens], torch.full((1, tokens), 1.25))
+    assert torch.equal(frame_region_weights(scores[:, :tokens], frames=1), torch.full((1, tokens), 1.25))

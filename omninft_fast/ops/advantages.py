@@ -126,13 +126,13 @@ def route_advantages(
     check_shape("adv_av", adv_av, adv_video.shape, "the shape of adv_video")
     if mode not in ROUTING_MODES:
         raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    eps = check_scalar("eps", eps, low=0.0)
     if value_checks_on(check_values, adv_video.device):
         check_route_advantages_values(adv_video, adv_audio, adv_av)
     if mode == "modality":
         return adv_video + adv_av, adv_audio + adv_av
     total = adv_video + adv_audio + adv_av
     if mode == "gdpo":
-        eps = check_scalar("eps", eps, low=0.0)
         total = _safe_divide(_centered(total, dim=None), total.std(correction=0) + eps)
     return total, total.clone()
 

@@ -55,8 +55,8 @@ def cross_attention(
         v: ``(B, Nk, H, D)`` values.
         softmax_scale: logit scale, default ``1 / sqrt(D)``.
         kv_grad_scale: gradient scale for ``k`` and ``v`` in ``[0, 1]``.
-        return_key_mass: also return the ``(B, Nk)`` float32 key mass.
-        backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default from ``$OMNINFT_BACKEND``.
+        return_key_mass: also return the ``(B, Nk)`` key mass, float32 (float64 for float64 inputs).
+        backend: ``auto`` | ``triton`` | ``reference``; default from ``$OMNINFT_BACKEND``.
         check_values: check the values (True / False); None: ``$OMNINFT_CHECK_VALUES`` (``1`` / ``0``) if set, else
             on for CPU tensors. Always off while ``torch.compile`` traces.
 
@@ -112,7 +112,7 @@ def cross_attention_reference(
     scores hold a NaN or an infinity has no softmax: its output is NaN, as in the Triton kernels (SDPA alone
     would give zeros).
 
-    Returns ``(out (B, Nq, H, D), key_mass (B, Nk) float32 or None)``.
+    Returns ``(out (B, Nq, H, D), key_mass (B, Nk) or None)``, the key mass in the accumulation dtype.
     """
     acc = compute_dtype(q.dtype)
     alpha = 1.0 - kv_grad_scale

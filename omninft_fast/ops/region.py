@@ -98,9 +98,10 @@ def region_weights(scores: torch.Tensor, *, lam: float = 1.5, check_values: bool
     if value_checks_on(check_values, scores.device):
         check_region_weights_values(scores)
     s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    lo = s.amin(dim=1, keepdim=True)
-    span = s.amax(dim=1, keepdim=True) - lo
-    normalised = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    # Halves first: differences of finite scores stay finite (the same quotient otherwise, halving being exact).
+    half, lo = s / 2, s.amin(dim=1, keepdim=True) / 2
+    span = s.amax(dim=1, keepdim=True) / 2 - lo
+    normalised = torch.where(span > 0, (half - lo) / torch.where(span > 0, span, 1.0), 0.0)
     return 1.0 + lam * normalised
 
 
@@ -137,7 +138,9 @@ def frame_region_weights(
     s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     per_frame = s.view(s.shape[0], frames, -1)
     std = per_frame.std(dim=2, keepdim=True, correction=0)
-    z = torch.where(std > 0, (per_frame - per_frame.mean(dim=2, keepdim=True)) / torch.where(std > 0, std, 1.0), 0.0)
+    # Flat exactly where min == max (a rounded std of equal values need not be 0).
+    spread = (per_frame.amax(dim=2, keepdim=True) > per_frame.amin(dim=2, keepdim=True)) & (std > 0)
+    z = torch.where(spread, (per_frame - per_frame.mean(dim=2, keepdim=True)) / torch.where(spread, std, 1.0), 0.0)
     w = 1.0 + (w_max - 1.0) * torch.sigmoid(z * (w_max - 1.0))
     return (1.0 + ramp * (w - 1.0)).view_as(s)
 
