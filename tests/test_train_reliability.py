@@ -74,6 +74,39 @@ def test_resume_applies_new_optimiser_settings_and_records_them(
         Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "model.num_layers=3"]), resume=True)
 
 
+def test_resume_takes_the_new_optimiser_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The saved state's kernel flags (fused / foreach) give way to this run's ``optim.impl``, and it trains."""
+    assert train(tmp_path, "iterations=1", "optim.impl=plain") == 0
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "optim.impl=auto", "iterations=2"]), resume=True)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["fused"], group["foreach"]) == (True, None)
+    trainer.run()
+    assert iterations(tmp_path) == [0, 1]
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", "iterations=3", "optim.impl=foreach") == 0
+    assert "optim.impl: 'auto' -> 'foreach'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("eval.seed=7", "eval.seed (2024 -> 7)"),
+        ("sampling.eval_steps=2", "sampling.eval_steps (3 -> 2)"),
+        ("rewards=[{name: synthetic_colour}]", "rewards.1.name ('synthetic_pitch' -> None)"),
+    ],
+)
+def test_resume_refuses_a_different_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, named: str
+) -> None:
+    assert train(tmp_path, "iterations=1") == 0
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", "iterations=2", override) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: --resume cannot change ") and named in err and "one evaluation set" in err
+    assert iterations(tmp_path) == [0]
+    assert train(tmp_path, "--resume", "iterations=2", "eval.write_samples=1", "sampling.batch_size=2") == 0
+
+
 def test_overrides_after_resume_are_accepted(tmp_path: Path) -> None:
     assert train(tmp_path, "iterations=1") == 0
     assert main(["train", f"output_dir={tmp_path}", "--resume", "--config", MICRO, "iterations=2"]) == 0

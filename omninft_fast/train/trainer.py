@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -102,6 +103,37 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     return changes
 
 
+# What defines the evaluation set that the before/after table compares (prompts, seeds, sampler, reward terms).
+EVALUATION = re.compile(
+    r"(prompts|prompt_file|eval\.(samples_per_prompt|seed)|sampling\.(shift|video_cfg|audio_cfg|stg_scale|stg_blocks)"
+    r"|rewards\.\d+\.(name|outputs|checkpoint_dir|options))(\.|$)"
+)
+
+
+def _evaluation_setup(flat: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a flattened config that define its evaluation, with the sampler's effective step count."""
+    setup = {key: value for key, value in flat.items() if EVALUATION.match(key)}
+    steps = flat.get("sampling.eval_steps")
+    setup["sampling.eval_steps"] = flat.get("sampling.num_steps") if steps is None else steps
+    return setup
+
+
+def check_evaluation_unchanged(saved: dict[str, Any], config: TrainConfig) -> None:
+    """``ValueError`` naming every setting that would make a resumed run's final evaluation differ from the one its
+    "before" column was computed with (the table compares the two)."""
+    old, new = _evaluation_setup(_flat(saved)), _evaluation_setup(_flat(config.to_dict()))
+    changed = [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume cannot change {', '.join(changed)}: the final table compares the policy before and after "
+            "training on one evaluation set; start a new run for that"
+        )
+
+
 @contextlib.contextmanager
 def stop_on_signal(on_second: Callable[[str], None]) -> Iterator[dict[str, str]]:
     """While inside, the first SIGINT or SIGTERM only records its name in the yielded dict (key ``"signal"``) for
@@ -181,6 +213,8 @@ class Trainer:
                 checkpoint_metadata(found[1]) if found[0] == "safetensors" else distributed.folder_metadata(found[1])
             )
         changes = resume_changes(saved["config"], config) if found is not None else {}
+        if found is not None:
+            check_evaluation_unchanged(saved["config"], config)
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
@@ -212,6 +246,8 @@ class Trainer:
         self.start_iteration = 0
         if found is not None:
             kind, path = found
+            # This run's optimiser settings (lr, betas, fused / foreach, ...), which loading the state would replace.
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             if self.engine is not None:
                 meta = self.engine.load(path, self.generator)
             elif kind == "fsdp2":
@@ -221,9 +257,8 @@ class Trainer:
                     path, modules=self.policies.checkpointed(), optimizer=self.optimizer, generator=self.generator
                 )
             self.start_iteration = meta["iteration"] + 1
-            o = config.optim
-            for group in self.optimizer.param_groups:
-                group.update(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+            for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+                group.update(own)
             if changes:
                 lines = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items()]
                 if self.dist.main:
