@@ -186,6 +186,29 @@ def test_fsdp2_continues_a_one_process_checkpoint(runs: dict[str, Path], tmp_pat
     assert [m["iteration"] for m in metrics(out)] == [0, 1, 2]
 
 
+def test_fsdp2_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fused AdamW the FSDP2 engine skips a non-finite step on the device, as one process does: four optimiser
+    steps per iteration here (8 samples, mini-batches of 2), no host check of the norm (the update checks it once)."""
+    from omninft_fast.train import stages
+
+    checked: list[str] = []
+    for module in (stages, distributed):
+        check = module.check_finite
+        monkeypatch.setattr(
+            module, "check_finite", lambda name, value, check=check: checked.append(name) or check(name, value)
+        )
+    overrides = [f"output_dir={tmp_path}", "distributed.backend=fsdp2", "nft.mini_batch=2", "iterations=1"]
+    trainer = Trainer(load_config(MICRO, overrides))
+    try:
+        assert trainer.optimizer.defaults["fused"]
+        steps = []
+        monkeypatch.setattr(trainer.engine, "step", lambda step=trainer.engine.step: steps.append(1) or step())
+        metrics = trainer.iteration(0)
+    finally:
+        trainer.dist.close()
+    assert len(steps) == 4 and checked == [] and metrics["grad_norm/total"] > 0
+
+
 def test_bad_distributed_settings_are_one_line_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from omninft_fast._checks import check_device
 from omninft_fast.train.builders import STREAMS, Policies, stream_of
 from omninft_fast.train.config import TrainConfig, times_per_sample
-from omninft_fast.train.stages import Rollout, Scores
+from omninft_fast.train.stages import Rollout, Scores, step_if_finite
 from omninft_fast.train.validation import check_finite
 
 DCP_CHECKPOINT = "checkpoint.dcp"
@@ -472,9 +472,7 @@ class FSDPEngine(Engine):
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             norms[f"grad_norm/{stream}_params"] = _full(norm).detach()
         total = _full(torch.nn.utils.clip_grad_norm_([q for q in p.parameters if q.grad is not None], self.grad_clip))
-        check_finite("gradient norm", total)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        step_if_finite(self.optimizer, total)
         return {"grad_norm/total": total.detach(), **norms}
 
     def _state(self, generator: torch.Generator) -> dict[str, Any]:

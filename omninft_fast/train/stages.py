@@ -518,17 +518,23 @@ def optimizer_step(policies: Policies, optimizer: torch.optim.Optimizer, grad_cl
     norms = {f"grad_norm/{stream}_params": _grad_norm(policies.streams[stream]) for stream in STREAMS}
     with_grad = [p for p in policies.parameters if p.grad is not None]
     grad_total = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip)
+    step_if_finite(optimizer, grad_total)
+    return {"grad_norm/total": grad_total.detach(), **norms}
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """``optimizer.step()`` and clear the gradients, unless ``grad_norm`` (a device scalar) is not finite: torch's
+    fused AdamW skips the step on the device (no host read); other optimisers check the norm on the host."""
     if _skips_on_device(optimizer):
-        optimizer.found_inf = (~torch.isfinite(grad_total)).float()
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
     else:
-        check_finite("gradient norm", grad_total)
+        check_finite("gradient norm", grad_norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm/total": grad_total.detach(), **norms}
 
 
 def _device_seconds(device: torch.device, start: float) -> float:
