@@ -41,6 +41,16 @@ def test_overrides_reach_nested_fields_and_lists() -> None:
     assert config.task.patch == 2  # the rest of the section is the file's
 
 
+def test_a_mapping_override_replaces_a_plain_mapping_and_merges_into_a_section() -> None:
+    """``rewards.N.outputs`` (a plain mapping) is the override's whole; a section keeps the keys not given."""
+    base = ["rewards=[{name: synthetic_colour, outputs: {colour: 1.0}}]"]
+    assert load_config(CONFIGS / "micro.yaml", [*base, "rewards.0.outputs={}"]).rewards[0].outputs == {}
+    config = load_config(CONFIGS / "micro.yaml", [*base, "rewards.0.outputs={pitch: 2.0}"])
+    assert config.rewards[0].outputs == {"pitch": 2.0}
+    config = load_config(CONFIGS / "micro.yaml", ["nft={beta: 0.5}"])
+    assert config.nft.beta == 0.5 and config.nft.mini_batch == 4  # the file's
+
+
 def test_values_follow_yaml_1_2_and_the_field_type() -> None:
     config = load_config(CONFIGS / "micro.yaml", ["optim.lr=1e-4", "surgery.spec=1:0.5", "nft.kl_weight=1"])
     assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
@@ -87,6 +97,22 @@ def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path
         (["nft.modality_reduction=max"], r"nft.modality_reduction must be one of"),
         (["nft.policy_scale=0"], r"nft.policy_scale must be > 0"),
         (["nft.video_weight=0", "nft.audio_weight=0"], r"nft.video_weight \+ nft.audio_weight must be > 0"),
+        (["nft=[1]"], r"^nft takes a dict like nft=\{name: value\}, got list '\[1\]'$"),
+        (
+            ["sampling.stg_blocks={a: 1}"],
+            r"^sampling.stg_blocks takes a list like sampling.stg_blocks=\[a, b\], got dict",
+        ),
+        (["rewards.0.outputs=[VQ]"], r"^rewards.0.outputs takes a dict like"),
+        (["prompts={a: 1}"], r"^prompts: "),
+        (["rewards.0.weight=abc"], r"^rewards.0.weight: Value 'abc' of type 'str' could not be converted to Float$"),
+        (["rewards.0.bogus=1"], r"^unknown config key 'rewards.0.bogus' "),
+        (["rewards.0.outputs={colour: abc}"], r"^rewards.0.outputs.colour: Value 'abc'"),
+        (["rewards.0.outputs.colour.w=1"], r"^rewards.0.outputs.colour must be a number, got \{'w': 1\}$"),
+        (["finetune.lora_targets.0=[1]"], r"^finetune.lora_targets.0 must be a string, got \[1\]$"),
+        (["rewards.1.device=foo"], r"^rewards.1.device must name a torch device such as cpu or cuda:0, got 'foo'$"),
+        (["ltx.decoder_device=gpu"], r"^ltx.decoder_device must name a torch device"),
+        (["optim.beta1=1.5"], r"^optim.beta1 must be in \[0, 1\), got 1.5$"),
+        (["optim.eps=-1"], r"^optim.eps must be >= 0, got -1.0$"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:

@@ -211,6 +211,13 @@ def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err == f"train: device {device!r} is not available on this machine (it has only a CPU)\n"
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")
+def test_an_unavailable_reward_device_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path, "rewards.1.device=cuda") == 2
+    err = capsys.readouterr().err
+    assert err == "train: rewards.1.device 'cuda' is not available on this machine (it has only a CPU)\n"
+
+
 def test_an_interrupt_while_building_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

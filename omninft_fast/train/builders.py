@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import omninft_fast
+from omninft_fast._checks import check_device
 from omninft_fast.ltx2.attention_backends import set_attention_backend
 from omninft_fast.rewards import RewardModel, build_reward
 from omninft_fast.task.synthetic import SyntheticAVTask, all_prompts
@@ -58,10 +59,12 @@ def build_task(config: TrainConfig) -> AVTask:
 def build_prompt_encoder(config: TrainConfig) -> GemmaPromptEncoder:
     """Gemma from ``ltx.gemma_root`` with the text connectors of ``model.checkpoint``."""
     x = config.ltx
+    device = x.text_encoder_device or config.device
+    check_device(device, "ltx.text_encoder_device")
     return GemmaPromptEncoder.from_files(
         resolve_path(config.model.checkpoint or ""),
         resolve_path(x.gemma_root or ""),
-        device=x.text_encoder_device or config.device,
+        device=device,
         dtype=getattr(torch, x.dtype),
     )
 
@@ -77,7 +80,7 @@ def build_ltx_pipeline(config: TrainConfig) -> AVTask:
         fps=x.fps,
         text_cache=None if x.text_cache is None else resolve_path(x.text_cache),
         prompt_encoder=None if x.gemma_root is None else build_prompt_encoder(config),
-        decoder_device=x.decoder_device or config.device,
+        decoder_device=check_device(x.decoder_device or config.device, "ltx.decoder_device"),
         decoder_dtype=getattr(torch, x.decoder_dtype),
         decode_batch=x.decode_batch,
         decode_tiling=x.decode_tiling,
@@ -154,14 +157,14 @@ def build_rewards(config: TrainConfig) -> list[RewardModel]:
     return [
         build_reward(
             r.name,
-            device=r.device,
+            device=str(check_device(r.device, f"rewards.{i}.device")),
             dtype=r.dtype,
             micro_batch=r.micro_batch,
             weight=r.weight,
             checkpoint_dir=r.checkpoint_dir,
             **r.options,
         )
-        for r in config.rewards
+        for i, r in enumerate(config.rewards)
     ]
 
 

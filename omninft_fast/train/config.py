@@ -407,10 +407,17 @@ class TrainConfig:
         for key, value in _floats(self.to_dict()):
             if not math.isfinite(value):
                 raise ConfigError(f"{key} must be finite, got {value!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device must name a torch device such as cpu or cuda:0, got {self.device!r}") from None
+        devices = [("device", self.device), *((f"rewards.{i}.device", r.device) for i, r in enumerate(self.rewards))]
+        devices += [
+            ("ltx.text_encoder_device", self.ltx.text_encoder_device),
+            ("ltx.decoder_device", self.ltx.decoder_device),
+        ]
+        for key, device in devices:
+            try:
+                if device is not None:
+                    torch.device(device)
+            except RuntimeError:
+                raise ConfigError(f"{key} must name a torch device such as cpu or cuda:0, got {device!r}") from None
         positive = {
             "iterations": self.iterations,
             "prompts_per_iter": self.prompts_per_iter,
@@ -509,6 +516,7 @@ class TrainConfig:
             ("reweight.lam", self.reweight.lam),
             ("reweight.warmup", self.reweight.warmup),
             ("optim.weight_decay", self.optim.weight_decay),
+            ("optim.eps", self.optim.eps),
             ("advantage.eps", self.advantage.eps),
             ("surgery.boundary", self.surgery.boundary),
             ("reweight.boundary", self.reweight.boundary),
@@ -525,6 +533,17 @@ class TrainConfig:
             raise ConfigError("nft.kl_space=x0 needs nft.x0_norm=true (both use the flow time of each sample)")
         if not self.rewards:
             raise ConfigError("rewards must name at least one reward")
+        for i, reward in enumerate(self.rewards):
+            for name, weight in reward.outputs.items():
+                if isinstance(weight, bool) or not isinstance(weight, int | float):
+                    raise ConfigError(f"rewards.{i}.outputs.{name} must be a number, got {weight!r}")
+        for key, items in (("finetune.lora_targets", self.finetune.lora_targets), ("prompts", self.prompts or [])):
+            for j, item in enumerate(items):
+                if not isinstance(item, str):
+                    raise ConfigError(f"{key}.{j} must be a string, got {item!r}")
+        for key, value in (("optim.beta1", self.optim.beta1), ("optim.beta2", self.optim.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
         if self.prompts is not None and self.prompt_file is not None:
             raise ConfigError("give prompts or prompt_file, not both")
         if self.prompts is not None and not self.prompts:
@@ -579,11 +598,16 @@ def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) ->
     except OmegaConfBaseException as error:
         key = str(getattr(error, "full_key", "") or "")
         if where and not key.startswith(where.split(".")[0]):
-            key = f"{where}.{key}" if key else where
+            # Relative to the list element ``where`` reaches into, else to the section it replaced.
+            parts = where.split(".")
+            indices = [i for i, part in enumerate(parts) if part.isdigit()]
+            key = ".".join([*parts[: indices[-1] + 1 if indices else len(parts)], key]) if key else where
         message = str(getattr(error, "msg", None) or error).splitlines()[0]
         if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
             raise ConfigError(f"unknown config key {key!r} ({message})") from None
         raise ConfigError(f"{key}: {message}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'config'}: {str(error).splitlines()[0]}") from None
 
 
 def _check_path(tree: DictConfig, key: str) -> None:
@@ -631,7 +655,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like key=value")
         plain = OmegaConf.create(OmegaConf.to_container(tree))
         _check_path(plain, key)
-        OmegaConf.update(plain, key, _read_yaml(text, f"override {item!r}"), merge=True)
+        # A section (a dataclass) takes the keys given; a plain mapping (reward outputs, options) is replaced whole.
+        node = OmegaConf.select(tree, key, default=None)
+        merge = not (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict)
+        value = _read_yaml(text, f"override {item!r}")
+        for kind, python, example in ((DictConfig, dict, "{name: value}"), (ListConfig, list, "[a, b]")):
+            if isinstance(node, kind) and value is not None and not isinstance(value, python):
+                got = type(value).__name__
+                raise ConfigError(f"{key} takes a {python.__name__} like {key}={example}, got {got} {text.strip()!r}")
+        try:
+            OmegaConf.update(plain, key, value, merge=merge)
+        except (OmegaConfBaseException, TypeError, ValueError) as error:
+            message = str(getattr(error, "msg", None) or error).splitlines()[0]
+            raise ConfigError(f"{key}: {message}") from None
         tree = _typed(schema, plain, key)
     if tree.ladder in LADDER:
         for key, value in ladder_preset(tree.ladder).items():
