@@ -189,6 +189,22 @@ def test_samples_are_named_by_prompt_id_with_an_index(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("prompts", "count", "ids"), [(14, 4, [0, 3, 7, 10]), (7, 7, list(range(7))), (3, 5, [0, 1, 2])]
+)
+def test_the_samples_written_are_count_distinct_prompts(
+    tmp_path: Path, prompts: int, count: int, ids: list[int]
+) -> None:
+    samples = stages.Rollout([f"p{i}" for i in range(prompts)], torch.zeros(prompts, 1), torch.zeros(prompts, 1), None)
+
+    def decode(video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(len(video), 2, 3, 4, 4), torch.rand(len(audio), 80) * 2 - 1
+
+    write_samples(tmp_path, decode, samples, samples_per_prompt=1, count=count, fps=8.0, sample_rate=8000)
+    index = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert [(entry["id"], entry["prompt"]) for entry in index] == [(f"{i:04d}", f"p{i}") for i in ids]
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["nft.beta=inf"], "config error: nft.beta must be finite, got inf"),
@@ -209,6 +225,11 @@ def test_bad_values_are_refused_at_load(
 def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str) -> None:
     assert train(tmp_path, f"device={device}") == 2
     assert capsys.readouterr().err == f"train: device {device!r} is not available on this machine (it has only a CPU)\n"
+
+
+def test_stg_blocks_past_the_model_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path, "sampling.stg_scale=1.0", "sampling.stg_blocks=[1, 2, 5]") == 2
+    assert capsys.readouterr().err == "train: sampling.stg_blocks [2, 5] are past the model's 2 blocks (0..1)\n"
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")

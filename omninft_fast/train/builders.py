@@ -262,6 +262,9 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
         if s.where == "input":
             policy.detach_a2v_input(alphas)
             alphas = None
+    beyond = [block for block in config.sampling.stg_blocks if block >= layers]
+    if beyond:
+        raise ValueError(f"sampling.stg_blocks {beyond} are past the model's {layers} blocks (0..{layers - 1})")
     region_layers = list(range(rw.boundary, layers))
     if rw.enabled and not region_layers:
         raise ValueError(f"reweight.boundary ({rw.boundary}) leaves no layer of {layers} for Eq 10")

@@ -111,7 +111,8 @@ def write_samples(
     + ``<id>.wav`` in ``folder``, named by the prompt's index (never by its text), with the ``prompts.jsonl`` index
     that ``omninft-fast eval`` reads (``media.write_sample_folder``)."""
     prompts = len(samples.texts) // samples_per_prompt
-    chosen = sorted({7 * i % prompts for i in range(min(count, prompts))})
+    n = min(count, prompts)
+    chosen = [i * prompts // n for i in range(n)]  # evenly spaced, distinct
     rows = [prompt * samples_per_prompt for prompt in chosen]
     frames, waveform = decode(samples.video[rows], samples.audio[rows])
     write_sample_folder(
