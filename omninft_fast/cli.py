@@ -65,7 +65,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         before, after = trainer.run()
     except TrainingDiverged as error:
-        print(f"training stopped: {error}; the last good checkpoint is kept in {config.output_dir}", file=sys.stderr)
+        saved = trainer.saved_iteration
+        kept = "no checkpoint was written yet" if saved is None else f"the checkpoint after iteration {saved} is kept"
+        print(f"training stopped: {error}; {kept} in {config.output_dir}", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:
         print(f"train: {error} (output_dir {config.output_dir})", file=sys.stderr)

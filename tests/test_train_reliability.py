@@ -107,6 +107,21 @@ def test_resume_refuses_a_different_evaluation(
     assert train(tmp_path, "--resume", "iterations=2", "eval.write_samples=1", "sampling.batch_size=2") == 0
 
 
+def test_resume_may_change_how_the_model_runs_but_not_turn_a_full_runs_kl_term_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "iterations=1", "nft.kl_weight=0") == 0
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", "iterations=2", "nft.kl_weight=0.1") == 2
+    assert capsys.readouterr().err == (
+        "train: --resume cannot turn the KL term on (nft.kl_weight 0.0 in the checkpoint, 0.1 now): a full fine-tune "
+        "stores its reference weights only with one; start a new run for that\n"
+    )
+    runtime = ["model.attention=pytorch", "model.gradient_checkpointing=true", "model.compile_backend=aot_eager"]
+    assert train(tmp_path, "--resume", "iterations=2", *runtime) == 0
+    assert iterations(tmp_path) == [0, 1]
+
+
 def test_overrides_after_resume_are_accepted(tmp_path: Path) -> None:
     assert train(tmp_path, "iterations=1") == 0
     assert main(["train", f"output_dir={tmp_path}", "--resume", "--config", MICRO, "iterations=2"]) == 0

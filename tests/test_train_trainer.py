@@ -231,3 +231,23 @@ def test_modality_loss_sum_or_weighted_mean() -> None:
     assert float(stages.modality_loss(losses, NFTConfig())) == 7.0
     mean = NFTConfig(video_weight=3.0, audio_weight=1.0, modality_reduction="mean")
     assert float(stages.modality_loss(losses, mean)) == (3 * 2.0 + 5.0) / 4
+
+
+@pytest.mark.parametrize(
+    ("diverges_at", "kept"), [(0, "no checkpoint was written yet"), (1, "the checkpoint after iteration 0 is kept")]
+)
+def test_a_diverged_run_says_which_checkpoint_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], diverges_at: int, kept: str
+) -> None:
+    iteration = Trainer.iteration
+
+    def diverging(self: Trainer, it: int) -> dict[str, float]:
+        if it == diverges_at:
+            raise TrainingDiverged("gradient norm is not finite (nan)")
+        return iteration(self, it)
+
+    monkeypatch.setattr(Trainer, "iteration", diverging)
+    assert main(["train", "--config", MICRO, f"output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"training stopped: gradient norm is not finite (nan); {kept} in {tmp_path}\n"
+    assert (tmp_path / CHECKPOINT).exists() == (diverges_at > 0)

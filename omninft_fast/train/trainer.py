@@ -43,6 +43,8 @@ from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, c
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT)
 FIXED_ON_RESUME = ("model.", "task.", "finetune.")  # the checkpoint's weights and adapters depend on these
+# How the model runs, not what it holds: free to change on resume.
+RUNTIME_MODEL_KEYS = ("model.gradient_checkpointing", "model.attention", "model.compile", "model.compile_backend")
 NOT_COMPARED = ("output_dir",)
 
 
@@ -96,7 +98,7 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     fixed = [
         f"{key} ({a!r} in the checkpoint, {b!r} now)"
         for key, (a, b) in changes.items()
-        if key.startswith(FIXED_ON_RESUME)
+        if key.startswith(FIXED_ON_RESUME) and key not in RUNTIME_MODEL_KEYS
     ]
     if fixed:
         raise ValueError(f"--resume cannot change {', '.join(fixed)}; start a new run for that")
@@ -215,6 +217,12 @@ class Trainer:
         changes = resume_changes(saved["config"], config) if found is not None else {}
         if found is not None:
             check_evaluation_unchanged(saved["config"], config)
+            kl = saved["config"]["nft"]["kl_weight"], config.nft.kl_weight
+            if config.finetune.mode == "full" and kl[0] == 0 < kl[1]:
+                raise ValueError(
+                    f"--resume cannot turn the KL term on (nft.kl_weight {kl[0]!r} in the checkpoint, {kl[1]!r} now): "
+                    "a full fine-tune stores its reference weights only with one; start a new run for that"
+                )
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
