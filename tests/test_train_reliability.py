@@ -242,6 +242,12 @@ def test_an_unavailable_device_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err == f"train: device {device!r} is not available on this machine (it has only a CPU)\n"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_apex_is_asked_for_by_name_and_needs_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path, "optim.impl=apex") == 2
+    assert capsys.readouterr().err == "train: optim.impl=apex needs a CUDA device\n"
+
+
 def test_stg_blocks_past_the_model_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train(tmp_path, "sampling.stg_scale=1.0", "sampling.stg_blocks=[1, 2, 5]") == 2
     assert capsys.readouterr().err == "train: sampling.stg_blocks [2, 5] are past the model's 2 blocks (0..1)\n"
