@@ -11,8 +11,9 @@ per span, reduced by PyTorch, then the cast. Against PyTorch's five passes for t
 
 Rounding: the kernel rounds to the FP8 grid itself (nearest, ties to even, subnormals included) in float32, so the
 final cast is exact; the result equals PyTorch's ``(x.float() / scale).clamp(-max, max).to(fp8)`` value for value,
-on the GPU and under Triton's CPU interpreter (whose own FP8 cast does not round to nearest). Division is
-round-to-nearest (``div_rn``), as in PyTorch.
+on the GPU and under Triton's CPU interpreter (whose own FP8 cast does not round to nearest), non-finite inputs
+included (a NaN makes its row's scale NaN, as PyTorch's ``amax`` does). Division is round-to-nearest (``div_rn``), as
+in PyTorch.
 
 ``quantize_fp8`` is a plain launcher (tensors in, tensors out); ``omninft_fast.fp8`` dispatches to it.
 """
@@ -48,6 +49,18 @@ def _round_to_fp8_grid(y, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexp
     return tl.where(bits < 0, -rounded, rounded)
 
 
+@triton.jit
+def _max_with_nan(a, b):
+    """``max`` that keeps a NaN (a row holding one gets a NaN scale, as PyTorch's ``amax`` gives)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(amax, x):
+    """``amax`` raised to the largest magnitude of each row of the tile ``x``, NaN propagating."""
+    return _max_with_nan(amax, tl.reduce(tl.abs(x), 1, _max_with_nan))
+
+
 # How the cast kernel gets its scales.
 FIND_ROW_SCALES, GIVEN_ROW_SCALES, GIVEN_TENSOR_SCALE = 0, 1, 2
 
@@ -67,7 +80,7 @@ def _fp8_amax_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (c[None, :] < c_end)
         x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        amax = _row_amax(amax, x)
     tl.store(partial_ptr + r * tl.num_programs(1) + span, amax, mask=row_ok)
 
 
@@ -104,8 +117,8 @@ def _fp8_quantize_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (c[None, :] < c_end)
             x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.maximum(amax * inv_max, _TINY)
+            amax = _row_amax(amax, x)
+        scale = _max_with_nan(amax * inv_max, _TINY)
         tl.store(scale_ptr + r, scale, mask=row_ok)
     elif SCALES == 1:  # GIVEN_ROW_SCALES
         scale = tl.load(scale_ptr + r, mask=row_ok, other=1.0)
@@ -115,7 +128,7 @@ def _fp8_quantize_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (c[None, :] < c_end)
         x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
-        y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+        y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
         q = _round_to_fp8_grid(y, MANTISSA_BITS, MIN_EXPONENT)
         tl.store(q_rows + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 

@@ -54,6 +54,27 @@ def test_kernel_equals_pytorch_and_float64(
         assert bool(((dequantised - exact).abs() <= half_step * (1 + 1e-9)).all()), layout
 
 
+@pytest.mark.parametrize("fp8_dtype", list(FORMATS))
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_non_finite_inputs_stay_non_finite(fp8_dtype: torch.dtype, rowwise: bool, gen: torch.Generator) -> None:
+    """A NaN or an infinity makes its row's scale (tensorwise: the scale) what PyTorch's ``amax`` gives, NaN or
+    inf, so the FP8 GEMM's output is not finite there: a diverged activation reaches the trainer's loss check.
+    The rows left finite are value for value PyTorch's. (The values where PyTorch has NaN are compared on a GPU
+    only: the interpreter's own FP8 cast turns NaN into a finite value.)"""
+    base = _values(gen, (37, 70), torch.float32)
+    base[3, 5], base[7, 1], base[9, 2] = float("nan"), float("inf"), -float("inf")
+    want_q, want_scale = fp8.quantize_reference(base, fp8_dtype, rowwise)
+    finite_rows = torch.isfinite(want_scale).reshape(-1).expand(37) if rowwise else torch.zeros(37, dtype=torch.bool)
+    for layout, x in _layouts(base).items():
+        q, scale = fp8.quantize(x, fp8_dtype, rowwise, backend="triton")
+        assert torch.equal(scale.isnan(), want_scale.isnan()), layout
+        assert torch.equal(scale.nan_to_num(0.0), want_scale.nan_to_num(0.0)), layout
+        assert torch.equal(q[finite_rows].float(), want_q[finite_rows].float()), layout
+        if DEVICE == "cuda":
+            assert torch.equal(q.float().isnan(), want_q.float().isnan()), layout
+    assert not bool(torch.isfinite(want_scale).all()) and (not rowwise or bool(finite_rows.sum() == 34))
+
+
 def test_grid_rounding_ties_to_even_and_saturates() -> None:
     """Values on and halfway between e4m3 neighbours, the largest finite value and beyond it, subnormals."""
     from omninft_fast.kernels.fp8_quantize import quantize_fp8
