@@ -339,3 +339,16 @@ def test_clip_pixels_follow_the_clip_image_processor(rewards: dict[str, Any], ch
     # torch's bicubic kernel (a = -0.75) differs from Pillow's (a = -0.5): close on average, not bit-equal
     assert (ours - theirs).abs().mean() < 0.02
     assert (ours - theirs).abs().max() < 0.4
+
+
+def test_a_fused_clap_scores_each_clip_on_its_own(tmp_path: Path) -> None:
+    """The extractor would mark a random clip of each batch as longer (none is, every clip is cut): a clip's score
+    must not depend on the call or its batch-mates."""
+    reward = build_reward("clap", checkpoint_dir=str(tiny.write_clap(tmp_path / "clap", fusion=True)), micro_batch=3)
+    assert reward.model.config.audio_config.enable_fusion
+    batch = fake_batch(1)
+    first = reward(batch)["clap"]
+    for _ in range(3):
+        torch.testing.assert_close(reward(batch)["clap"], first, rtol=0, atol=0)
+    alone = torch.cat([reward(batch.slice(i, i + 1))["clap"] for i in range(3)])
+    torch.testing.assert_close(alone, first, rtol=1e-5, atol=1e-6)

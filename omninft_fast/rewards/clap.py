@@ -7,7 +7,8 @@ tokenizer files), e.g. a downloaded ``laion/clap-htsat-unfused``.
 The reward judges the audio against the audio prompt, so it is an ``audio`` reward: it routes to the audio
 branch only. Audio is resampled to the extractor's rate and cut to its first ``max_length_s`` seconds before
 feature extraction, so a clip always gets the same score (the extractor's random crops never run). Unfused
-checkpoints get one mel view (``rand_trunc`` features), fused ones the four-view ``fusion`` features.
+checkpoints get one mel view (``rand_trunc`` features), fused ones the four-view ``fusion`` features, every clip
+through the fused path (what the extractor gives a batch of one), whatever its batch-mates.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class ClapReward(RewardModel):
             batch.prompts_for("audio"), padding=True, truncation=True, return_tensors="pt"
         ).to(self.device)
         text = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        # The extractor marks one clip of a batch at random as "longer" when none is (every clip is cut to the
+        # maximum length here): one flag for all, as a batch of one always gets, keeps a clip's score its own.
         sound = self.model.get_audio_features(
             input_features=features["input_features"].to(self.device, self.dtype),
-            is_longer=features["is_longer"].to(self.device),
+            is_longer=torch.ones(len(audio), 1, dtype=torch.bool, device=self.device),
         )
         return {"clap": (text.pooler_output.float() * sound.pooler_output.float()).sum(dim=-1)}
