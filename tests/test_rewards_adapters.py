@@ -6,6 +6,7 @@ deterministic, sensitive to the input; missing or mismatched checkpoints fail na
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -352,3 +353,29 @@ def test_a_fused_clap_scores_each_clip_on_its_own(tmp_path: Path) -> None:
         torch.testing.assert_close(reward(batch)["clap"], first, rtol=0, atol=0)
     alone = torch.cat([reward(batch.slice(i, i + 1))["clap"] for i in range(3)])
     torch.testing.assert_close(alone, first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "want"),
+    [
+        ({"height": 40, "width": 36}, {"height": 32, "width": 32}, None),
+        ({"height": 32, "width": 32}, None, None),
+        ({"longest_edge": 32}, None, r"preprocessor_config.json: size must be an int, \{shortest_edge: n\} or"),
+    ],
+)
+def test_clip_sizes_of_every_preprocessor_form(
+    checkpoints: dict[str, Path], tmp_path: Path, size: dict, crop: dict | None, want: str | None
+) -> None:
+    folder = tmp_path / "clip"
+    shutil.copytree(checkpoints["clip_score"], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["size"] = size
+    config.pop("crop_size") if crop is None else config.update(crop_size=crop)
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    if want is not None:
+        with pytest.raises(ValueError, match=want):
+            build_reward("clip_score", checkpoint_dir=str(folder), num_frames=2)
+        return
+    reward = build_reward("clip_score", checkpoint_dir=str(folder), num_frames=2)
+    assert reward.pixels(fake_batch(0).video, 4.0).shape == (3, 2, 3, 32, 32)
+    assert torch.isfinite(reward(fake_batch(0))["clip_score"]).all()

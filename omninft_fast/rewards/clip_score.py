@@ -22,13 +22,16 @@ from omninft_fast.rewards.preprocess import (
 )
 
 
-def _side(value: int | dict, *keys: str) -> int | tuple[int, int]:
-    """A size from a preprocessor config: an int, ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``."""
-    if isinstance(value, int):
+def _side(value: int | dict, where: str) -> int | tuple[int, int]:
+    """A size from a preprocessor config: an int, ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``;
+    ``ValueError`` naming ``where`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if "shortest_edge" in value:
+    if isinstance(value, dict) and "shortest_edge" in value:
         return int(value["shortest_edge"])
-    return tuple(int(value[key]) for key in keys)
+    if isinstance(value, dict) and {"height", "width"} <= value.keys():
+        return int(value["height"]), int(value["width"])
+    raise ValueError(f"{where} must be an int, {{shortest_edge: n}} or {{height: h, width: w}}, got {value!r}")
 
 
 @register_reward("clip_score")
@@ -56,8 +59,10 @@ class ClipScoreReward(RewardModel):
         path = checkpoint_path(self.checkpoint_dir, self.name)
         require_files(path, self.name, ["preprocessor_config.json"])
         config = read_json(path / "preprocessor_config.json")
-        self.resize_to = _side(config.get("size", 224))
-        self.crop_to = _side(config.get("crop_size", self.resize_to), "height", "width")
+        where = path / "preprocessor_config.json"
+        self.resize_to = _side(config.get("size", 224), f"{where}: size")
+        crop = config.get("crop_size")
+        self.crop_to = self.resize_to if crop is None else _side(crop, f"{where}: crop_size")
         self.mean = config.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
         self.std = config.get("image_std", [0.26862954, 0.26130258, 0.27577711])
         self.model = hf_from_pretrained(CLIPModel, path, self.name, self.dtype).to(self.device)
