@@ -31,6 +31,7 @@ from omninft_fast.rewards import (
     clip_score,
     hpsv3,
     imagebind,
+    preprocess,
     qwen2vl,
     videoalign,
 )
@@ -379,3 +380,35 @@ def test_clip_sizes_of_every_preprocessor_form(
     reward = build_reward("clip_score", checkpoint_dir=str(folder), num_frames=2)
     assert reward.pixels(fake_batch(0).video, 4.0).shape == (3, 2, 3, 32, 32)
     assert torch.isfinite(reward(fake_batch(0))["clip_score"]).all()
+
+
+def test_imagebind_clips_are_cut_as_the_release_cuts_them(rewards: dict[str, Any]) -> None:
+    """Video: each 2 s clip's first frame is the first at or after its start (the release decodes frames at
+    ``ceil(fps * start)``), its last the last before its end. Audio shorter than a clip: the fbank of the audio
+    itself, its spectrogram zero-padded (not the waveform: padded silence has log-mel values of its own)."""
+    reward = rewards["imagebind"]
+    frames, fps = 121, 24.0  # LTX-2's clip
+    video = (torch.arange(frames, dtype=torch.float32) / 1000)[None, :, None, None, None].expand(1, -1, 3, 8, 8)
+    seen: list[int] = []
+    pixels = reward._pixels
+
+    def spy(clip_frames: torch.Tensor, crops: int = 1) -> torch.Tensor:
+        seen.extend(round(float(f.mean()) * 1000) for f in clip_frames)
+        return pixels(clip_frames, crops)
+
+    reward._pixels = spy
+    try:
+        reward._video(video, fps)
+    finally:
+        del reward._pixels
+    assert seen == [0, 47, 19, 66, 37, 84, 55, 102, 73, 120]
+    g = torch.Generator().manual_seed(3)
+    audio = torch.rand(2, 16000, generator=g) * 2 - 1  # 1 s at 16 kHz
+    centred = audio - audio.mean(dim=-1, keepdim=True)
+    fbank = preprocess.kaldi_fbank(centred, imagebind.AUDIO_RATE, reward.cfg["mel_bins"]).transpose(1, 2)
+    mel = torch.nn.functional.pad(fbank, (0, reward.cfg["audio_frames"] - fbank.shape[-1]))
+    mel = ((mel - imagebind.AUDIO_MEAN) / imagebind.AUDIO_STD)[:, None]
+    with torch.no_grad():
+        want = reward.model.embed_audio(mel)  # every clip of a 1 s audio is the whole audio
+        torch.testing.assert_close(reward._audio(audio), want, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(reward._audio(audio[:, :100])).all()  # shorter than one fbank window

@@ -72,6 +72,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 AUDIO_RATE = 16_000
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
 CLIP_S = 2.0
+FBANK_WINDOW = 400  # samples of one 25 ms Kaldi fbank window at 16 kHz: the shortest clip with a frame
 SCORES = ("ib_tv", "ib_ta", "ib_av", "avh", "javis")
 UNUSED_MODALITIES = ("depth", "thermal", "imu")
 
@@ -351,7 +352,7 @@ class ImageBindReward(RewardModel):
         frames = video.shape[1]
         index = []
         for start in clip_starts(frames / fps, self.video_clips):
-            first = min(int(start * fps), frames - 1)
+            first = min(math.ceil(start * fps), frames - 1)  # the clip's first frame at or after its start
             last = max(first, min(math.ceil((start + CLIP_S) * fps) - 1, frames - 1))
             index += [first, last]
         clips = video[:, index].flatten(0, 1)  # (B * clips * 2, C, H, W)
@@ -360,12 +361,15 @@ class ImageBindReward(RewardModel):
         return self.model.embed_vision(pixels).unflatten(0, (video.shape[0], -1)).mean(dim=1)
 
     def _audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """``(B, S)`` 16 kHz -> ``(B, out_dim)`` mean of the clip embeddings."""
-        length = round(CLIP_S * AUDIO_RATE)
-        audio = F.pad(audio, (0, max(0, length - audio.shape[-1])))
-        starts = clip_starts(audio.shape[-1] / AUDIO_RATE, self.audio_clips)
-        clips = torch.stack([audio[:, round(s * AUDIO_RATE) : round(s * AUDIO_RATE) + length] for s in starts], 1)
-        mels = audio_features(clips.flatten(0, 1).float(), self.cfg).to(self.dtype)
+        """``(B, S)`` 16 kHz -> ``(B, out_dim)`` mean of the clip embeddings. Clips are cut as the release cuts them,
+        ``audio[int(start * rate) : int(end * rate)]``: audio shorter than a clip is not padded, its spectrogram is
+        (to one fbank window at least)."""
+        mels = []
+        for start in clip_starts(audio.shape[-1] / AUDIO_RATE, self.audio_clips):
+            clip = audio[:, int(start * AUDIO_RATE) : int((start + CLIP_S) * AUDIO_RATE)]
+            clip = F.pad(clip, (0, max(0, FBANK_WINDOW - clip.shape[-1])))
+            mels.append(audio_features(clip.float(), self.cfg))
+        mels = torch.stack(mels, 1).flatten(0, 1).to(self.dtype)  # (B * clips, 1, mel_bins, frames)
         return self.model.embed_audio(mels).unflatten(0, (audio.shape[0], -1)).mean(dim=1)
 
     def _frame_scores(self, video: torch.Tensor, fps: float, audio: torch.Tensor, whole: torch.Tensor) -> dict:
