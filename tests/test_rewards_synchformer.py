@@ -234,3 +234,17 @@ def test_mismatched_weights_name_the_path_and_keys(checkpoint: Path, tmp_path: P
     with pytest.raises(CheckpointError, match=message) as error:
         build_reward("synchformer", checkpoint_dir=str(copy))
     assert str(copy / WEIGHTS) in str(error.value)
+
+
+@pytest.mark.parametrize("use_soft", [False, True], ids=["hard", "soft"])
+def test_a_non_finite_clip_scores_nan(
+    reward: synchformer.SynchformerReward, soft: synchformer.SynchformerReward, use_soft: bool
+) -> None:
+    """A window without finite logits has no offset (argmax would call it class 0, a 2 s offset): the sample's
+    reward is NaN, which the trainer reports or drops; the other samples keep their scores."""
+    plugin = soft if use_soft else reward
+    batch = clip(5, batch=2)
+    clean = plugin(batch)["neg_desync"]
+    batch.audio[0, 100] = float("nan")
+    out = plugin(batch)["neg_desync"]
+    assert bool(out[0].isnan()) and torch.equal(out[1:], clean[1:])

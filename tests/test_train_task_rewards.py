@@ -101,3 +101,14 @@ def test_pretrain_writes_loadable_weights(tmp_path: Path) -> None:
     model = build_policy(config, build_task(config))
     trained = build_policy(config, build_task(config), load=False)
     assert not torch.equal(next(model.parameters()), next(trained.parameters()))
+
+
+def test_synthetic_sync_of_a_non_finite_sample_is_nan(gen: torch.Generator) -> None:
+    prompts = all_prompts()[:3]
+    task = SyntheticAVTask(TaskSpec(label_accuracy=1.0))
+    batch = _batch(task, *task.sample_data(prompts, gen), prompts)
+    reward = build_reward("synthetic_sync")
+    clean = reward(batch)["sync"]
+    batch.audio[1, 7] = float("nan")
+    out = reward(batch)["sync"]
+    assert bool(out[1].isnan()) and torch.equal(out[[0, 2]], clean[[0, 2]])

@@ -498,6 +498,8 @@ class SynchformerReward(RewardModel):
     def score(self, batch: RewardBatch) -> dict[str, torch.Tensor]:
         logits = self.window_logits(batch)
         grid = self.grid.abs()
-        desync = (logits.softmax(dim=-1) @ grid if self.soft else grid[logits.argmax(dim=-1)]).mean(dim=1)
+        desync = logits.softmax(dim=-1) @ grid if self.soft else grid[logits.argmax(dim=-1)]
+        # A window without finite logits has no offset (argmax would name class 0): its sample's score is NaN.
+        desync = torch.where(logits.isfinite().all(dim=-1), desync, torch.nan).mean(dim=1)
         out = {"neg_desync": -desync, "inv_desync": 1.0 / (1.0 + desync)}
         return {key: out[key] for key in self.scores}

@@ -100,5 +100,7 @@ class SyncReward(RewardModel):
         b = brightness - brightness.mean(dim=1, keepdim=True)
         a = loudness - loudness.mean(dim=1, keepdim=True)
         denom = (b.square().sum(dim=1) * a.square().sum(dim=1)).sqrt()
+        # A flat stream has no correlation (0); a non-finite one none either (NaN, which the trainer reports).
         corr = torch.where(denom > 1e-8, (a * b).sum(dim=1) / denom.clamp_min(1e-8), torch.zeros_like(denom))
+        corr = torch.where(denom.isfinite(), corr, torch.nan)
         return {"sync": corr}
