@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,9 @@ SECTIONS: dict[str, int] = {
     "iteration": 150,
     "distributed": 150,
 }
+# The parent's deadline for a section (seconds since the epoch), read by the tests section to stop pytest in time.
+DEADLINE_ENV = "GPU_CHECK_SECTION_DEADLINE"
+INTERRUPT_MARGIN_S = 20.0
 CUDA_TESTS = [
     "tests/test_cuda.py",
     "tests/test_fp8_quantize.py",
@@ -153,9 +157,23 @@ def section_tests(work: Path, dry_run: bool) -> dict:
         files = chosen.read_text().split() if chosen.exists() else CUDA_TESTS
     # -P: the working tree's omninft_fast/ must not shadow the installed package (scripts/gpu_check.sh).
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *files]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    # pytest's output goes to this section's log; near the section's deadline it is interrupted (SIGINT), which
+    # still writes the report of the tests that ran.
+    pytest = subprocess.Popen(command, cwd=REPO, env=env)
+    interrupted = False
+    try:
+        pytest.wait(timeout=max(1.0, float(os.environ.get(DEADLINE_ENV, "inf")) - time.time() - INTERRUPT_MARGIN_S))
+    except subprocess.TimeoutExpired:
+        interrupted = True
+        pytest.send_signal(signal.SIGINT)
+        try:
+            pytest.wait(timeout=INTERRUPT_MARGIN_S / 2)
+        except subprocess.TimeoutExpired:
+            pytest.kill()
+            pytest.wait()
     rows = []
-    for case in ET.parse(report).getroot().iter("testcase"):
+    cases = ET.parse(report).getroot().iter("testcase") if report.exists() else []
+    for case in cases:
         outcome, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
@@ -170,7 +188,8 @@ def section_tests(work: Path, dry_run: bool) -> dict:
             }
         )
     counts = {k: sum(r["outcome"] == k for r in rows) for k in ("passed", "failed", "error", "skipped")}
-    return {"command": " ".join(command[1:]), "exit_code": done.returncode, "counts": counts, "tests": rows}
+    result = {"command": " ".join(command[1:]), "exit_code": pytest.returncode, "counts": counts, "tests": rows}
+    return result | ({"interrupted": "at the section's deadline; the tests listed ran"} if interrupted else {})
 
 
 def section_attention(work: Path, dry_run: bool) -> dict:
@@ -307,6 +326,27 @@ def _render(results: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _run_child(name: str, args: argparse.Namespace, work: Path, env: dict[str, str], limit: float) -> dict:
+    """Section ``name`` in a child process of its own session, stopped with everything it started (pytest, compile
+    workers) after ``limit`` seconds; its result, or why there is none."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--section", name]
+    command += ["--work", str(work)] + (["--dry-run"] if args.dry_run else [])
+    with (work / f"{name}.log").open("w") as log:
+        child = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        try:
+            child.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return {"status": "timeout", "error": f"stopped after {limit:.0f} s"}
+    path = work / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"status": "error", "error": f"child exited {child.returncode} without a result"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md, .json and gpu_check.log")
@@ -338,25 +378,14 @@ def main() -> None:
     for name in names:
         left = deadline - time.time()
         limit = min(SECTIONS[name], left)
-        if limit < 5:
-            results[name] = {"status": "skipped", "error": "the run's time budget was spent"}
-            continue
-        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--section", name]
-        command += ["--work", str(work)] + (["--dry-run"] if args.dry_run else [])
-        log = (work / f"{name}.log").open("w")
         started = time.time()
-        try:
-            done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=REPO)
-            path = work / f"{name}.json"
-            if path.exists():
-                results[name] = json.loads(path.read_text())
-            else:
-                results[name] = {"status": "error", "error": f"child exited {done.returncode} without a result"}
-        except subprocess.TimeoutExpired:
-            results[name] = {"status": "timeout", "error": f"stopped after {limit:.0f} s"}
-        log.close()
+        if limit < 5:
+            results[name] = {"status": "skipped", "error": "the run's time budget was spent", "seconds": 0.0}
+        else:
+            results[name] = _run_child(name, args, work, {**env, DEADLINE_ENV: str(started + limit)}, limit)
         results[name].setdefault("seconds", round(time.time() - started, 1))
-        text = (work / f"{name}.log").read_text()
+        log_path = work / f"{name}.log"
+        text = log_path.read_text() if log_path.exists() else ""
         with (args.out / "gpu_check.log").open("a") as logs:
             logs.write(f"===== {name} =====\n{text}\n")
         if results[name]["status"] != "ok":

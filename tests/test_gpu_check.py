@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,37 @@ def test_shell_entry_and_refusals(tmp_path: Path) -> None:
     bad = [sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "x"), "--sections", "nope"]
     refused = subprocess.run(bad, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--sections: unknown ['nope']" in refused.stderr
+
+
+def _check(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_section_left_without_time_is_reported_as_skipped(tmp_path: Path) -> None:
+    done = _check(tmp_path / "check", "--dry-run", "--sections", "environment,iteration", "--budget-s", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert [(k, v["status"]) for k, v in results.items()] == [("environment", "skipped"), ("iteration", "skipped")]
+    assert (
+        "iteration: skipped" in done.stdout
+        and "## iteration (skipped" in (tmp_path / "check" / "gpu_check.md").read_text()
+    )
+
+
+def test_the_tests_section_stops_pytest_before_its_deadline_and_keeps_what_ran(tmp_path: Path) -> None:
+    """pytest is interrupted 20 s before the section's limit and its report still lists the tests that ran (the
+    section as on a GPU, with a test file of its own)."""
+    tests = tmp_path / "test_slow.py"
+    marker = tmp_path / "slow_started"
+    tests.write_text(
+        "import time\nfrom pathlib import Path\n\n\ndef test_fast():\n    pass\n\n\n"
+        f"def test_slow():\n    Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
+    )
+    started = time.monotonic()
+    done = _check(tmp_path / "check", "--sections", "tests", "--budget-s", "30", "--tests", str(tests), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 60 and marker.exists()
+    result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())["tests"]
+    assert result["status"] == "ok" and "interrupted" in result
+    assert [(row["test"], row["outcome"]) for row in result["tests"]][:1] == [("test_slow::test_fast", "passed")]
