@@ -29,9 +29,10 @@ and the others still run; a CUDA fault cannot poison the rest):
 13. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
     (target: at most 5% slower; ``bench_distributed.py``).
 
-``--dry-run`` runs every section at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
+By default a run measures ``DEFAULT_SECTIONS`` (what no run has measured yet); ``--sections all`` runs all 13.
+``--dry-run`` runs the sections at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
-``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b] [--budget-s 480] [--tests f,g]``.
+``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b|all] [--budget-s 480] [--tests f,g]``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ SECTIONS: dict[str, int] = {
 # The parent's deadline for a section (seconds since the epoch), read by the tests section to stop pytest in time.
 DEADLINE_ENV = "GPU_CHECK_SECTION_DEADLINE"
 INTERRUPT_MARGIN_S = 20.0
+# What a run without --sections measures: what no run has measured yet, in order of priority (a section without
+# time left is reported as skipped); ``--sections all`` runs every section.
+DEFAULT_SECTIONS = ("environment", "fp8", "iteration", "tests", "fp8_compiled")
 CUDA_TESTS = [
     "tests/test_cuda.py",
     "tests/test_fp8_quantize.py",
@@ -351,7 +355,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md, .json and gpu_check.log")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
+    parser.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections, run in this order, or 'all' (default: {','.join(DEFAULT_SECTIONS)})",
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections")
     parser.add_argument("--tests", help="comma-separated pytest files or node ids for the tests section (default: all)")
     parser.add_argument("--section", help=argparse.SUPPRESS)
@@ -364,7 +372,7 @@ def main() -> None:
         raise SystemExit(f"--out: {args.out} already holds a GPU check; choose another folder")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    names = list(SECTIONS) if args.sections == "all" else [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")

@@ -37,7 +37,7 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
     pytest.importorskip("ltx_core", reason="the LTX-2 sections need ltx-core (the ltx2 extra)")
     out = tmp_path / "check"
     done = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--dry-run"],
+        [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--dry-run", "--sections", "all"],
         cwd=REPO,
         env=_env(),
         capture_output=True,
