@@ -64,10 +64,11 @@ inline acc_t nft_row(const scalar_t* __restrict__ theta, const scalar_t* __restr
   return pos * pos_sq + neg * neg_sq;
 }
 
-// Sum over each sample's rows of w[row] sum_c |v+ - target| and w[row] sum_c |v- - target|: (B, 2) in sample order.
+// Sum over each sample's rows of sum_c |v+ - target| and sum_c |v- - target| (unweighted: the x0 normalisers are
+// plain means, region weights weigh only the squared error): (B, 2) in sample order.
 template <typename scalar_t>
 std::vector<double> x0_abs_sums(const at::Tensor& v_theta, const at::Tensor& v_old, const at::Tensor& target,
-                                const double* token_weight, double beta) {
+                                double beta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = v_theta.size(0);
   const int64_t tokens = v_theta.size(1);
@@ -99,9 +100,8 @@ std::vector<double> x0_abs_sums(const at::Tensor& v_theta, const at::Tensor& v_o
           pos_abs += std::abs(d + e);
           neg_abs += std::abs(d - e);
         }
-        const double w = token_weight ? token_weight[row] : 1.0;
-        pos_sum += w * static_cast<double>(pos_abs);
-        neg_sum += w * static_cast<double>(neg_abs);
+        pos_sum += static_cast<double>(pos_abs);
+        neg_sum += static_cast<double>(neg_abs);
       }
       partials[task * 2] = pos_sum;
       partials[task * 2 + 1] = neg_sum;
@@ -205,7 +205,6 @@ at::Tensor nft_loss_forward_out(at::Tensor& grad, const at::Tensor& v_theta, con
   // Per-sample factor policy_scale * sample_weight[b] / (B * C * sum_i w[b, i]); token weights go in per row.
   std::vector<double> sample_coef(batch, policy_scale / static_cast<double>(batch * channels * tokens));
   std::vector<double> weights;
-  std::vector<double> weight_sums(batch, static_cast<double>(tokens));
   if (token_weight.has_value()) {
     TORCH_CHECK(token_weight->dim() == 2 && token_weight->size(0) == batch && token_weight->size(1) == tokens,
                 "token_weight must have shape (", batch, ", ", tokens, "), got ", token_weight->sizes());
@@ -216,7 +215,6 @@ at::Tensor nft_loss_forward_out(at::Tensor& grad, const at::Tensor& v_theta, con
         sum += weights[b * tokens + i];
       }
       TORCH_CHECK(sum > 0.0, "token_weight[", b, "] sums to ", sum, "; each sample's weights must sum to > 0");
-      weight_sums[b] = sum;
       sample_coef[b] = policy_scale / (static_cast<double>(batch * channels) * sum);
     }
   }
@@ -260,11 +258,11 @@ at::Tensor nft_loss_forward_out(at::Tensor& grad, const at::Tensor& v_theta, con
   if (x0_norm_t.has_value()) {
     check_per_sample("x0_norm_t", *x0_norm_t, batch);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_dtype, "nft_loss_x0_sums",
-                                    [&] { abs_sums = x0_abs_sums<scalar_t>(theta, old, tgt, tw, beta); });
+                                    [&] { abs_sums = x0_abs_sums<scalar_t>(theta, old, tgt, beta); });
     const std::vector<double> t = to_host_doubles(*x0_norm_t);
     for (const auto b : c10::irange(batch)) {
-      // M_b[|.|] = (sum_i w sum_c |.|) / (C sum_i w).
-      const double count = static_cast<double>(channels) * weight_sums[b];
+      // mean_{i,c} |.| = (sum_i sum_c |.|) / (C N).
+      const double count = static_cast<double>(channels) * static_cast<double>(tokens);
       const double pos_norm = std::max(t[b] * abs_sums[b * 2] / count, kX0MinError);
       const double neg_norm = std::max(t[b] * abs_sums[b * 2 + 1] / count, kX0MinError);
       terms.pos[b] = r_host[b] * t[b] * t[b] / pos_norm;

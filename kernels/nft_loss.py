@@ -5,8 +5,8 @@ Each program owns ``BLOCK_ROWS`` token rows of the flattened ``(B * N, C)`` velo
 partials in a fixed order, so the loss is bit-identical on repeat (no atomics). Accumulation is float32 for every
 input dtype (float64 inputs included: their loss is returned as float64, but computed in float32).
 
-With the x0-space self-normalisation (``x0_norm_t``) a first pass over the inputs reduces each sample's weighted
-sums of ``|v+ - target|`` and ``|v- - target|``: programs own ``BLOCK_ROWS`` tokens of one sample and write one
+With the x0-space self-normalisation (``x0_norm_t``) a first pass over the inputs reduces each sample's sums of
+``|v+ - target|`` and ``|v- - target|`` (unweighted: region weights weigh only the squared error): programs own ``BLOCK_ROWS`` tokens of one sample and write one
 ``(2,)`` partial each; one program per sample adds its partials in chunk order and turns them into the two
 per-sample term coefficients ``r t^2 / max(t mean|v+ - target|, 1e-5)`` and ``(1 - r) t^2 / max(...)`` that the
 loss pass uses in place of ``r`` and ``1 - r`` (the normalisers are constants: no gradient flows through them).
@@ -126,16 +126,15 @@ def _nft_x0_sums_kernel(
     theta_ptr,
     old_ptr,
     target_ptr,
-    token_weight_ptr,
     sums_ptr,
     tokens,
     channels,
     beta,
-    HAS_TOKEN_WEIGHT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program (b, chunk): ``sum w |v+ - target|`` and ``sum w |v- - target|`` over its tokens of sample b."""
+    """Program (b, chunk): ``sum |v+ - target|`` and ``sum |v- - target|`` over its tokens of sample b (unweighted:
+    the normalisers are plain means)."""
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     token = chunk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -151,17 +150,13 @@ def _nft_x0_sums_kernel(
         _, pos, neg = _velocity_errors(theta_ptr, old_ptr, target_ptr, offsets, mask, beta)
         pos_abs += tl.sum(tl.abs(pos), axis=1)
         neg_abs += tl.sum(tl.abs(neg), axis=1)
-    if HAS_TOKEN_WEIGHT:
-        w = tl.load(token_weight_ptr + rows, mask=row_mask, other=0.0)
-        pos_abs *= w
-        neg_abs *= w
     out = (sample * tl.num_programs(1) + chunk) * 2
     tl.store(sums_ptr + out, tl.sum(pos_abs, axis=0))
     tl.store(sums_ptr + out + 1, tl.sum(neg_abs, axis=0))
 
 
 @triton.jit
-def _nft_x0_coef_kernel(sums_ptr, r_ptr, t_ptr, inv_count_ptr, term_coef_ptr, n_chunks, min_error, BLOCK: tl.constexpr):
+def _nft_x0_coef_kernel(sums_ptr, r_ptr, t_ptr, term_coef_ptr, n_chunks, inv_count, min_error, BLOCK: tl.constexpr):
     """Program b: adds sample b's partials in chunk order and writes its two term coefficients."""
     sample = tl.program_id(0)
     pos_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -172,7 +167,6 @@ def _nft_x0_coef_kernel(sums_ptr, r_ptr, t_ptr, inv_count_ptr, term_coef_ptr, n_
         base = (sample * n_chunks + chunks) * 2
         pos_acc += tl.load(sums_ptr + base, mask=mask, other=0.0)
         neg_acc += tl.load(sums_ptr + base + 1, mask=mask, other=0.0)
-    inv_count = tl.load(inv_count_ptr + sample)  # 1 / (C sum_i w[b, i])
     t = tl.load(t_ptr + sample).to(tl.float32)
     r = tl.load(r_ptr + sample).to(tl.float32)
     pos_norm = tl.maximum(t * (tl.sum(pos_acc, axis=0) * inv_count), min_error)
@@ -218,17 +212,14 @@ def nft_loss_triton_forward_into(
     if token_weight is None:
         sample_coef = torch.full((batch,), policy_scale / (batch * channels * tokens), device=v_theta.device)
         weights = sample_coef
-        inv_count = torch.full((batch,), 1.0 / (channels * tokens), device=v_theta.device)
     else:
         weights = token_weight.to(torch.float32).contiguous()
-        weight_sums = weights.sum(dim=1)
-        sample_coef = policy_scale / (batch * channels * weight_sums)
-        inv_count = 1.0 / (channels * weight_sums)
+        sample_coef = policy_scale / (batch * channels * weights.sum(dim=1))
     if sample_weight is not None:
         sample_coef = sample_coef * sample_weight.to(torch.float32)
     term_coef = sample_coef
     if x0_norm_t is not None:
-        term_coef = _x0_term_coefficients(v_theta, v_old, target, r, x0_norm_t, weights, inv_count, token_weight, beta)
+        term_coef = _x0_term_coefficients(v_theta, v_old, target, r, x0_norm_t, beta)
     block_rows, block_c = _blocks(batch * tokens, channels)
     _nft_loss_fwd_kernel[(partials.numel(),)](
         v_theta,
@@ -264,9 +255,6 @@ def _x0_term_coefficients(
     target: torch.Tensor,
     r: torch.Tensor,
     t: torch.Tensor,
-    weights: torch.Tensor,
-    inv_count: torch.Tensor,
-    token_weight: torch.Tensor | None,
     beta: float,
 ) -> torch.Tensor:
     """The per-sample pass: ``(B, 2)`` float32 coefficients of the positive and negative terms."""
@@ -278,19 +266,17 @@ def _x0_term_coefficients(
         v_theta,
         v_old,
         target,
-        weights,
         sums,
         tokens,
         channels,
         beta,
-        HAS_TOKEN_WEIGHT=token_weight is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_C=block_c,
         num_warps=8,
     )
     term_coef = torch.empty((batch, 2), dtype=torch.float32, device=v_theta.device)
     _nft_x0_coef_kernel[(batch,)](
-        sums, r, t, inv_count.contiguous(), term_coef, n_chunks, _X0_MIN_ERROR, BLOCK=_CHUNK_BLOCK, num_warps=4
+        sums, r, t, term_coef, n_chunks, 1.0 / (channels * tokens), _X0_MIN_ERROR, BLOCK=_CHUNK_BLOCK, num_warps=4
     )
     return term_coef
 

@@ -49,7 +49,7 @@ def explicit_nft_loss(
 
     With ``x0_norm_t`` each term follows DiffusionNFT literally: from ``x_t = x0 + t * target`` (any ``x0``; here
     ``v_old``) the denoised prediction ``x0(u) = x_t - t u`` of each velocity ``u``, and
-    ``weighted_mean((x0(u) - x0)^2) / max(weighted_mean |x0(u) - x0|, 1e-5)`` with the denominator detached.
+    ``weighted_mean((x0(u) - x0)^2) / max(mean |x0(u) - x0|, 1e-5)`` with the (unweighted) denominator detached.
     ``kl_x0`` measures the regulariser between ``x0(v_theta)`` and ``x0(v_ref)`` (needs ``x0_norm_t``).
     """
     theta = v_theta.double()
@@ -72,7 +72,7 @@ def explicit_nft_loss(
             terms = []
             for v in (v_plus, v_minus):
                 x0_error = (x_t - t * v) - x0
-                normaliser = max(float(_weighted_mean(w_normalised, x0_error.detach().abs())), 1e-5)
+                normaliser = max(float(x0_error.detach().abs().mean()), 1e-5)
                 terms.append(_weighted_mean(w_normalised, x0_error**2) / normaliser)
             term_plus, term_minus = terms
         sample_loss = float(r[b]) * term_plus + (1 - float(r[b])) * term_minus

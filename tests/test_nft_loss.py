@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omninft_fast import adaptive_x0_weight, nft_loss
+from omninft_fast import adaptive_x0_weight, dispatch, nft_loss
 from omninft_fast.testing import explicit_nft_loss
 
 REF = {"backend": "reference"}
@@ -84,6 +84,21 @@ def test_x0_norm_uses_each_terms_own_normaliser(gen: torch.Generator) -> None:
     got = nft_loss(v_theta, v_old, target, zero, beta=beta, x0_norm_t=t, **REF)
     want = (t**2 * neg.square().mean(dim=(1, 2)) / (t * neg.abs().mean(dim=(1, 2)))).mean()
     torch.testing.assert_close(got, want, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_x0_norm_with_region_weights_normalises_by_the_plain_mean(backend: str) -> None:
+    """As the release computes it: region weights weigh the squared error, not the normaliser. One sample, two
+    tokens with errors 1 and 3 (v_theta = target + e, v_old = target, beta = 1: v+ - target = e), weights 1 and 3,
+    t = 1, r = 1: pos = (1 * 1 + 3 * 9) / 4 / ((1 + 3) / 2) = 7 / 2 = 3.5 (the weighted normaliser would give 2.8)."""
+    if backend == "cpp" and dispatch._why_not("cpp", torch.device("cpu")):
+        pytest.skip(dispatch._why_not("cpp", torch.device("cpu")))
+    target = torch.zeros(1, 2, 1, dtype=torch.float64)
+    v_theta = torch.tensor([[[1.0], [3.0]]], dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    weights = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    loss = nft_loss(v_theta, target, target, one, beta=1.0, token_weight=weights, x0_norm_t=one, backend=backend)
+    assert float(loss) == pytest.approx(3.5, rel=1e-12)
 
 
 def test_x0_space_kl_by_hand(gen: torch.Generator) -> None:

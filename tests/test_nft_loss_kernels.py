@@ -402,16 +402,16 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
         )
     sums_kernel = "omninft_fast.kernels.nft_loss:_nft_x0_sums_kernel"
     sums_inputs = ("theta_ptr", "old_ptr", "target_ptr")
-    for dtype, weighted, aligned in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True), (False, True)):
-        signature = {name: dtype for name in sums_inputs} | {"token_weight_ptr": "*fp32", "sums_ptr": "*fp32"}
+    for dtype, aligned in itertools.product(("*fp32", "*bf16", "*fp16"), (False, True)):
+        signature = {name: dtype for name in sums_inputs} | {"sums_ptr": "*fp32"}
         signature |= {"tokens": "i32", "channels": "i32", "beta": "fp32"}
-        constexprs = {"HAS_TOKEN_WEIGHT": weighted, "BLOCK_ROWS": 32, "BLOCK_C": 128}
-        label = f"x0 sums {dtype} weighted={weighted} aligned={aligned}"
-        pointers = [*sums_inputs, "token_weight_ptr", "sums_ptr"]
+        constexprs = {"BLOCK_ROWS": 32, "BLOCK_C": 128}
+        label = f"x0 sums {dtype} aligned={aligned}"
+        pointers = [*sums_inputs, "sums_ptr"]
         aligned_args = [*pointers, "channels"] if aligned else pointers
         specs.append(KernelSpec(sums_kernel, signature, constexprs, num_warps=8, label=label, aligned=aligned_args))
-    coef_signature = {name: "*fp32" for name in ("sums_ptr", "r_ptr", "t_ptr", "inv_count_ptr", "term_coef_ptr")}
-    coef_signature |= {"n_chunks": "i32", "min_error": "fp32"}
+    coef_signature = {name: "*fp32" for name in ("sums_ptr", "r_ptr", "t_ptr", "term_coef_ptr")}
+    coef_signature |= {"n_chunks": "i32", "inv_count": "fp32", "min_error": "fp32"}
     specs.append(KernelSpec("omninft_fast.kernels.nft_loss:_nft_x0_coef_kernel", coef_signature, {"BLOCK": 128}, 4))
     reduce_signature = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "n_partials": "i32"}
     specs.append(KernelSpec("omninft_fast.kernels.nft_loss:_sum_partials_kernel", reduce_signature, {"BLOCK": 1024}, 4))

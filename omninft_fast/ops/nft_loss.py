@@ -50,11 +50,12 @@ def nft_loss(
     (DiffusionNFT's convention) else ``policy_scale``. With ``x0_norm_t = t`` each term is instead self-normalised
     per sample in x0 space, as DiffusionNFT and the authors' release compute it (``x0(u) - x0 = -t (u - target)``)::
 
-        pos[b] = t_b^2 M_b[(v+ - target)^2] / max(t_b M_b[|v+ - target|], 1e-5)
-        neg[b] = t_b^2 M_b[(v- - target)^2] / max(t_b M_b[|v- - target|], 1e-5)
+        pos[b] = t_b^2 M_b[(v+ - target)^2] / max(t_b mean_{i,c} |v+ - target|, 1e-5)
+        neg[b] = t_b^2 M_b[(v- - target)^2] / max(t_b mean_{i,c} |v- - target|, 1e-5)
         L[b]   = r[b] pos[b] + (1 - r[b]) neg[b]
 
-    with the normalisers (the denominators) under stop-gradient. The release is ``beta=1, inverse_beta_scale=True,
+    with the normalisers (the denominators, the sample's plain mean absolute error, as the release computes them:
+    region weights weigh only the squared error) under stop-gradient. The release is ``beta=1, inverse_beta_scale=True,
     policy_scale=5`` (its ``adv_clip_max``) with ``r = optimality_probability(adv, clip=5)``.
     ``adaptive_x0_weight`` is the older one-weight approximation (``v+``'s error normalises both terms).
     The regulariser is ``KL = kl_weight * mean (v_theta - v_ref)^2`` (``kl_space="velocity"``) or, in x0 space,
@@ -225,8 +226,8 @@ def nft_loss_reference(
     if x0_norm_t is not None:
         t = x0_norm_t.detach().to(acc)
         with torch.no_grad():
-            pos_norm = (t * sample_mean(pos.abs())).clamp_min(X0_NORM_MIN_ERROR)
-            neg_norm = (t * sample_mean(neg.abs())).clamp_min(X0_NORM_MIN_ERROR)
+            pos_norm = (t * pos.abs().mean(dim=(1, 2))).clamp_min(X0_NORM_MIN_ERROR)
+            neg_norm = (t * neg.abs().mean(dim=(1, 2))).clamp_min(X0_NORM_MIN_ERROR)
         pos_term = t.square() * pos_term / pos_norm
         neg_term = t.square() * neg_term / neg_norm
     per_sample = r_b * pos_term + (1.0 - r_b) * neg_term
