@@ -56,7 +56,7 @@ Inputs make_inputs(int64_t batch, int64_t tokens, int64_t channels, at::ScalarTy
 }
 
 // Eq 3-5 and 12 in float64 with ATen ops; returns (loss, dloss/dv_theta) by the closed-form derivative. With
-// x0_norm_t the two terms get the constant per-sample factors t^2 / max(t M_b[|v+- - target|], 1e-5).
+// x0_norm_t the two terms get the constant per-sample factors t^2 / max(t mean |v+- - target|, 1e-5) (a plain mean).
 std::tuple<at::Tensor, at::Tensor> reference(const Inputs& in) {
   const at::Tensor theta = in.v_theta.to(at::kDouble);
   const at::Tensor old = in.v_old.to(at::kDouble);
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> reference(const Inputs& in) {
   if (in.x0_norm_t) {
     const at::Tensor t = in.x0_norm_t->to(at::kDouble).view({-1, 1, 1});
     const auto norm = [&](const at::Tensor& err) {
-      return (t * (w.unsqueeze(2) * err.abs()).sum({1, 2}, true) / channels).clamp_min(1e-5);
+      return (t * err.abs().mean({1, 2}, true)).clamp_min(1e-5);
     };
     a = a * t * t / norm(pos);
     c = c * t * t / norm(neg);
