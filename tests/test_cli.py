@@ -32,6 +32,22 @@ def test_unknown_command_fails() -> None:
         main(["frobnicate"])
 
 
+def test_pretrain_leaves_a_file_beside_its_output_alone(tmp_path: Path) -> None:
+    """The weights are written through a fresh temporary file: a user's ``<output>.tmp`` stays as it was."""
+    output, mine = tmp_path / "base.safetensors", tmp_path / "base.safetensors.tmp"
+    mine.write_text("my notes")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+    assert main(["pretrain", "--config", config, "--output", str(output), "--steps", "1", "--batch-size", "2"]) == 0
+    assert mine.read_text() == "my notes" and output.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "base.safetensors.tmp"]
+    from omninft_fast.train.checkpoint import save_weights
+
+    before = output.read_bytes()
+    with pytest.raises(FileExistsError):  # a file that appeared after the command's check is not replaced either
+        save_weights(output, torch.nn.Linear(2, 2))
+    assert output.read_bytes() == before and len(list(tmp_path.iterdir())) == 2
+
+
 def test_pretrain_never_overwrites_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     existing = tmp_path / "base.safetensors"
     existing.write_bytes(b"weights")

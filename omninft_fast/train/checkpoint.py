@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,18 +29,29 @@ def _names(keys: list[str], limit: int = 8) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
-def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a temporary file, flush it to disk, give it the user's umask, then rename it over ``path``: a kill at
-    any point leaves either the old file or the new one."""
+def _write_atomically(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, replace: bool = True
+) -> None:
+    """Write a fresh temporary file beside ``path``, flush it to disk, give it the user's umask, then rename it over
+    ``path`` (``replace``) or link it there only while ``path`` does not exist (``FileExistsError``): a kill at any
+    point leaves either the old file or the new one, and no other file is touched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
-    os.replace(tmp, path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        save_file(tensors, name, metadata=metadata)
+        with tmp.open("rb") as written:
+            os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -194,9 +206,10 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, Any] | None = None) -> None:
-    """Write a module's state dict atomically as safetensors (the committed base policy uses this)."""
+    """Write a module's state dict atomically as safetensors to a new file (``FileExistsError`` if ``path`` exists;
+    the committed base policy uses this)."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-    _write_atomically(Path(path), tensors, {"metadata": json.dumps(metadata or {})})
+    _write_atomically(Path(path), tensors, {"metadata": json.dumps(metadata or {})}, replace=False)
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:

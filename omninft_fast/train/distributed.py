@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -444,9 +445,14 @@ def _set_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None
 
 
 def _write_export(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    """The run's own ``export.safetensors``, through a fresh temporary file renamed over it."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, name)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 class FSDPEngine(Engine):
