@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -147,24 +146,20 @@ def init(config: TrainConfig) -> Dist:
     elif backend == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if world == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
     if not dist.is_initialized():
+        # One process needs no rendezvous: an in-process store instead of a TCP port (another process may take a
+        # port between a probe and its use).
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world == 1 else {}
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=config.distributed.timeout_s),
             device_id=device if device.type == "cuda" else None,
+            **alone,
         )
     return Dist(backend, rank, world, device)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _collect(policies: Policies, trainable: list[torch.nn.Parameter]) -> Policies:
