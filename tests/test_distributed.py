@@ -250,3 +250,25 @@ def test_a_checkpoint_of_another_backend_is_refused_by_name(runs: dict[str, Path
     )
     with pytest.raises(ValueError, match="written with distributed.backend=deepspeed; resume it with that backend"):
         Trainer(load_config(MICRO, [f"output_dir={out}"]), resume=True)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's own calls of deprecated torch.distributed APIs
+def test_a_deepspeed_checkpoint_refuses_another_layout_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its ZeRO stage and precision fix the shards' layout; its frozen shards hold the reference with the old policy."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    one = ["train", "--config", MICRO, f"output_dir={out}", "distributed.backend=deepspeed", "progress=false"]
+    assert main([*one, "iterations=1", "nft.kl_weight=0.1"]) == 0
+    capsys.readouterr()
+    folder = out / distributed.DEEPSPEED_CHECKPOINT
+    refusals = {
+        "distributed.zero_stage=2": f"checkpoint {str(folder)!r} was written with distributed.zero_stage=3; resume it "
+        "with that (2 now)",
+        "nft.kl_weight=0": "--resume cannot turn the KL term off (nft.kl_weight 0.1 in the checkpoint, 0.0 now)",
+    }
+    for override, message in refusals.items():
+        assert main([*one, "iterations=2", "nft.kl_weight=0.1", override, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -690,6 +690,17 @@ def readable(kind: str, backend: str, path: Path) -> None:
     )
 
 
+def check_deepspeed_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """``ValueError`` naming the setting when a DeepSpeed checkpoint cannot resume under ``config``: its ZeRO stage
+    and precision fix how its shards are laid out."""
+    for key in ("zero_stage", "mixed_precision"):
+        then, now = saved["distributed"][key], getattr(config.distributed, key)
+        if then != now:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was written with distributed.{key}={then}; resume it with that ({now} now)"
+            )
+
+
 def gather_rollout(
     world: Dist, samples: Rollout, scores: Scores, texts: list[str], video: list[str], audio: list[str]
 ) -> tuple[Rollout, Scores]:

@@ -218,11 +218,21 @@ class Trainer:
         if found is not None:
             check_evaluation_unchanged(saved["config"], config)
             kl = saved["config"]["nft"]["kl_weight"], config.nft.kl_weight
+            why = None
             if config.finetune.mode == "full" and kl[0] == 0 < kl[1]:
-                raise ValueError(
-                    f"--resume cannot turn the KL term on (nft.kl_weight {kl[0]!r} in the checkpoint, {kl[1]!r} now): "
-                    "a full fine-tune stores its reference weights only with one; start a new run for that"
+                why = "turn the KL term on", "a full fine-tune stores its reference weights only with one"
+            elif config.finetune.mode == "full" and kl[1] == 0 < kl[0] and found[0] == "deepspeed":
+                why = (
+                    "turn the KL term off",
+                    "a DeepSpeed checkpoint keeps the reference in one list with the old policy",
                 )
+            if why is not None:
+                raise ValueError(
+                    f"--resume cannot {why[0]} (nft.kl_weight {kl[0]!r} in the checkpoint, {kl[1]!r} now): {why[1]}; "
+                    "start a new run for that"
+                )
+            if found[0] == "deepspeed":
+                distributed.check_deepspeed_resume(saved["config"], config, found[1])
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autocast_dtype = (
