@@ -272,3 +272,21 @@ def test_a_deepspeed_checkpoint_refuses_another_layout_by_name(
         assert main([*one, "iterations=2", "nft.kl_weight=0.1", override, "--resume"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_the_old_policy_blends_from_a_bf16_module_in_its_own_float32() -> None:
+    """DeepSpeed ZeRO-2 in bf16 trains a bf16 module beside a float32 old policy: the blend reads each bf16 tensor
+    in float32 (as one process would blend the same values)."""
+    import types
+
+    gen = torch.Generator().manual_seed(0)
+    old, policy = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in (*old.parameters(), *policy.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    pairs = zip(old.parameters(), policy.parameters(), strict=True)
+    want = [o.detach().lerp(n.detach().float(), 0.7) for o, n in pairs]
+    policies = types.SimpleNamespace(adapters=None, old=old, policy=policy)
+    distributed.Engine(None, policies, None).update_old_policy(0.3)
+    for got, expected in zip(old.parameters(), want, strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got.detach(), expected)

@@ -389,8 +389,14 @@ class Engine:
     @torch.no_grad()
     def update_old_policy(self, eta: float) -> None:
         """``theta_old <- eta theta_old + (1 - eta) theta`` on this rank's shards."""
-        old, new = self._old_pairs()
-        torch._foreach_lerp_([_local(p) for p in old], [_local(p) for p in new], 1.0 - eta)
+        old, new = ([_local(p) for p in group] for group in self._old_pairs())
+        if all(o.dtype == n.dtype for o, n in zip(old, new, strict=True)):
+            torch._foreach_lerp_(old, new, 1.0 - eta)
+            return
+        # DeepSpeed ZeRO-2 in bf16 trains a bf16 module and keeps the old policy in float32: one tensor at a time,
+        # so no float32 copy of the whole model is made.
+        for o, n in zip(old, new, strict=True):
+            o.lerp_(n.to(o.dtype), 1.0 - eta)
 
     def _old_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(old, trained)``: the old policy's parameters (or ``old`` adapter) and the matching trained ones."""
