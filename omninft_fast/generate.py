@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,6 @@ class Loaded:
 def resolve_config(config: str | None, run: str | None, overrides: list[str]) -> TrainConfig:
     """``config`` with ``overrides``; without ``config``, the run's ``config.yaml`` (else the built-in defaults).
     With a run, settings that fix its weights (``model.``, ``task.``, ``finetune.``) must match its checkpoint."""
-    from omninft_fast.train.checkpoint import checkpoint_metadata
     from omninft_fast.train.config import load_config
     from omninft_fast.train.trainer import resume_changes
 
@@ -52,18 +51,35 @@ def resolve_config(config: str | None, run: str | None, overrides: list[str]) ->
             raise FileNotFoundError(f"{run} holds no config.yaml; pass --config")
     loaded = load_config(config, overrides)
     if run is not None:
-        resume_changes(checkpoint_metadata(_checkpoint(run))["config"], loaded)
+        resume_changes(_run_weights(run)[2], loaded)
     return loaded
 
 
-def _checkpoint(run: str | Path) -> Path:
-    """The trainer's checkpoint file of ``run`` (``FileNotFoundError`` when absent)."""
+def _run_weights(run: str | Path) -> tuple[str, Path, dict[str, Any]]:
+    """The newest weights of training run ``run`` that one process reads, as ``(format, path, the run's config
+    then)``: the one-process checkpoint file, an FSDP2 checkpoint folder (``fsdp2``: DCP reshards it here) or, for
+    a DeepSpeed checkpoint, the run's export of that iteration (``export``); ``FileNotFoundError`` /
+    ``ValueError`` naming the run otherwise."""
+    from omninft_fast.train import distributed
+    from omninft_fast.train.checkpoint import checkpoint_metadata
     from omninft_fast.train.trainer import CHECKPOINT
 
-    path = Path(run) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{run} holds no {CHECKPOINT} (is it a training run's output_dir?)")
-    return path
+    found = distributed.latest_checkpoint(Path(run), CHECKPOINT)
+    if found is None:
+        raise FileNotFoundError(f"{run} holds no checkpoint (is it a training run's output_dir?)")
+    kind, path = found
+    if kind == "safetensors":
+        return kind, path, checkpoint_metadata(path)["config"]
+    meta = distributed.folder_metadata(path)
+    if kind == "deepspeed":
+        export = Path(run) / distributed.EXPORT
+        if distributed.export_iteration(export) != meta["iteration"]:
+            raise ValueError(
+                f"the newest checkpoint of {run} is a DeepSpeed folder (iteration {meta['iteration']}) without "
+                f"{distributed.EXPORT} of that iteration, which a finished run writes; resume the run to its end"
+            )
+        return "export", export, meta["config"]
+    return kind, path, meta["config"]
 
 
 def load_policy(config: TrainConfig, run: str | Path | None, *, training: bool = False) -> Loaded:
@@ -92,7 +108,13 @@ def load_policy(config: TrainConfig, run: str | Path | None, *, training: bool =
             adapters = LoraAdapters(model.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
         modules = {"lora": adapters} if adapters is not None else {"policy": model}
     if run is not None:
-        load_modules(_checkpoint(run), modules)
+        kind, path, _ = _run_weights(run)
+        if kind == "fsdp2":
+            from omninft_fast.train.distributed import load_dcp_modules
+
+            load_dcp_modules(path, modules)
+        else:
+            load_modules(path, modules)
     model.eval()
     autocast = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
     return Loaded(config, task, model, adapters, policies, device, torch.bfloat16 if autocast else None)

@@ -290,3 +290,28 @@ def test_the_old_policy_blends_from_a_bf16_module_in_its_own_float32() -> None:
     distributed.Engine(None, policies, None).update_old_policy(0.3)
     for got, expected in zip(old.parameters(), want, strict=True):
         assert got.dtype == torch.float32 and torch.equal(got.detach(), expected)
+
+
+def test_a_sharded_run_is_read_by_generate_and_analyze(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``load_policy`` (generate, analyze, merge-lora) reads a run's newest weights: an FSDP2 folder through DCP, a
+    DeepSpeed folder through the run's export of the same iteration; both give the one-process run's policy."""
+    from omninft_fast.generate import load_policy, resolve_config
+
+    single = load_file(str(runs["one"] / CHECKPOINT))
+    for name in ("fsdp2", "zero3"):
+        loaded = load_policy(resolve_config(None, str(runs[name]), []), runs[name])
+        state = loaded.model.state_dict()
+        for key, value in single.items():
+            if key.startswith("policy."):
+                torch.testing.assert_close(state[key[len("policy.") :]], value, rtol=RTOL, atol=1e-7)
+    out = tmp_path / "zero3"  # the newest checkpoint a DeepSpeed folder, its export of an older iteration
+    for entry in ("config.yaml", distributed.EXPORT):
+        (out / entry).parent.mkdir(exist_ok=True)
+        (out / entry).write_bytes((runs["zero3_one"] / entry).read_bytes())
+    folder = out / distributed.DEEPSPEED_CHECKPOINT
+    folder.mkdir()
+    (folder / distributed.META).write_text(
+        (runs["zero3"] / distributed.DEEPSPEED_CHECKPOINT / distributed.META).read_text()
+    )
+    with pytest.raises(ValueError, match="is a DeepSpeed folder \\(iteration 2\\) without export.safetensors of that"):
+        resolve_config(None, str(out), [])

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omninft_fast._checks import check_device
@@ -430,9 +431,10 @@ class Engine:
         """Restore a ``save`` folder; returns its metadata."""
         raise NotImplementedError
 
-    def export(self, path: Path) -> None:
-        """Write the consolidated trained weights (LoRA: both adapters; full: the policy) as ``path`` (safetensors,
-        keys ``lora.*`` or ``policy.*`` like the single-process checkpoint); rank 0 writes."""
+    def export(self, path: Path, iteration: int) -> None:
+        """Write the consolidated trained weights (LoRA: both adapters; full: the policy) after ``iteration`` as
+        ``path`` (safetensors, keys ``lora.*`` or ``policy.*`` like the single-process checkpoint, the iteration in
+        its header); rank 0 writes."""
         raise NotImplementedError
 
 
@@ -445,12 +447,13 @@ def _set_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None
     torch.set_rng_state(state["torch"])
 
 
-def _write_export(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The run's own ``export.safetensors``, through a fresh temporary file renamed over it."""
+def _write_export(path: Path, tensors: dict[str, torch.Tensor], iteration: int) -> None:
+    """The run's own ``export.safetensors`` after ``iteration``, through a fresh temporary file renamed over it."""
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, name)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, name, metadata={"iteration": str(iteration)})
         os.replace(name, path)
     finally:
         Path(name).unlink(missing_ok=True)
@@ -527,14 +530,14 @@ class FSDPEngine(Engine):
         _set_rng({"generator": tensors["rng.generator"], "torch": tensors["rng.torch"]}, generator)
         return checkpoint_metadata(path)
 
-    def export(self, path: Path) -> None:
+    def export(self, path: Path, iteration: int) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(
             self.policies.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         if self.world.main:
-            _write_export(path, _export_keys(self.policies, full))
+            _write_export(path, _export_keys(self.policies, full), iteration)
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
@@ -555,7 +558,6 @@ def load_dcp(
 ) -> dict[str, Any]:
     """Load an FSDP2 ``checkpoint.dcp`` folder into ``policies`` and ``optimizer`` (sharded or, in one process
     without an engine, plain: DCP reshards to the current world); returns its metadata."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     modules = policies.checkpointed()
@@ -564,14 +566,27 @@ def load_dcp(
         "optim": get_optimizer_state_dict(policies.policy, optimizer),
         "rng": _rng_state(generator),
     }
+    _dcp_load(folder, state, modules)
+    set_optimizer_state_dict(policies.policy, optimizer, state["optim"])
+    _set_rng(state["rng"], generator)
+    return folder_metadata(folder)
+
+
+def load_dcp_modules(folder: Path, modules: dict[str, Any]) -> None:
+    """Only the ``modules`` (by prefix, as ``Policies.checkpointed`` names them) of an FSDP2 ``checkpoint.dcp``
+    folder, in one process: what ``generate``, ``analyze`` and ``merge-lora`` read of a sharded run."""
+    _dcp_load(folder, {"modules": {prefix: dict(m.state_dict()) for prefix, m in modules.items()}}, modules)
+
+
+def _dcp_load(folder: Path, state: dict[str, Any], modules: dict[str, Any]) -> None:
+    """``dcp.load`` of ``state`` (its ``modules`` entry and whatever else it names), then the modules' weights."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():  # loading in one process is what a run without an engine means
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     for prefix, module in modules.items():
         module.load_state_dict(state["modules"][prefix])
-    set_optimizer_state_dict(policies.policy, optimizer, state["optim"])
-    _set_rng(state["rng"], generator)
-    return folder_metadata(folder)
 
 
 class DeepSpeedEngine(Engine):
@@ -656,13 +671,13 @@ class DeepSpeedEngine(Engine):
         _set_rng(state["rng"], generator)
         return folder_metadata(folder)
 
-    def export(self, path: Path) -> None:
+    def export(self, path: Path, iteration: int) -> None:
         import deepspeed
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if self.world.main:
-                _write_export(path, _export_keys(self.policies, module.state_dict()))
+                _write_export(path, _export_keys(self.policies, module.state_dict()), iteration)
         self.world.barrier()
 
 
@@ -682,6 +697,16 @@ def latest_checkpoint(out: Path, single: str) -> tuple[str, Path] | None:
         return None
     _, kind, path = max(found, key=lambda item: item[0])
     return kind, path
+
+
+def export_iteration(path: Path) -> int | None:
+    """The iteration a run's ``export.safetensors`` holds the weights after (``None``: no export, or one without
+    the iteration in its header)."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        iteration = (handle.metadata() or {}).get("iteration")
+    return None if iteration is None else int(iteration)
 
 
 def readable(kind: str, backend: str, path: Path) -> None:

@@ -548,7 +548,7 @@ class Trainer:
         self._stop_point(stop, cfg.iterations)
         after, samples = self.evaluate()
         if self.engine is not None:
-            self.engine.export(self.out / distributed.EXPORT)
+            self.engine.export(self.out / distributed.EXPORT, cfg.iterations - 1)
         self._write_samples("after", samples)
         if self.logger is not None:
             _write_text(self.out / "eval_after.json", json.dumps(after.__dict__))
