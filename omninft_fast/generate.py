@@ -105,7 +105,9 @@ def load_policy(config: TrainConfig, run: str | Path | None, *, training: bool =
         f = config.finetune
         adapters = None
         if f.mode == "lora":
-            adapters = LoraAdapters(model.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
+            adapters = LoraAdapters(
+                model.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets, init=f.lora_init
+            )
         modules = {"lora": adapters} if adapters is not None else {"policy": model}
     if run is not None:
         kind, path, _ = _run_weights(run)

@@ -118,3 +118,16 @@ def _header(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata()
+
+
+@pytest.mark.parametrize(("init", "std"), [("default", None), ("gaussian", 1 / 8)])
+def test_lora_initialisation(tmp_path: Path, init: str, std: float | None) -> None:
+    """``gaussian`` (the release's): down projections with std 1 / rank; the default is peft's Kaiming-uniform
+    (std 1 / sqrt(3 fan_in)). Up projections start at zero either way, and the old adapter equals the trained one."""
+    trainer = micro(tmp_path, "finetune.mode=lora", "finetune.lora_rank=8", f"finetune.lora_init={init}")
+    named = trainer.policies.adapters.named
+    downs = [p.detach() for k, p in named.items() if "lora_A" in k]
+    scaled = torch.cat([p.flatten() / (std if std is not None else (3 * p.shape[1]) ** -0.5) for p in downs])
+    assert abs(float(scaled.std()) - 1) < 0.1
+    assert all(not bool(p.any()) for k, p in named.items() if "lora_B" in k)
+    assert all(torch.equal(trained, old) for trained, old in trainer.policies.adapters.pairs)

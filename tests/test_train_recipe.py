@@ -282,11 +282,14 @@ def test_input_surgery_keeps_the_a2v_projection_gradients(tmp_path: Path) -> Non
 def test_frame_zscore_weights_and_warmup(tmp_path: Path) -> None:
     scores = torch.tensor([[1.0, 3.0, 5.0, 2.0, 2.0, 2.0]])
     w = omninft_fast.frame_region_weights(scores, frames=2, w_max=1.5)
-    z = torch.tensor([-(1.5**0.5), 0.0, 1.5**0.5])
+    z = torch.tensor([-1.0, 0.0, 1.0])  # (1, 3, 5): mean 3, unbiased std 2
     torch.testing.assert_close(w[0, :3], 1 + 0.5 * torch.sigmoid(0.5 * z))
     torch.testing.assert_close(w[0, 3:], torch.full((3,), 1.25))  # a flat frame: z = 0
     half = omninft_fast.frame_region_weights(scores, frames=2, w_max=1.5, ramp=0.5)
-    torch.testing.assert_close(half, 1 + 0.5 * (w - 1))
+    # The release warms up the largest weight: w_max 1.25 halfway, the sigmoid's slope halved with it.
+    torch.testing.assert_close(half[0, :3], 1 + 0.25 * torch.sigmoid(0.25 * z))
+    torch.testing.assert_close(half[0, 3:], torch.full((3,), 1.125))
+    torch.testing.assert_close(omninft_fast.frame_region_weights(scores, frames=2, ramp=0.0), torch.ones(1, 6))
     config = load_config(MICRO, ["reweight.form=frame_zscore", "reweight.warmup=4"]).reweight
     got = stages.token_weights(scores, config, torch.device("cpu"), frames=2, iteration=2)
     torch.testing.assert_close(got, half)

@@ -114,7 +114,8 @@ def frame_region_weights(
     check_values: bool | None = None,
 ) -> torch.Tensor:
     """The authors' released alternative to Eq 11: per latent frame, the z-score ``z`` of the scores over that
-    frame's tokens, ``w = 1 + (w_max - 1) * sigmoid(z (w_max - 1))``, warmed up as ``1 + ramp (w - 1)``.
+    frame's tokens (unbiased standard deviation), ``w = 1 + (m - 1) * sigmoid(z (m - 1))`` with the largest weight
+    warmed up as the release does, ``m = 1 + ramp (w_max - 1)`` (the sigmoid's slope ramps with it).
 
     A frame whose scores are all equal gets ``z = 0``. Value checks as ``region_weights``.
 
@@ -126,7 +127,7 @@ def frame_region_weights(
         check_values: as ``region_weights``.
 
     Returns:
-        ``(B, N)`` weights in ``[1, 1 + ramp (w_max - 1))``, float32 (float64 for float64 scores).
+        ``(B, N)`` weights in ``[1, m)``, float32 (float64 for float64 scores).
     """
     check_tensor("scores", scores, ndim=2)
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or scores.shape[1] % frames:
@@ -137,12 +138,12 @@ def frame_region_weights(
         check_region_weights_values(scores)
     s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     per_frame = s.view(s.shape[0], frames, -1)
-    std = per_frame.std(dim=2, keepdim=True, correction=0)
+    std = per_frame.std(dim=2, keepdim=True, correction=1)  # NaN for a one-token frame, which is flat
     # Flat exactly where min == max (a rounded std of equal values need not be 0).
     spread = (per_frame.amax(dim=2, keepdim=True) > per_frame.amin(dim=2, keepdim=True)) & (std > 0)
     z = torch.where(spread, (per_frame - per_frame.mean(dim=2, keepdim=True)) / torch.where(spread, std, 1.0), 0.0)
-    w = 1.0 + (w_max - 1.0) * torch.sigmoid(z * (w_max - 1.0))
-    return (1.0 + ramp * (w - 1.0)).view_as(s)
+    top = ramp * (w_max - 1.0)  # m - 1
+    return (1.0 + top * torch.sigmoid(z * top)).view_as(s)
 
 
 def check_region_weights_values(scores: torch.Tensor) -> None:

@@ -271,7 +271,9 @@ def build_policies(config: TrainConfig, task: AVTask, device: torch.device) -> P
     adapters = None
     if config.finetune.mode == "lora":
         f = config.finetune
-        adapters = LoraAdapters(policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets)
+        adapters = LoraAdapters(
+            policy.model, rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets, init=f.lora_init
+        )
         old: AVVelocityModel = AdapterView(policy, adapters, OLD)
         ref = AdapterView(policy, adapters, None) if config.nft.kl_weight > 0 else None
         projected = alphas is not None

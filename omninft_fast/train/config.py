@@ -34,7 +34,8 @@ TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_cha
 def ladder_preset(rung: str) -> dict[str, Any]:
     """The three flags of Table 3's row ``rung``: routing, gradient surgery, region reweighting. The vanilla row is
     GDPO aggregation (Table 1's "LTX-2 + GDPO" equals Table 3's vanilla row): per-reward normalisation, summed and
-    whitened, one advantage shared by both branches."""
+    whitened (GDPO's batch normalisation), one advantage shared by both branches. The authors' release sums without
+    whitening (``advantage.routing=shared``), about twice the scale at its reward weights."""
     index = LADDER.index(rung)
     return {
         "advantage.routing": "gdpo" if index == 0 else "modality",
@@ -76,6 +77,7 @@ class ModelConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_INITS = ("default", "gaussian")
 
 
 @dataclass
@@ -274,12 +276,15 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    """``full`` (old policy = EMA copy) or ``lora`` through peft (old policy = a second adapter)."""
+    """``full`` (old policy = EMA copy) or ``lora`` through peft (old policy = a second adapter). ``lora_init``: the
+    down projection's initialisation, peft's default (Kaiming-uniform) or ``gaussian`` (std ``1 / rank``, the
+    release's); the up projection starts at zero either way, so the starting policy is the base."""
 
     mode: str = "full"
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_init: str = "default"
 
 
 @dataclass
@@ -399,6 +404,7 @@ class TrainConfig:
             "ltx.decoder_dtype": (self.ltx.decoder_dtype, DTYPES),
             "distributed.backend": (self.distributed.backend, ("none", "fsdp2", "deepspeed")),
             "distributed.zero_stage": (self.distributed.zero_stage, (2, 3)),
+            "finetune.lora_init": (self.finetune.lora_init, LORA_INITS),
             "distributed.mixed_precision": (self.distributed.mixed_precision, ("auto", "bf16", "off")),
         }
         for key, (value, allowed) in choices.items():

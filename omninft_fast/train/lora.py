@@ -27,14 +27,21 @@ class LoraAdapters:
         model: the model to adapt; its own weights are frozen.
         rank, alpha: LoRA rank and scale numerator.
         targets: names of the ``nn.Linear`` modules to adapt (peft's ``target_modules``).
+        init: ``default`` (peft's Kaiming-uniform down projection) or ``gaussian`` (std ``1 / rank``).
     """
 
-    def __init__(self, model: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
+    def __init__(self, model: nn.Module, *, rank: int, alpha: float, targets: list[str], init: str = "default") -> None:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for name in (TRAINED, OLD):
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=list(targets),
+                lora_dropout=0.0,
+                init_lora_weights="gaussian" if init == "gaussian" else True,
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(config, model, adapter_name=name)

@@ -43,8 +43,14 @@ from omninft_fast.train.validation import TrainingDiverged, check_loss_inputs, c
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT)
 FIXED_ON_RESUME = ("model.", "task.", "finetune.")  # the checkpoint's weights and adapters depend on these
-# How the model runs, not what it holds: free to change on resume.
-RUNTIME_MODEL_KEYS = ("model.gradient_checkpointing", "model.attention", "model.compile", "model.compile_backend")
+# How the model runs or how a fresh adapter starts, not what the checkpoint holds: free to change on resume.
+FREE_ON_RESUME = (
+    "model.gradient_checkpointing",
+    "model.attention",
+    "model.compile",
+    "model.compile_backend",
+    "finetune.lora_init",
+)
 NOT_COMPARED = ("output_dir",)
 
 
@@ -98,7 +104,7 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     fixed = [
         f"{key} ({a!r} in the checkpoint, {b!r} now)"
         for key, (a, b) in changes.items()
-        if key.startswith(FIXED_ON_RESUME) and key not in RUNTIME_MODEL_KEYS
+        if key.startswith(FIXED_ON_RESUME) and key not in FREE_ON_RESUME
     ]
     if fixed:
         raise ValueError(f"--resume cannot change {', '.join(fixed)}; start a new run for that")
