@@ -289,7 +289,8 @@ def _apply(
     compiling = torch.compiler.is_compiling()
     if rowwise and kind == "cpu" and not compiling:
         _require_cpu_rowwise()
-    autocast = x.is_floating_point() and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    # The meta device has no autocast to ask about (and torch.amp.is_autocast_available breaks a compiled graph).
+    autocast = x.is_floating_point() and kind != "meta" and torch.is_autocast_enabled(kind)
     dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
     if x.numel() == 0:
         # No token: no scale to take (the amax of nothing); the empty product is the same in any precision.
