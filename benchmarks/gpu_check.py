@@ -73,7 +73,7 @@ DEADLINE_ENV = "GPU_CHECK_SECTION_DEADLINE"
 INTERRUPT_MARGIN_S = 20.0
 # What a run without --sections measures: what no run has measured yet, in order of priority (a section without
 # time left is reported as skipped); ``--sections all`` runs every section.
-DEFAULT_SECTIONS = ("environment", "fp8", "iteration", "tests", "fp8_compiled")
+DEFAULT_SECTIONS = ("environment", "tests", "fp8_compiled", "distributed")
 CUDA_TESTS = [
     "tests/test_cuda.py",
     "tests/test_fp8_quantize.py",
