@@ -241,6 +241,14 @@ def test_tiled_video_decoding_matches_on_a_single_tile(files: dict[str, Path], p
     torch.testing.assert_close(tiled.decode_video(video), pipeline.decode_video(video), rtol=1e-5, atol=1e-5)
 
 
+def test_a_sample_decodes_alike_whatever_its_batch_mates(pipeline: LTX2Pipeline) -> None:
+    """The decoder injects seeded noise (timestep conditioning): batched or alone, a sample gets the same frames."""
+    assert pipeline.video_decoder.timestep_conditioning
+    video = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([pipeline.decode_video(video[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(pipeline.decode_video(video), alone, rtol=0, atol=0)
+
+
 def test_policy_is_the_checkpoint_transformer(files: dict[str, Path], pipeline: LTX2Pipeline) -> None:
     policy = pipeline.policy(dtype=torch.float32)
     stored = load_file(str(files["checkpoint"]))

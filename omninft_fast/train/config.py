@@ -94,7 +94,7 @@ class LTXConfig:
         text_encoder_device: where Gemma runs (default: ``device``).
         dtype: transformer weights (``bfloat16`` for the 19B model; LoRA keeps them frozen).
         decoder_device, decoder_dtype: where and how the VAE decoders and the vocoder run (default: ``device``).
-        decode_batch: samples per decoder call.
+        decode_batch: samples per decoder call (1 with a noise-injecting, timestep-conditioned video decoder).
         decode_tiling: decode video tile by tile (ltx-core's default tiling; less memory).
         decode_seed: seed of the video decoder's noise injection.
     """

@@ -454,8 +454,11 @@ class LTX2Pipeline:
         s = self.spec
         shape = VideoLatentShape(latent.shape[0], s.video_channels, s.latent_frames, s.latent_height, s.latent_width)
         grid = VideoLatentPatchifier(1).unpatchify(latent, output_shape=shape)
+        # A decoder with timestep conditioning adds noise drawn for its whole input: samples then decode one at a
+        # time, each with the decode_seed noise, so a sample's frames (and rewards) never depend on its batch-mates.
+        size = 1 if getattr(self.video_decoder, "timestep_conditioning", False) else self.decode_batch
         out = []
-        for chunk in grid.split(self.decode_batch):
+        for chunk in grid.split(size):
             generator = torch.Generator(self.decoder_device).manual_seed(self.decode_seed)
             chunk = chunk.to(self.decoder_device, self.decoder_dtype)
             if self.decode_tiling:
