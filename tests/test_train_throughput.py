@@ -344,3 +344,32 @@ def test_compiled_transformer_trains_like_eager(tmp_path: Path) -> None:
         load_config(MICRO, ["model.compile_backend=fast"])
     with pytest.raises(ConfigError, match="model.compile=rollout needs finetune.mode=full"):
         load_config(MICRO, ["model.compile=rollout", "finetune.mode=lora"])
+
+
+def test_a_scoring_error_stops_sampling_at_the_next_micro_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scorer runs in its worker while the next micro-batch samples; its error is raised before the sampler
+    starts the micro-batch after that, not after every rollout of the iteration."""
+    trainer = micro(tmp_path, "sampling.batch_size=1", "sampling.overlap=true")
+    started: list[int] = []
+    rollout = stages.rollout
+
+    def counted(*args: object, **kwargs: object) -> stages.Rollout:
+        started.append(1)
+        return rollout(*args, **kwargs)
+
+    def failing(self: RewardModel, batch: object) -> dict[str, torch.Tensor]:
+        raise RuntimeError("the reward model failed")
+
+    monkeypatch.setattr(stages, "rollout", counted)
+    monkeypatch.setattr(RewardModel, "__call__", failing)
+    cfg, p = trainer.config, trainer.policies
+    slow_steps = lambda step: time.sleep(0.05)  # noqa: E731  # the worker finishes (fails) within a micro-batch
+    with pytest.raises(RuntimeError, match="the reward model failed"):
+        sample_and_score(
+            p.old, trainer.task, trainer.rewards, trainer.records[:8], torch.Generator().manual_seed(0),
+            sampling=cfg.sampling, device=trainer.device, on_step=slow_steps,
+        )  # fmt: skip
+    assert len(started) <= 3 < 8
+    assert [t.name for t in threading.enumerate() if t.name.startswith("omninft-score")] == []

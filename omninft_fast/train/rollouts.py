@@ -110,6 +110,9 @@ def sample_and_score(
     sampling_seconds = 0.0
     try:
         for lo in starts:
+            for finished in pending:  # a scoring error surfaces before the next micro-batch is sampled
+                if isinstance(finished, Future) and finished.done():
+                    finished.result()
             chunk = records[lo : lo + size]
             start = time.perf_counter()
             parts.append(
