@@ -49,6 +49,8 @@ def _load(args: argparse.Namespace) -> TrainConfig | None:
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as error:
+        if getattr(args, "debug", False):
+            raise
         print(f"config error: {error}", file=sys.stderr)
         return None
 

@@ -139,6 +139,8 @@ def test_bad_file(tmp_path: Path) -> None:
 def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--config", str(CONFIGS / "micro.yaml"), "nft.beta=-1"]) == 2
     assert capsys.readouterr().err == "config error: nft.beta must be > 0, got -1.0\n"
+    with pytest.raises(ConfigError, match="nft.beta must be > 0"):  # --debug shows the traceback
+        main(["train", "--debug", "--config", str(CONFIGS / "micro.yaml"), "nft.beta=-1"])
     assert main(["train", "--config", str(CONFIGS / "micro.yaml"), "nft.bta=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: unknown config key 'nft.bta'") and err.count("\n") == 1
