@@ -349,11 +349,14 @@ def test_text_cache_and_on_the_fly_encoding(files: dict[str, Path]) -> None:
     assert gemma.calls == ["a cat", "an owl hoots"]
 
     written = precompute_text_cache(
-        GemmaPromptEncoder(_FakeGemma(), processor), ["a cat", " an owl hoots", "a cat", ""], files["root"] / "t.st"
+        GemmaPromptEncoder(_FakeGemma(), processor), ["a cat", "an owl hoots", "a cat", ""], files["root"] / "t.st"
     )
+    # As the trainer looks them up: duplicates once, the empty prompt (guidance's unconditional pass) kept.
     prompts, video, _ = read_text_cache(written)
-    assert prompts == ["a cat", "an owl hoots"]
-    torch.testing.assert_close(video, new_video[[0, 3]], rtol=0, atol=0)
+    assert prompts == ["a cat", "an owl hoots", ""]
+    torch.testing.assert_close(video[:2], new_video[[0, 3]], rtol=0, atol=0)
+    cached = LTX2Pipeline(files["checkpoint"], text_cache=written, **CLIP)
+    torch.testing.assert_close(cached.unconditional(2)[0], video[[2, 2]], rtol=0, atol=0)
 
 
 @register_reward("test_ltx_brightness")

@@ -373,3 +373,23 @@ def test_a_scoring_error_stops_sampling_at_the_next_micro_batch(
         )  # fmt: skip
     assert len(started) <= 3 < 8
     assert [t.name for t in threading.enumerate() if t.name.startswith("omninft-score")] == []
+
+
+def test_evaluation_samples_in_micro_batches_and_gets_the_same_table(tmp_path: Path) -> None:
+    """``sampling.batch_size`` bounds the evaluation's forwards too (3 guidance passes x 1 sample), and changes
+    nothing it measures."""
+    guided = ["sampling.video_cfg=1.5", "sampling.audio_cfg=2.0"]
+    whole = micro(tmp_path, *guided).evaluate()[0]
+    trainer = micro(tmp_path, *guided, "sampling.batch_size=1")
+    rows: list[int] = []
+    forward = trainer.policies.policy.forward
+
+    def counted(x_video: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        rows.append(x_video.shape[0])
+        return forward(x_video, *args, **kwargs)
+
+    trainer.policies.policy.forward = counted
+    split = trainer.evaluate()[0]
+    assert max(rows) == 2 and split.count == whole.count  # cond + uncond of one sample
+    for key, value in whole.mean.items():
+        assert split.mean[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

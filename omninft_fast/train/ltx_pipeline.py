@@ -315,7 +315,8 @@ class GemmaPromptEncoder:
 def precompute_text_cache(
     encoder: GemmaPromptEncoder, prompts: list[str], path: str | Path, *, chunk: int = 16
 ) -> Path:
-    """Encode the distinct ``prompts`` with ``encoder`` (``chunk`` at a time) and write them as a text cache.
+    """Encode the distinct ``prompts`` with ``encoder`` (``chunk`` at a time) and write them as a text cache (each
+    prompt as given: the trainer's ``load_prompts`` lists the empty prompt too when guidance needs it).
 
     Example (on the GPU, once before RL; the run then keeps Gemma out of memory)::
 
@@ -325,7 +326,8 @@ def precompute_text_cache(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    prompts = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
+    # Exactly as the trainer looks them up: not stripped, and the empty prompt kept (guidance's unconditional pass).
+    prompts = list(dict.fromkeys(prompts))
     if not prompts:
         raise ValueError("prompts holds no prompt")
     parts = [encoder(prompts[lo : lo + chunk]) for lo in range(0, len(prompts), chunk)]
