@@ -113,6 +113,10 @@ def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path
         (["ltx.decoder_device=gpu"], r"^ltx.decoder_device must name a torch device"),
         (["optim.beta1=1.5"], r"^optim.beta1 must be in \[0, 1\), got 1.5$"),
         (["optim.eps=-1"], r"^optim.eps must be >= 0, got -1.0$"),
+        (
+            ["model.kind=ltx", "model.checkpoint=m.safetensors", "ltx.text_cache=t.safetensors", "autocast=off"],
+            r"^ltx.dtype=bfloat16 needs autocast=bf16 \(or auto on a CUDA device\)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:

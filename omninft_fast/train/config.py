@@ -473,6 +473,11 @@ class TrainConfig:
         precision = self.distributed.mixed_precision
         bf16_engine = precision == "bf16" or (precision == "auto" and cuda)
         autocast_on = self.autocast == "bf16" or (self.autocast == "auto" and cuda)
+        if self.model.kind == "ltx" and self.ltx.dtype != "float32" and not autocast_on:
+            raise ConfigError(
+                f"ltx.dtype={self.ltx.dtype} needs autocast=bf16 (or auto on a CUDA device): the sampler's latents are "
+                "float32"
+            )
         if self.distributed.backend == "deepspeed" and bf16_engine and not autocast_on:
             raise ConfigError(
                 "distributed.backend=deepspeed with bf16 (distributed.mixed_precision) needs autocast=bf16: DeepSpeed "
