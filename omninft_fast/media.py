@@ -151,6 +151,19 @@ def refuse_existing(folder: str | Path, names: Sequence[str]) -> None:
         raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{more}; choose another folder")
 
 
+def link_new(tmp: Path, path: Path) -> None:
+    """Give the finished file ``tmp`` the name ``path`` only while ``path`` does not exist (``FileExistsError``): a
+    hard link, or on a file system without them a rename after a check."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
 def write_new(path: str | Path, write: Callable[[Path], object], *, hint: str = "") -> Path:
     """Create ``path`` by ``write(temporary)`` on a fresh file beside it, linked into place only while ``path`` does
     not exist: nothing is ever overwritten (``FileExistsError`` naming ``path``, then ``hint``) and a kill leaves no
@@ -162,7 +175,7 @@ def write_new(path: str | Path, write: Callable[[Path], object], *, hint: str = 
     tmp = Path(name)
     try:
         write(tmp)
-        os.link(tmp, path)
+        link_new(tmp, path)
     except FileExistsError:
         raise FileExistsError(f"{path} exists{hint} (nothing is overwritten)") from None
     finally:

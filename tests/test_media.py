@@ -76,3 +76,17 @@ def test_write_new_never_replaces_a_file_and_leaves_nothing_behind(tmp_path: Pat
         media.write_new(tmp_path / "other.bin", fails)
     assert sorted(p.name for p in path.parent.iterdir()) == ["weights.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_write_new_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without hard links: a rename after the check, still never over an existing file."""
+
+    def no_links(*_: object) -> None:
+        raise PermissionError("Operation not permitted")
+
+    monkeypatch.setattr(media.os, "link", no_links)
+    path = tmp_path / "w.bin"
+    media.write_new(path, lambda tmp: tmp.write_bytes(b"one"))
+    with pytest.raises(FileExistsError, match="w.bin exists"):
+        media.write_new(path, lambda tmp: tmp.write_bytes(b"two"))
+    assert path.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]

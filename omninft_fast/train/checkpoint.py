@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from omninft_fast.media import link_new
+
 
 class Stateful(Protocol):
     """What a checkpoint stores under a prefix: an ``nn.Module`` or ``LoraAdapters`` (the adapters alone)."""
@@ -49,7 +51,7 @@ def _write_atomically(
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
+            link_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
