@@ -166,27 +166,42 @@ class _InputCache:
         return (x if cast is None else cast), xq, sx
 
 
+def _fp8_forward_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowwise: bool,
+    cache: _WeightCache,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out (M, N), xq, scale)``: the forward GEMM of ``_FP8Linear`` on ``x`` as ``(M, K)``; ``quantized``: ``x``
+    already quantised, or ``None``. Without gradients it is the whole layer (no autograd function to set up)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize(x2d, E4M3, rowwise) if quantized is None else quantized
+    wq, sw = cache.get(weight, rowwise)
+    # cuBLAS adds a 16-bit bias in the GEMM's epilogue; elsewhere it is one more pass.
+    fused_bias = bias is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    out = torch._scaled_mm(
+        xq,
+        wq.t(),
+        scale_a=sx,
+        scale_b=sw.t() if rowwise else sw,
+        bias=bias.to(x.dtype) if fused_bias else None,
+        out_dtype=x.dtype,
+    )
+    if bias is not None and not fused_bias:
+        out = out + bias.to(out.dtype)
+    return out, xq, sx
+
+
 class _FP8Linear(torch.autograd.Function):
     """``x @ weight^T + bias`` with FP8 GEMMs in forward and backward (see the module docstring for the scaling);
     ``quantized``: ``x`` already quantised as ``(xq, scale)``, or ``None``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rowwise: bool, cache: _WeightCache, quantized=None):
+        out, xq, sx = _fp8_forward_gemm(x, weight, bias, rowwise, cache, quantized)
         x2d = x.reshape(-1, x.shape[-1])
-        xq, sx = quantize(x2d, E4M3, rowwise) if quantized is None else quantized
-        wq, sw = cache.get(weight, rowwise)
-        # cuBLAS adds a 16-bit bias in the GEMM's epilogue; elsewhere it is one more pass.
-        fused_bias = bias is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        out = torch._scaled_mm(
-            xq,
-            wq.t(),
-            scale_a=sx,
-            scale_b=sw.t() if rowwise else sw,
-            bias=bias.to(x.dtype) if fused_bias else None,
-            out_dtype=x.dtype,
-        )
-        if bias is not None and not fused_bias:
-            out = out + bias.to(out.dtype)
         # What the weight gradient needs of x: nothing for a frozen weight (a LoRA base); x itself, quantised again
         # per column in backward (rowwise); the forward's FP8 copy (tensorwise: its one scale serves X^T too, so half
         # the bytes are kept and nothing is quantised twice).
@@ -296,10 +311,17 @@ def _apply(
         # No token: no scale to take (the amax of nothing); the empty product is the same in any precision.
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     # An inference-mode tensor has no version counter to key the shared copy on.
-    if inputs is None or compiling or x.is_inference():
-        return _FP8Linear.apply(x.to(dtype), weight, bias, rowwise, cache)
-    x, xq, sx = inputs.get(x, dtype, rowwise)
-    return _FP8Linear.apply(x, weight, bias, rowwise, cache, (xq, sx))
+    shared = inputs is not None and not compiling and not x.is_inference()
+    quantized = None
+    if shared:
+        x, xq, sx = inputs.get(x, dtype, rowwise)
+        quantized = xq, sx
+    else:
+        x = x.to(dtype)
+    if not torch.is_grad_enabled():  # rollouts and old-policy predictions: the GEMM alone
+        out = _fp8_forward_gemm(x, weight, bias, rowwise, cache, quantized)[0]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _FP8Linear.apply(x, weight, bias, rowwise, cache, quantized)
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
