@@ -7,12 +7,13 @@ PyAV is optional at import: the first call that needs it raises ``MissingDepende
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import wave
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,26 @@ def refuse_existing(folder: str | Path, names: Sequence[str]) -> None:
         raise FileExistsError(f"{folder} already holds {', '.join(held[:3])}{more}; choose another folder")
 
 
+@contextlib.contextmanager
+def temporary_beside(path: Path) -> Iterator[Path]:
+    """A fresh, empty temporary file in ``path``'s folder (created with it), named after ``path``; removed on exit
+    unless it was renamed or linked into place (then only its extra name goes). ``with_umask`` it once written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def with_umask(path: Path) -> None:
+    """Give ``path`` the permissions the user's umask gives a new file (a temporary file has owner-only ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def link_new(tmp: Path, path: Path) -> None:
     """Give the finished file ``tmp`` the name ``path`` only while ``path`` does not exist (``FileExistsError``): a
     hard link, or on a file system without them a rename after a check."""
@@ -169,17 +190,13 @@ def write_new(path: str | Path, write: Callable[[Path], object], *, hint: str = 
     not exist: nothing is ever overwritten (``FileExistsError`` naming ``path``, then ``hint``) and a kill leaves no
     half-written ``path``. Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
-    try:
+    with temporary_beside(path) as tmp:
         write(tmp)
-        link_new(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists{hint} (nothing is overwritten)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        with_umask(tmp)
+        try:
+            link_new(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists{hint} (nothing is overwritten)") from None
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,8 +63,12 @@ def test_missing_pyav_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_write_new_never_replaces_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "weights.bin"
-    assert media.write_new(path, lambda tmp: tmp.write_bytes(b"first")) == path
-    assert path.read_bytes() == b"first"
+    old = os.umask(0o027)
+    try:
+        assert media.write_new(path, lambda tmp: tmp.write_bytes(b"first")) == path
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"first" and path.stat().st_mode & 0o777 == 0o640  # the umask's, not owner-only
     with pytest.raises(FileExistsError, match=r"weights.bin exists; choose another --out \(nothing is overwritten\)$"):
         media.write_new(path, lambda tmp: tmp.write_bytes(b"second"), hint="; choose another --out")
     assert path.read_bytes() == b"first"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from omninft_fast.media import link_new
+from omninft_fast.media import link_new, temporary_beside, with_umask
 
 
 class Stateful(Protocol):
@@ -31,29 +30,21 @@ def _names(keys: list[str], limit: int = 8) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
-def _write_atomically(
+def write_atomically(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, replace: bool = True
 ) -> None:
     """Write a fresh temporary file beside ``path``, flush it to disk, give it the user's umask, then rename it over
     ``path`` (``replace``) or link it there only while ``path`` does not exist (``FileExistsError``): a kill at any
     point leaves either the old file or the new one, and no other file is touched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        save_file(tensors, name, metadata=metadata)
+    with temporary_beside(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
         with tmp.open("rb") as written:
             os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
+        with_umask(tmp)
         if replace:
             os.replace(tmp, path)
         else:
             link_new(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -61,7 +52,7 @@ def _write_atomically(
         os.close(folder)
 
 
-def _header(path: Path, what: str) -> dict[str, str]:
+def header_metadata(path: Path, what: str) -> dict[str, str]:
     """The header metadata of a safetensors file; ``ValueError`` naming ``path`` if it is unreadable or truncated."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
@@ -74,7 +65,7 @@ def _header(path: Path, what: str) -> dict[str, str]:
 
 def _tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; ``ValueError`` naming ``path`` if it is unreadable or truncated."""
-    _header(path, what)
+    header_metadata(path, what)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -135,7 +126,7 @@ def save_checkpoint(
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"metadata": json.dumps(metadata), "optimizer": json.dumps(optim_meta)}
-    _write_atomically(Path(path), tensors, meta)
+    write_atomically(Path(path), tensors, meta)
 
 
 def load_checkpoint(
@@ -154,7 +145,7 @@ def load_checkpoint(
     """
     path = Path(path)
     metadata = checkpoint_metadata(path)
-    header = _header(path, "checkpoint")
+    header = header_metadata(path, "checkpoint")
     tensors = load_modules(path, modules)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(header["optimizer"])))
     generator.set_state(tensors["rng.generator"])
@@ -167,7 +158,7 @@ def load_full_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     an engine that shards them as it loads."""
     path = Path(path)
     tensors = _tensors(path, "checkpoint")
-    return tensors, _unflatten_optimizer(tensors, json.loads(_header(path, "checkpoint")["optimizer"]))
+    return tensors, _unflatten_optimizer(tensors, json.loads(header_metadata(path, "checkpoint")["optimizer"]))
 
 
 def load_modules(path: str | Path, modules: dict[str, Stateful]) -> dict[str, torch.Tensor]:
@@ -201,7 +192,7 @@ def load_modules(path: str | Path, modules: dict[str, Stateful]) -> dict[str, to
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a ``save_checkpoint`` file (its header only: nothing else is read)."""
     path = Path(path)
-    header = _header(path, "checkpoint")
+    header = header_metadata(path, "checkpoint")
     if "metadata" not in header or "optimizer" not in header:
         raise ValueError(f"checkpoint {str(path)!r} was not written by the trainer (no metadata in its header)")
     return json.loads(header["metadata"])
@@ -211,7 +202,7 @@ def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, 
     """Write a module's state dict atomically as safetensors to a new file (``FileExistsError`` if ``path`` exists;
     the committed base policy uses this)."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-    _write_atomically(Path(path), tensors, {"metadata": json.dumps(metadata or {})}, replace=False)
+    write_atomically(Path(path), tensors, {"metadata": json.dumps(metadata or {})}, replace=False)
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:

@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,11 +34,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from omninft_fast._checks import check_device
 from omninft_fast.train.builders import STREAMS, Policies, stream_of
+from omninft_fast.train.checkpoint import header_metadata, write_atomically
 from omninft_fast.train.config import TrainConfig, times_per_sample
 from omninft_fast.train.stages import Rollout, Scores, step_if_finite
 from omninft_fast.train.validation import check_finite
@@ -448,15 +446,9 @@ def _set_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None
 
 
 def _write_export(path: Path, tensors: dict[str, torch.Tensor], iteration: int) -> None:
-    """The run's own ``export.safetensors`` after ``iteration``, through a fresh temporary file renamed over it."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, name, metadata={"iteration": str(iteration)})
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    """The run's own ``export.safetensors`` after ``iteration``, written as its checkpoints are."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomically(path, tensors, {"iteration": str(iteration)})
 
 
 class FSDPEngine(Engine):
@@ -704,8 +696,7 @@ def export_iteration(path: Path) -> int | None:
     the iteration in its header)."""
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        iteration = (handle.metadata() or {}).get("iteration")
+    iteration = header_metadata(path, "export").get("iteration")
     return None if iteration is None else int(iteration)
 
 
