@@ -22,13 +22,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def parse_device(device: str | torch.device, name: str) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` unless it names one (whether or not this
+    machine has it)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must name a torch device such as cpu or cuda:0, got {device!r}") from None
+
+
 def check_device(device: str | torch.device, name: str) -> torch.device:
     """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` unless it is the CPU or an accelerator (with
     its index in range) this machine has."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name} must name a torch device such as cpu or cuda:0, got {device!r}") from None
+    parsed = parse_device(device, name)
     if parsed.type == "cpu":
         return parsed
     present = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None

@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from omninft_fast._checks import parse_device
 from omninft_fast.fp8 import DEFAULT_MODULES, RECIPES, TE_RECIPES
 from omninft_fast.ltx2.attention_backends import ATTENTION_BACKENDS
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
@@ -421,9 +422,9 @@ class TrainConfig:
         for key, device in devices:
             try:
                 if device is not None:
-                    torch.device(device)
-            except RuntimeError:
-                raise ConfigError(f"{key} must name a torch device such as cpu or cuda:0, got {device!r}") from None
+                    parse_device(device, key)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         positive = {
             "iterations": self.iterations,
             "prompts_per_iter": self.prompts_per_iter,
