@@ -602,6 +602,11 @@ def _floats(tree: Any, where: str = "") -> list[tuple[str, float]]:
     return [(where, tree)] if isinstance(tree, float) else []
 
 
+def _first_line(error: Exception) -> str:
+    """An OmegaConf (or other) error's message, its first line."""
+    return str(getattr(error, "msg", None) or error).splitlines()[0]
+
+
 def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) -> DictConfig:
     """``data`` merged onto ``schema``: keys and types checked against the dataclasses. Errors name the dotted key,
     under ``where`` (an override's key) when OmegaConf names it relative to a value that ``where`` replaced."""
@@ -614,12 +619,12 @@ def _typed(schema: DictConfig, data: DictConfig | dict[str, Any], where: str) ->
             parts = where.split(".")
             indices = [i for i, part in enumerate(parts) if part.isdigit()]
             key = ".".join([*parts[: indices[-1] + 1 if indices else len(parts)], key]) if key else where
-        message = str(getattr(error, "msg", None) or error).splitlines()[0]
+        message = _first_line(error)
         if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
             raise ConfigError(f"unknown config key {key!r} ({message})") from None
         raise ConfigError(f"{key}: {message}") from None
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where or 'config'}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{where or 'config'}: {_first_line(error)}") from None
 
 
 def _check_path(tree: DictConfig, key: str) -> None:
@@ -678,8 +683,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             OmegaConf.update(plain, key, value, merge=merge)
         except (OmegaConfBaseException, TypeError, ValueError) as error:
-            message = str(getattr(error, "msg", None) or error).splitlines()[0]
-            raise ConfigError(f"{key}: {message}") from None
+            raise ConfigError(f"{key}: {_first_line(error)}") from None
         tree = _typed(schema, plain, key)
     if tree.ladder in LADDER:
         for key, value in ladder_preset(tree.ladder).items():
