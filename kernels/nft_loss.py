@@ -5,8 +5,8 @@ Each program owns ``BLOCK_ROWS`` token rows of the flattened ``(B * N, C)`` velo
 partials in a fixed order, so the loss is bit-identical on repeat (no atomics). Accumulation is float32 for every
 input dtype (float64 inputs included: their loss is returned as float64, but computed in float32).
 
-With the x0-space self-normalisation (``x0_norm_t``) a first pass over the inputs reduces each sample's sums of ``|v+
-- target|`` and ``|v- - target|`` (unweighted: region weights weigh only the squared error): programs own
+With the x0-space self-normalisation (``x0_norm_t``) a first pass over the inputs reduces each sample's sums of
+``|v+ - target|`` and ``|v- - target|`` (unweighted: region weights weigh only the squared error): programs own
 ``BLOCK_ROWS`` tokens of one sample and write one ``(2,)`` partial each; one program per sample adds its partials in
 chunk order and turns them into the two per-sample term coefficients ``r t^2 / max(t mean|v+ - target|, 1e-5)`` and
 ``(1 - r) t^2 / max(...)`` that the loss pass uses in place of ``r`` and ``1 - r`` (the normalisers are constants: no
