@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("ltx_core")
 
 from omninft_fast.fp8 import ScaledMMCounter
+from omninft_fast.train.builders import build_policy, build_task, load_prompts
+from omninft_fast.train.config import load_config
 from omninft_fast.train.model import Condition, LTXAVModel
 
-BATCH, LAYERS, TEXT_TOKENS = 4, 3, 5
+BATCH = 4
+MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
 # ltx-core moves its host-cached RoPE frequency grid to the device for the video, audio and both cross-modal
 # embeddings: 4 copies per model forward, before the first block.
 ROPE_COPIES = 4
@@ -42,58 +46,45 @@ class _Transfers(TorchDispatchMode):
         return out
 
 
-def _model(fp8: bool = False) -> LTXAVModel:
-    model = LTXAVModel.build(
-        frames=2,
-        height=2,
-        width=3,
-        video_channels=16,
-        audio_tokens=10,
-        audio_channels=8,
-        fps=3.0,
-        audio_token_seconds=0.25,
-        num_layers=LAYERS,
-        video_heads=2,
-        video_head_dim=16,
-        audio_heads=2,
-        audio_head_dim=8,
-    )
+def _model(fp8: bool = False) -> tuple[LTXAVModel, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Condition]]:
+    """The micro config's policy with 3 blocks (Eq 8 and Eq 10 patched, FP8 layers if asked) and a batch of its
+    inputs, on the meta device."""
+    config = load_config(MICRO, ["model.num_layers=3"])
+    task = build_task(config)
+    model = build_policy(config, task)
     model.patch(detach=[0.9, 0.5, 0.0], region_layers=[1, 2])
     if fp8:
         model.patch_fp8(recipe="tensorwise")
-    return model.to(META)
-
-
-def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Condition]:
-    cond = Condition(torch.empty(BATCH, TEXT_TOKENS, 32, device=META), torch.empty(BATCH, TEXT_TOKENS, 16, device=META))
-    return (
-        torch.empty(BATCH, 12, 16, device=META),
-        torch.empty(BATCH, 10, 8, device=META),
+    s = task.spec
+    inputs = (
+        torch.empty(BATCH, s.video_tokens, s.video_channels, device=META),
+        torch.empty(BATCH, s.audio_tokens, s.audio_channels, device=META),
         torch.empty(BATCH, device=META),
-        cond,
+        Condition(*task.encode(load_prompts(config)[:BATCH])).to(META),
     )
+    return model.to(META), inputs
 
 
 def test_guided_rollout_reads_nothing_on_the_host() -> None:
     """Two steps of a batch whose last two samples are the STG pass of the first two (blocks 0-1 shared), with the
     region capture armed on the last step."""
-    model = _model()
+    model, inputs = _model()
     transfers = _Transfers()
     with torch.no_grad(), transfers, model._handle.capture_region_scores(num_steps=2, last_steps=1) as capture:
         for step in range(2):
             capture.step = step
-            model(*_inputs(), skip_blocks=[[], [], [2], [2]], copied_rows=2)
+            model(*inputs, skip_blocks=[[], [], [2], [2]], copied_rows=2)
         scores = capture.scores()
-    assert scores.shape == (BATCH, 12) and scores.device == META
+    assert scores.shape == (BATCH, inputs[0].shape[1]) and scores.device == META
     assert transfers.sources == {"transformer/rope.py": 2 * ROPE_COPIES}
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-layers", "fp8-layers"])
 def test_training_step_reads_nothing_on_the_host(fp8: bool) -> None:
-    model = _model(fp8)
+    model, inputs = _model(fp8)
     transfers = _Transfers()
     with ScaledMMCounter() as gemms, transfers:
-        v_video, v_audio = model(*_inputs())
+        v_video, v_audio = model(*inputs)
         (v_video.sum() + v_audio.sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert transfers.sources == {"transformer/rope.py": ROPE_COPIES}
