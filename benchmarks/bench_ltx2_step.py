@@ -324,9 +324,11 @@ def _block_step(name: str, detach: list[float] | None, size: Size, device: str, 
     return step, model, data
 
 
-def profile_steps(step, dry_run: bool, steps: int = 3, top: int = 10) -> dict:
+def profile_steps(step, dry_run: bool, steps: int = 3, top: int = 10, self_time: bool = False) -> dict:
     """Where the time of ``step`` goes after 2 warm-up calls, over ``steps`` profiled calls: the ``top`` events with
-    the most device time (CPU time on a dry run), the device total and the host-device synchronisations per call."""
+    the most device time (CPU time on a dry run; ``self_time``: each event's own time, not its children's, so the
+    kernels themselves rank, not the operators launching them), the device total and the host-device
+    synchronisations per call."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([] if dry_run else [ProfilerActivity.CUDA])
@@ -338,7 +340,7 @@ def profile_steps(step, dry_run: bool, steps: int = 3, top: int = 10) -> dict:
         if not dry_run:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    key = "cpu_time_total" if dry_run else "device_time_total"
+    key = ("self_" if self_time else "") + ("cpu_time_total" if dry_run else "device_time_total")
     kernels = sorted((e for e in events if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
     syncs = {
         e.key: e.count // steps

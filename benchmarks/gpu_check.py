@@ -21,8 +21,9 @@ and the others still run; a CUDA fault cannot poison the rest):
    host-device synchronisations per step.
 9. ``fp8``: the 19B-width block in bf16 vs ``omninft_fast.fp8`` (rowwise, tensorwise, PyTorch's quantisation) at
    batch 1 and 4: fwd+bwd, rollout forward and its host issue time; the quantisation kernel alone.
-10. ``fp8_compiled``: the same block under ``torch.compile`` (inductor), bf16 and FP8 rowwise at batch 4, against
-    the eager and the compiled bf16 block (the compiler fuses FP8's quantisation into its producers).
+10. ``fp8_compiled``: the same block under ``torch.compile`` (inductor) at batch 4, bf16 and FP8 rowwise and
+    tensorwise, trained and with frozen linears (LoRA's base), against the eager and the compiled bf16 block (the
+    compiler fuses FP8's quantisation into its producers), with the top kernels of each compiled fwd+bwd.
 11. ``fp8_profile``: ``torch.profiler`` of the block's rollout forward, bf16 vs FP8 rowwise and tensorwise.
 12. ``iteration``: one whole OmniNFT iteration of a tiny-width LTX-2 at LTX-2's token counts, engine vs a
     straightforward loop written the released code's way (``bench_iteration.py``): samples/s, peak memory, losses.
@@ -63,7 +64,7 @@ SECTIONS: dict[str, int] = {
     "tiles": 150,
     "block_profile": 90,
     "fp8": 120,
-    "fp8_compiled": 300,
+    "fp8_compiled": 470,
     "fp8_profile": 90,
     "iteration": 150,
     "distributed": 150,

@@ -69,10 +69,21 @@ def test_dry_run_every_section(tmp_path: Path) -> None:
         assert (row["fp8_weight_copies_MiB"] == 0) == bf16, row
     assert {row["recipe"] for row in results["fp8"]["quantize"]} == {"rowwise", "tensorwise"}
     compiled = results["fp8_compiled"]["rows"]
-    assert [row["variant"] for row in compiled] == ["bf16", "bf16 compiled", "fp8 rowwise compiled"]
-    assert compiled[1]["velocity_rel_error_vs_bf16"] < 1e-5
-    assert 0 < compiled[2]["velocity_rel_error_vs_bf16"] < 0.15
-    assert all(row["rollout_vs_compiled_bf16"] > 0 and row["fwd+bwd_ms"] > 0 for row in compiled)
+    assert [(row["variant"], row["frozen_linears"]) for row in compiled] == [
+        ("bf16", False),
+        ("bf16 compiled", False),
+        ("fp8 rowwise compiled", False),
+        ("bf16, frozen linears", True),
+        ("bf16 compiled, frozen linears", True),
+        ("fp8 rowwise compiled, frozen linears", True),
+        ("fp8 tensorwise compiled", False),
+    ]
+    for row in compiled:
+        fp8_row = row["variant"].startswith("fp8")
+        assert (row["velocity_rel_error_vs_bf16"] < 1e-5) != fp8_row and row["velocity_rel_error_vs_bf16"] < 0.15, row
+        assert row["rollout_vs_compiled_bf16"] > 0 and row["fwd+bwd_vs_eager_bf16"] > 0 and row["fwd+bwd_ms"] > 0, row
+    assert set(results["fp8_compiled"]["profiles"]) == {r["variant"] for r in compiled if "compiled" in r["variant"]}
+    assert all(profile["top"] for profile in results["fp8_compiled"]["profiles"].values())
     assert all(results["fp8_profile"][name]["top"] for name in ("bf16", "fp8 rowwise", "fp8 tensorwise"))
     iteration = results["iteration"]
     assert iteration["first_iteration_loss_rel_diff"] < 1e-5 and iteration["speedup"] > 0
