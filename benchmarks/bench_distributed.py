@@ -83,7 +83,8 @@ def launch(backend: str, ranks: int, out: Path, overrides: list[str], threads: i
         f"code = subprocess.run([sys.executable, *{train!r}], stdout=subprocess.DEVNULL).returncode; "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # ``threads=0`` keeps torch's own thread count (OpenMP refuses OMP_NUM_THREADS=0).
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})}
     done = subprocess.run(
         [sys.executable, "-c", wrapper], cwd=out.parent, env=env, capture_output=True, text=True, check=False
     )

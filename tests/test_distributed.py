@@ -315,3 +315,31 @@ def test_a_sharded_run_is_read_by_generate_and_analyze(runs: dict[str, Path], tm
     )
     with pytest.raises(ValueError, match="is a DeepSpeed folder \\(iteration 2\\) without export.safetensors of that"):
         resolve_config(None, str(out), [])
+
+
+@pytest.mark.parametrize("precision", ["off", "bf16"])
+def test_fsdp2_gathers_the_blocks_for_backward_where_it_finds_tensors_only_in_containers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """FSDP2 before torch 2.13 (the GPU machines' 2.11) looked for a block's output tensors through ``tree_flatten``,
+    which does not enter ltx-core's ``TransformerArgs`` dataclasses: no block was gathered again for the backward,
+    which then read freed parameter storage. The blocks return their tensors flat, so that traversal finds them."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+    from torch.utils._pytree import tree_flatten
+
+    def tree_flatten_only(output: object) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad)
+
+    monkeypatch.setattr(_fsdp_state, "collect_grad_tensors", tree_flatten_only)
+    overrides = [
+        f"output_dir={tmp_path}",
+        "distributed.backend=fsdp2",
+        "iterations=1",
+        f"distributed.mixed_precision={precision}",
+    ]
+    trainer = Trainer(load_config(MICRO, overrides))
+    try:
+        metrics = trainer.iteration(0)
+    finally:
+        trainer.dist.close()
+    assert metrics["grad_norm/total"] > 0

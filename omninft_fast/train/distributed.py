@@ -236,6 +236,7 @@ def wrap(
     lora = policies.adapters is not None
     if world.backend == "fsdp2":
         for model in [policies.policy] + ([] if lora else [m for m in (policies.old, policies.ref) if m is not None]):
+            _expose_block_outputs(model)
             _fsdp_shard(model, config, world.device)
         trainable = [p for p in policies.policy.parameters() if p.requires_grad]
         policies = _collect(policies, trainable)
@@ -263,9 +264,9 @@ def wrap(
 @functools.cache
 def _tensor_outputs(base: type) -> type:
     """``base`` (an ltx-core transformer block class) whose ``forward`` returns the tensors of its two
-    ``TransformerArgs`` as a flat tuple, and whose call rebuilds the dataclasses: ZeRO-3 finds a module's output
-    tensors only in tuples, lists and dicts, and hooks them to gather the block's own parameters (its AdaLN
-    tables) again for the backward pass."""
+    ``TransformerArgs`` as a flat tuple, and whose call rebuilds the dataclasses. The engines hook a module's output
+    tensors to gather its parameters again for the backward pass, and find them only in tuples, lists and dicts
+    (ZeRO-3; FSDP2 before torch 2.13, whose blocks' backward otherwise ran on freed parameter storage)."""
 
     class TensorOutputs(base):
         def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
@@ -278,7 +279,7 @@ def _tensor_outputs(base: type) -> type:
             outputs, self._outputs = self._outputs, None
             return tuple(dataclasses.replace(out, **{k: next(flat) for k in _tensor_fields(out)}) for out in outputs)
 
-    TensorOutputs.__name__ = f"ZeRO3{base.__name__}"
+    TensorOutputs.__name__ = f"TensorOutputs{base.__name__}"
     return TensorOutputs
 
 
@@ -289,8 +290,8 @@ def _tensor_fields(out: Any) -> dict[str, torch.Tensor]:
 
 
 def _expose_block_outputs(model: torch.nn.Module) -> None:
-    """Give every transformer block of ``model`` tensor outputs for ZeRO-3 (``_tensor_outputs``; parameter names
-    and weights are unchanged)."""
+    """Give every transformer block of ``model`` tensor outputs for the engines (``_tensor_outputs``; parameter
+    names and weights are unchanged)."""
     for block in model.model.transformer_blocks:
         block.__class__ = _tensor_outputs(type(block))
 
