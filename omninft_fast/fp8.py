@@ -20,8 +20,10 @@ weight (LoRA) is quantised once per load, not per forward; a LoRA branch around 
 own precision. Optimisers that update weights without bumping their version (torch's fused AdamW) would leave a
 stale copy: ``handle.watch(optimizer)`` (or ``handle.refresh()`` after each step) drops the trained weights' copies
 after every step. Under ``torch.compile`` the patched layers trace into one graph (no break): the compiler generates
-the quantisation from PyTorch's ops, fused into the kernels producing each activation, and quantises the weights in
-the graph on every forward (as autocast recasts a 16-bit weight on every forward); the cache serves eager runs.
+the quantisation from PyTorch's ops, fused into the kernels producing each activation. A graph cannot key a cache on
+a weight's version, so it quantises trained weights in every call (as autocast recasts a 16-bit weight in every
+forward) and reads frozen weights' copies as inputs once ``handle.prepare()`` made them (the trainer calls it before
+each call of a compiled model; it quantises again only what changed).
 
 Error bound (tests): e4m3 keeps 3 mantissa bits, so each quantised value is within a factor ``1 +- 2**-4`` of the
 scaled original (away from the subnormal range), and each product in the forward GEMM within ``(1 + 2**-4)**2 - 1
@@ -111,22 +113,39 @@ def _transposed_padded(q: torch.Tensor) -> torch.Tensor:
 class _WeightCache:
     """The quantised copies of one weight, ``W`` (forward) and ``W^T`` (input gradient), per (storage, version,
     recipe): each built on first use and rebuilt only after the weight changes; ``enabled=False`` keeps none and
-    quantises on every use."""
+    quantises on every use. ``compiled``: the copies of a frozen weight that ``prepare`` made for compiled graphs,
+    which read them as inputs (a graph cannot key anything on a weight's version, so they are only as fresh as the
+    last ``prepare``)."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.key: tuple | None = None
         self.value: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compiled: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.key, self.value = None, {}
+        self.compiled.clear()
+
+    def prepare(self, weight: torch.Tensor, rowwise: bool, transposed: bool) -> None:
+        """Fill ``compiled`` with the current copies of a frozen ``weight`` (``W``, and ``W^T`` if ``transposed``),
+        quantising only what changed since the last call; a trained weight gets none."""
+        if not self.enabled or weight.requires_grad or weight.is_inference():
+            self.compiled.clear()
+            return
+        for orientation in (False, True) if transposed else (False,):
+            self.compiled[orientation] = self.get(weight, rowwise, orientation)
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         operand = weight.detach().t() if transposed else weight.detach()
-        if not self.enabled or torch.compiler.is_compiling() or weight.is_inference():
-            # A compiled graph cannot key a cache on the weight's version (nor can anything key an inference-mode
-            # weight's, which has none): it quantises the weight itself, in a kernel the compiler generates (as
-            # autocast recasts a bf16 weight in every forward).
+        if torch.compiler.is_compiling():
+            if not weight.requires_grad and transposed in self.compiled:
+                return self.compiled[transposed]
+            # Otherwise the graph quantises the weight itself, in a kernel the compiler generates (as autocast
+            # recasts a bf16 weight in every forward).
+            return quantize(operand, E4M3, rowwise)
+        if not self.enabled or weight.is_inference():
+            # Nothing keys an inference-mode weight's copy: it has no version.
             return quantize(operand, E4M3, rowwise)
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
@@ -206,13 +225,18 @@ class _FP8Linear(torch.autograd.Function):
         # per column in backward (rowwise); the forward's FP8 copy (tensorwise: its one scale serves X^T too, so half
         # the bytes are kept and nothing is quantised twice).
         kept = () if not ctx.needs_input_grad[1] else (x2d,) if rowwise else (xq, sx)
-        ctx.save_for_backward(weight, *kept)
+        # A compiled graph hands its backward the prepared W^T of a frozen weight as a saved tensor.
+        prepared = torch.compiler.is_compiling() and not weight.requires_grad and True in cache.compiled
+        transposed = cache.compiled[True] if prepared and ctx.needs_input_grad[0] else ()
+        ctx.transposed = len(transposed)
+        ctx.save_for_backward(weight, *transposed, *kept)
         ctx.shape, ctx.dtype, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, x.dtype, bias is not None, rowwise, cache
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, *kept = ctx.saved_tensors
+        weight, *saved = ctx.saved_tensors
+        transposed, kept = saved[: ctx.transposed], saved[ctx.transposed :]
         rowwise, (need_x, need_w) = ctx.rowwise, ctx.needs_input_grad[:2]
         g2d = grad_out.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = None
@@ -220,7 +244,7 @@ class _FP8Linear(torch.autograd.Function):
             gq, sg = quantize(g2d, E5M2, rowwise)
         if need_x:
             # dX (M, K) = G (M, N) @ W (N, K): G scaled per row, W per column (never along the contracted N).
-            wq_t, sw = ctx.cache.get(weight, rowwise, transposed=True)
+            wq_t, sw = transposed or ctx.cache.get(weight, rowwise, transposed=True)
             # Straight in the input's dtype (no float32 intermediate for 16-bit inputs).
             grad_x = torch._scaled_mm(gq, wq_t.t(), scale_a=sg, scale_b=sw.t() if rowwise else sw, out_dtype=ctx.dtype)
             grad_x = grad_x.reshape(ctx.shape)
@@ -347,6 +371,17 @@ class FP8Handle:
             if layer.weight.requires_grad and hasattr(layer, "_omninft_fp8_cache"):
                 layer._omninft_fp8_cache.clear()
 
+    def prepare(self, *, transposed: bool = False) -> None:
+        """Give compiled graphs the FP8 copies of the frozen weights (``requires_grad`` off: a LoRA run's base, an
+        old policy, a reference), ``W`` and, with ``transposed``, ``W^T`` for a backward through them, so the
+        graphs read them instead of quantising the weights in every call. Call it before each call of a compiled
+        patched model (only weights changed since the last call are quantised again: one check per layer); a graph
+        reads the copies as this call left them. Eager calls need none of it."""
+        for layer in self.layers.values():
+            cache = getattr(layer, "_omninft_fp8_cache", None)
+            if cache is not None:
+                cache.prepare(layer.weight, layer._omninft_fp8_rowwise, transposed)
+
     def watch(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
         """``refresh`` after every ``optimizer.step()``; returns the hook's handle."""
         return optimizer.register_step_post_hook(lambda *_: self.refresh())
@@ -360,6 +395,14 @@ class FP8Handle:
                     delattr(layer, name)
         self.layers.clear()
         delattr(self.model, _MARK)
+
+
+def prepare_compiled(model: nn.Module) -> None:
+    """Before a call of ``model``: ``handle.prepare()`` when ``model`` is FP8-patched and compiled
+    (``nn.Module.compile``), with ``W^T`` copies when gradients are on; nothing otherwise."""
+    handle = getattr(model, _MARK, None)
+    if handle is not None and getattr(model, "_compiled_call_impl", None) is not None:
+        handle.prepare(transposed=torch.is_grad_enabled())
 
 
 def _te_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -484,3 +484,62 @@ def test_te_backend_within_fp8_bounds(recipe: str) -> None:
     fp8.patch(nn.Sequential(layer), backend="te", recipe=recipe, modules=r"^0$")
     bound = FORWARD_BOUND * (x.double().abs() @ layer.weight.double().abs().t()) + 1e-2 * exact.abs() + 1e-2
     assert bool(((layer(x).double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_compiled_graph_reads_the_prepared_copies_of_frozen_weights(recipe: str) -> None:
+    """After ``handle.prepare(transposed=True)`` a compiled forward + backward through frozen layers takes their FP8
+    ``W`` and ``W^T`` as graph inputs (it quantises no weight) and equals eager's outputs and input gradients; a
+    frozen weight changed in place and prepared again gives the new results from the same graph (no recompilation);
+    a trained weight is quantised inside the graph."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 64))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(False)
+    handle = fp8.patch(model, recipe=recipe, modules=r"^(0|2)$")
+    fp8_inputs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        fp8_inputs.append(sorted(tuple(t.shape) for t in inputs if t.dtype == fp8.E4M3))
+        return aot_eager(gm, inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+
+    def step(forward) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _activations(torch.Generator().manual_seed(4), (2, 8, 32)).requires_grad_()
+        out = forward(x)
+        (out * torch.linspace(-1, 1, 64)).sum().backward()
+        return out, x.grad
+
+    for change in (None, 0.5):
+        if change is not None:
+            with torch.no_grad():
+                model[0].weight.mul_(change)
+        handle.prepare(transposed=True)
+        got, want = step(compiled), step(model)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert fp8_inputs == [[(32, 48), (48, 32), (48, 64), (64, 48)]]  # one graph: W and W^T of both layers
+    model[2].weight.requires_grad_(True)
+    handle.prepare(transposed=True)
+    assert not model[2]._omninft_fp8_cache.compiled and set(model[0]._omninft_fp8_cache.compiled) == {False, True}
+    step(compiled)
+    assert fp8_inputs[1:] == [[(32, 48), (48, 32)]]  # a new graph, quantising the trained weight itself
+    handle.unpatch()
+
+
+def test_prepare_compiled_prepares_only_a_compiled_patched_model() -> None:
+    model = nn.Sequential(nn.Linear(32, 48))
+    model[0].weight.requires_grad_(False)
+    fp8.patch(model, recipe="tensorwise", modules=r"^0$")
+    fp8.prepare_compiled(model)
+    assert not model[0]._omninft_fp8_cache.compiled
+    model.compile(backend="aot_eager")
+    with torch.no_grad():
+        fp8.prepare_compiled(model)
+    assert set(model[0]._omninft_fp8_cache.compiled) == {False}
+    fp8.prepare_compiled(model)
+    assert set(model[0]._omninft_fp8_cache.compiled) == {False, True}
+    fp8.prepare_compiled(nn.Linear(32, 48))  # not patched: nothing to do

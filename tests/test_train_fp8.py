@@ -98,6 +98,17 @@ def test_compiled_fp8_transformer_trains_like_eager(tmp_path: Path, mode: str) -
     for key in ("reward/colour/mean", "reward/pitch/mean", "loss/video", "loss/audio"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6)
 
+    # The compiled graphs read prepared FP8 copies of frozen weights: LoRA's base (W for rollouts, W^T for the
+    # backward through it); a full fine-tune's trained weights have none, its old policy's frozen ones W.
+    def prepared(model) -> set[frozenset[bool]]:
+        return {frozenset(m._omninft_fp8_cache.compiled) for m in getattr(model.model, fp8._MARK).layers.values()}
+
+    if mode == "lora":
+        assert prepared(compiled.policies.policy) == {frozenset({False, True})}
+    else:
+        assert prepared(compiled.policies.policy) == {frozenset()}
+        assert prepared(compiled.policies.old) == {frozenset({False})}
+
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_with_gradient_checkpointing_trains_identically(tmp_path: Path, recipe: str) -> None:

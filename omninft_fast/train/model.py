@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from omninft_fast import fp8
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -288,6 +290,7 @@ class LTXAVModel(AVVelocityModel):
             context=cond.audio.to(x_audio.dtype),
         )
         perturbations = self._perturbations(batch, skip_blocks)
+        fp8.prepare_compiled(self.model)
         if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
             # Through ltx-core's own forward (its hooks, e.g. a sharded engine's gathers, run as always).
             self.model._omninft_share = (copied_rows, first, self._handle)
@@ -384,7 +387,5 @@ class LTXAVModel(AVVelocityModel):
     ) -> Any:
         """``omninft_fast.fp8.patch`` on the layers ``modules`` names (default: the blocks' attention projections
         and feed-forward layers)."""
-        from omninft_fast import fp8
-
         modules = modules or fp8.DEFAULT_MODULES
         return fp8.patch(self.model, backend=backend, recipe=recipe, modules=modules, cache_weights=cache_weights)
