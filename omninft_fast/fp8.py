@@ -137,22 +137,27 @@ class _WeightCache:
             self.compiled[orientation] = self.get(weight, rowwise, orientation)
 
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        operand = weight.detach().t() if transposed else weight.detach()
         if torch.compiler.is_compiling():
             if not weight.requires_grad and transposed in self.compiled:
                 return self.compiled[transposed]
             # Otherwise the graph quantises the weight itself, in a kernel the compiler generates (as autocast
             # recasts a bf16 weight in every forward).
-            return quantize(operand, E4M3, rowwise)
+            return _quantize_weight(weight, rowwise, transposed)
         if not self.enabled or weight.is_inference():
             # Nothing keys an inference-mode weight's copy: it has no version.
-            return quantize(operand, E4M3, rowwise)
+            return _quantize_weight(weight, rowwise, transposed)
         key = (weight.data_ptr(), weight._version, rowwise, weight.dtype)
         if key != self.key:
             self.key, self.value = key, {}
-        if transposed not in self.value:
-            self.value[transposed] = quantize(operand, E4M3, rowwise)
-        return self.value[transposed]
+        value = self.value.get(transposed)
+        if value is None:
+            value = self.value[transposed] = _quantize_weight(weight, rowwise, transposed)
+        return value
+
+
+def _quantize_weight(weight: torch.Tensor, rowwise: bool, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W`` (or ``W^T``) in e4m3 with its scale."""
+    return quantize(weight.detach().t() if transposed else weight.detach(), E4M3, rowwise)
 
 
 class _InputCache:
