@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,33 @@ def train(out: Path, *args: str) -> int:
 
 def iterations(out: Path) -> list[int]:
     return [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def on_training_score(
+    monkeypatch: pytest.MonkeyPatch, hook: Callable[[int, int, stages.Scores], None]
+) -> Callable[[], None]:
+    """Run ``hook(iteration, call, scores)`` after each ``stages.score`` call inside a training iteration (``call``
+    counts that iteration's calls from 0; the evaluations before and after training score too, and are left alone);
+    returns what undoes it."""
+    score, iteration, current = stages.score, Trainer.iteration, {"iteration": None, "calls": 0}
+
+    def tracked(self: Trainer, it: int) -> dict[str, float]:
+        current.update(iteration=it, calls=0)
+        try:
+            return iteration(self, it)
+        finally:
+            current["iteration"] = None
+
+    def hooked(*args: object, **kwargs: object) -> stages.Scores:
+        scores = score(*args, **kwargs)
+        if current["iteration"] is not None:
+            hook(current["iteration"], current["calls"], scores)
+            current["calls"] += 1
+        return scores
+
+    monkeypatch.setattr(Trainer, "iteration", tracked)
+    monkeypatch.setattr(stages, "score", hooked)
+    return lambda: (monkeypatch.setattr(Trainer, "iteration", iteration), monkeypatch.setattr(stages, "score", score))
 
 
 def test_a_held_folder_is_refused_by_name_and_overwrite_moves_it_aside(
@@ -140,17 +168,15 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path: Path, caps
 def test_sigterm_stops_at_the_next_iteration_and_resume_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    score = stages.score
+    def signalled(iteration: int, call: int, scores: stages.Scores) -> None:
+        if iteration == 0 and call == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    def signalled(*args: object, **kwargs: object) -> stages.Scores:
-        os.kill(os.getpid(), signal.SIGTERM)
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(stages, "score", signalled)
+    undo = on_training_score(monkeypatch, signalled)
     assert train(tmp_path, "iterations=3", "checkpoint_every=5") == 130
     assert "stopped by SIGTERM; --resume continues from iteration 1" in capsys.readouterr().err
     assert iterations(tmp_path) == [0]
-    monkeypatch.setattr(stages, "score", score)
+    undo()
     assert train(tmp_path, "--resume", "iterations=3", "checkpoint_every=5") == 0
     assert iterations(tmp_path) == [0, 1, 2]
 
@@ -158,16 +184,12 @@ def test_sigterm_stops_at_the_next_iteration_and_resume_continues(
 def test_a_second_signal_stops_at_once_and_names_the_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    score, calls = stages.score, []
-
-    def signalled(*args: object, **kwargs: object) -> stages.Scores:
-        calls.append(1)
-        if len(calls) == 2:  # iteration 1
+    def signalled(iteration: int, call: int, scores: stages.Scores) -> None:
+        if iteration == 1 and call == 0:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return score(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "score", signalled)
+    on_training_score(monkeypatch, signalled)
     assert train(tmp_path, "iterations=3") == 130
     assert "stopped at once by a second SIGINT; --resume continues from iteration 1" in capsys.readouterr().err
     assert iterations(tmp_path) == [0]
@@ -372,16 +394,11 @@ def test_sigkill_at_random_points_then_resume_ends_bit_identical(tmp_path: Path)
 def test_on_nonfinite_drop_leaves_out_the_groups_and_names_the_reward(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    score, calls = stages.score, []
-
-    def poisoned(*args: object, **kwargs: object) -> stages.Scores:
-        scores = score(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:  # the rollout of iteration 0
+    def poisoned(iteration: int, call: int, scores: stages.Scores) -> None:
+        if iteration == 0 and call == 0:  # the rollout of iteration 0
             scores.values["pitch"][5] = float("inf")
-        return scores
 
-    monkeypatch.setattr(stages, "score", poisoned)
+    on_training_score(monkeypatch, poisoned)
     assert train(tmp_path, "on_nonfinite=drop") == 0
     assert "warning: iteration 0: non-finite rewards (pitch on 1 samples); dropped 1 of 2 groups" in (
         capsys.readouterr().err

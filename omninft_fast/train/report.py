@@ -15,8 +15,8 @@ from omninft_fast.train.builders import PromptRecord
 from omninft_fast.train.config import TrainConfig
 from omninft_fast.train.metrics import progress_bar
 from omninft_fast.train.model import AVTask, AVVelocityModel
-from omninft_fast.train.rollouts import micro_batches
-from omninft_fast.train.stages import Rollout, concat_rollouts, concat_scores, draw_noise, rollout, score
+from omninft_fast.train.rollouts import micro_batches, sample_and_score
+from omninft_fast.train.stages import Rollout, concat_rollouts, concat_scores
 
 
 @dataclass
@@ -54,33 +54,25 @@ def evaluate(
     samples, scores = [], []
     chunk = config.prompts_per_iter * config.group_size
     for lo in range(0, len(texts), chunk):
-        part, part_records = texts[lo : lo + chunk], records[lo : lo + chunk]
-        # The chunk's noise is drawn first and sampled in micro-batches of sampling.batch_size (as in training):
-        # the batch size changes the memory a forward takes, not the samples.
-        noise_video, noise_audio = draw_noise(task.spec, len(part), generator, device)
-        starts = micro_batches(len(part), config.sampling)
-        pieces = []
-        bar = progress_bar(config.sampling.num_steps * len(starts), f"sampling {len(part)}", enabled=config.progress)
-        with bar:
-            for m in starts:
-                rows = slice(m, m + starts.step)
-                pieces.append(
-                    rollout(
-                        model,
-                        task,
-                        part[rows],
-                        generator,
-                        sampling=config.sampling,
-                        device=device,
-                        autocast_dtype=autocast_dtype,
-                        on_step=lambda _, bar=bar: bar.update(),
-                        video_prompts=[record.video for record in part_records[rows]],
-                        audio_prompts=[record.audio for record in part_records[rows]],
-                        noise=(noise_video[rows], noise_audio[rows]),
-                    )
-                )
-        samples.append(concat_rollouts(pieces))
-        scores.append(score(task, rewards, samples[-1], terms))
+        # Sampled and scored as training's rollouts are: the chunk's noise first, then micro-batches of
+        # sampling.batch_size (it changes the memory a forward takes, not the samples).
+        part = records[lo : lo + chunk]
+        steps = config.sampling.num_steps * len(micro_batches(len(part), config.sampling))
+        with progress_bar(steps, f"sampling {len(part)}", enabled=config.progress) as bar:
+            rollout, scored, _ = sample_and_score(
+                model,
+                task,
+                rewards,
+                part,
+                generator,
+                sampling=config.sampling,
+                device=device,
+                terms=terms,
+                autocast_dtype=autocast_dtype,
+                on_step=lambda _, bar=bar: bar.update(),
+            )
+        samples.append(rollout)
+        scores.append(scored)
     merged = concat_scores(scores).values
     n = len(texts)
     mean = {key: float(v.mean()) for key, v in merged.items()}
