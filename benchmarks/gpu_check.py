@@ -30,7 +30,8 @@ and the others still run; a CUDA fault cannot poison the rest):
 13. ``distributed``: training iterations with world size 1 through FSDP2 and DeepSpeed ZeRO-3 against no engine
     (target: at most 5% slower; ``bench_distributed.py``).
 
-By default a run measures ``DEFAULT_SECTIONS`` (what no run has measured yet); ``--sections all`` runs all 13.
+By default a run measures ``DEFAULT_SECTIONS`` (what no run has measured since it changed); ``--sections all`` runs
+all 13.
 ``--dry-run`` runs the sections at tiny shapes on the CPU (Triton through its interpreter), so CI proves the script
 works. Usage: ``bash scripts/gpu_check.sh [OUT_DIR]`` on the GPU machine, or
 ``python benchmarks/gpu_check.py --out DIR [--dry-run] [--sections a,b|all] [--budget-s 540] [--tests f,g]``.
@@ -72,8 +73,8 @@ SECTIONS: dict[str, int] = {
 # The parent's deadline for a section (seconds since the epoch), read by the tests section to stop pytest in time.
 DEADLINE_ENV = "GPU_CHECK_SECTION_DEADLINE"
 INTERRUPT_MARGIN_S = 20.0
-# What a run without --sections measures: what no run has measured yet, in order of priority (a section without
-# time left is reported as skipped); ``--sections all`` runs every section.
+# What a run without --sections measures: the sections no run has measured since their code changed, in order of
+# priority (a section without time left is reported as skipped); ``--sections all`` runs every section.
 DEFAULT_SECTIONS = ("environment", "distributed", "fp8_compiled", "tests")
 CUDA_TESTS = [
     "tests/test_cuda.py",
