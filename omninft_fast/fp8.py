@@ -136,13 +136,19 @@ class _WeightCache:
         for orientation in (False, True) if transposed else (False,):
             self.compiled[orientation] = self.get(weight, rowwise, orientation)
 
+    def prepared(self, weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inside a compiled graph, the copy of a frozen ``weight`` that ``prepare`` made (a graph input); else
+        ``None``."""
+        if torch.compiler.is_compiling() and not weight.requires_grad:
+            return self.compiled.get(transposed)
+        return None
+
     def get(self, weight: torch.Tensor, rowwise: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
-            if not weight.requires_grad and transposed in self.compiled:
-                return self.compiled[transposed]
-            # Otherwise the graph quantises the weight itself, in a kernel the compiler generates (as autocast
-            # recasts a bf16 weight in every forward).
-            return _quantize_weight(weight, rowwise, transposed)
+            # Without a prepared copy the graph quantises the weight itself, in a kernel the compiler generates (as
+            # autocast recasts a bf16 weight in every forward).
+            copy = self.prepared(weight, transposed)
+            return _quantize_weight(weight, rowwise, transposed) if copy is None else copy
         if not self.enabled or weight.is_inference():
             # Nothing keys an inference-mode weight's copy: it has no version.
             return _quantize_weight(weight, rowwise, transposed)
@@ -231,8 +237,7 @@ class _FP8Linear(torch.autograd.Function):
         # the bytes are kept and nothing is quantised twice).
         kept = () if not ctx.needs_input_grad[1] else (x2d,) if rowwise else (xq, sx)
         # A compiled graph hands its backward the prepared W^T of a frozen weight as a saved tensor.
-        prepared = torch.compiler.is_compiling() and not weight.requires_grad and True in cache.compiled
-        transposed = cache.compiled[True] if prepared and ctx.needs_input_grad[0] else ()
+        transposed = (cache.prepared(weight, True) if ctx.needs_input_grad[0] else None) or ()
         ctx.transposed = len(transposed)
         ctx.save_for_backward(weight, *transposed, *kept)
         ctx.shape, ctx.dtype, ctx.has_bias, ctx.rowwise, ctx.cache = x.shape, x.dtype, bias is not None, rowwise, cache
