@@ -130,9 +130,7 @@ def section_environment(work: Path, dry_run: bool) -> dict:
         }
         query = "driver_version,clocks.max.sm,clocks.max.mem,power.limit"
         try:
-            smi = subprocess.run(
-                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True
-            )
+            smi = _nvidia_smi(query)
             info[f"nvidia_smi ({query})"] = smi.stdout.strip() or smi.stderr.strip()
         except OSError as exc:
             info["nvidia_smi"] = f"not available ({exc})"
@@ -307,9 +305,26 @@ def _table(rows: list[dict], keys: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nvidia_smi(query: str) -> subprocess.CompletedProcess:
+    """``nvidia-smi --query-gpu=query --format=csv,noheader``, run without starting CUDA in this process;
+    ``OSError`` where it is missing."""
+    command = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def _device_name() -> str:
+    """The GPU's name as ``nvidia-smi`` gives it: the title of a run without the ``environment`` section."""
+    try:
+        smi = _nvidia_smi("name")
+    except OSError:
+        return "unknown device"
+    names = smi.stdout.strip().splitlines() if smi.returncode == 0 else []
+    return names[0] if names else "unknown device"
+
+
 def _render(results: dict[str, dict], args: argparse.Namespace) -> str:
     env = results.get("environment", {})
-    lines = [f"# GPU check: {env.get('gpu', 'unknown device')}", ""]
+    lines = [f"# GPU check: {env.get('gpu') or _device_name()}", ""]
     lines += [f"`{' '.join(sys.argv)}` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     for name, result in results.items():
         lines += [f"## {name} ({result.get('status')}, {result.get('seconds', '?')} s)", ""]

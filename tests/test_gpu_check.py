@@ -141,3 +141,25 @@ def test_the_tests_section_stops_pytest_before_its_deadline_and_keeps_what_ran(t
     result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())["tests"]
     assert result["status"] == "ok" and "interrupted" in result
     assert [(row["test"], row["outcome"]) for row in result["tests"]][:1] == [("test_slow::test_fast", "passed")]
+
+
+def test_a_run_without_the_environment_section_is_titled_with_nvidia_smis_device_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    answers = {
+        "found": subprocess.CompletedProcess([], 0, "NVIDIA H100 80GB HBM3\n", ""),
+        "failed": subprocess.CompletedProcess([], 9, "", "NVIDIA-SMI has failed"),
+    }
+    for case, want in (("found", "NVIDIA H100 80GB HBM3"), ("failed", "unknown device")):
+        monkeypatch.setattr(gpu_check, "_nvidia_smi", lambda query, case=case: answers[case])
+        title = gpu_check._render({"tests": {"status": "skipped"}}, None).splitlines()[0]
+        assert title == f"# GPU check: {want}"
+
+    def missing(query: str) -> subprocess.CompletedProcess:
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(gpu_check, "_nvidia_smi", missing)
+    assert gpu_check._device_name() == "unknown device"
