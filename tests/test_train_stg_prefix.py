@@ -73,7 +73,9 @@ def test_shared_prefix_gives_the_guided_velocities_of_separate_passes(
         separate = guided_velocity(
             trainer.policies.old, xv, xa, t, cond, dataclasses.replace(guidance, stg_shared_prefix=False)
         )
-    assert rows == [2 * batch] * stg_block + [3 * batch] * (LAYERS - stg_block) + [3 * batch] * LAYERS
+    # Shared: the STG rows join at their block, which they run apart as they skip its self-attention.
+    after = [3 * batch] * (LAYERS - stg_block - 1)
+    assert rows == [2 * batch] * stg_block + [2 * batch, batch] + after + [3 * batch] * LAYERS
     for got, want in zip(shared, separate, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
@@ -86,7 +88,7 @@ def test_stg_without_cfg_shares_with_the_conditional_pass_alone(trainer: Trainer
         separate = guided_velocity(
             trainer.policies.old, xv, xa, t, cond, dataclasses.replace(guidance, stg_shared_prefix=False)
         )
-    assert rows == [2, 2, 4, 4] + [4] * LAYERS
+    assert rows == [2, 2, 2, 2, 4] + [4] * LAYERS
     for got, want in zip(shared, separate, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
@@ -106,6 +108,28 @@ def test_switch_off_is_the_separate_passes_forward(trainer: Trainer) -> None:
     for g, out, cfg in zip(got, v, (1.5, 3.0), strict=True):
         c, u, p = out.chunk(3)
         assert torch.equal(g, guide(c, u, p, cfg, 1.0))
+
+
+def test_stg_rows_compute_no_self_attention_in_their_block(trainer: Trainer) -> None:
+    """ltx-core attends for every sample of a batch where only some skip the self-attention; the shared forward
+    runs the skipping STG rows apart, through ltx-core's path that computes only the value projection."""
+    xv, xa, t, cond, uncond = _inputs(trainer, 2)
+    calls: list[tuple[str, int, bool]] = []
+    block = trainer.policies.old.model.transformer_blocks[2]
+    hooks = [
+        attention.register_forward_pre_hook(
+            lambda _m, args, kw, name=name: calls.append((name, args[0].shape[0], kw["all_perturbed"])),
+            with_kwargs=True,
+        )
+        for name, attention in (("video", block.attn1), ("audio", block.audio_attn1))
+    ]
+    try:
+        with torch.no_grad():
+            guided_velocity(trainer.policies.old, xv, xa, t, cond, Guidance(uncond, 1.5, 3.0, 1.0, (2,)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [("video", 4, False), ("audio", 4, False), ("video", 2, True), ("audio", 2, True)]
 
 
 def test_copied_rows_must_fit_the_batch(trainer: Trainer) -> None:
@@ -133,7 +157,7 @@ def test_rollout_samples_and_region_scores_are_those_of_separate_passes(trainer:
     assert trainer.policies.old_handle.region_layers == (1, 2, 3)  # block 1 shared, blocks 2-3 not
     with _block_rows(trainer) as rows:
         shared = _rollout(trainer, True, passes)
-    assert rows == ([4, 4] + [6] * (LAYERS - 2)) * trainer.config.sampling.num_steps
+    assert rows == [4, 4, 4, 2, 6] * trainer.config.sampling.num_steps
     separate = _rollout(trainer, False, passes)
     for name in ("video", "audio", "region_scores"):
         torch.testing.assert_close(getattr(shared, name), getattr(separate, name), rtol=0, atol=ATOL)
@@ -200,5 +224,5 @@ def test_shared_forward_runs_through_ltx_cores_own_forward(trainer: Trainer) -> 
             guided_velocity(model, xv, xa, t, cond, Guidance(uncond, 1.5, 3.0, 1.0, (2,)))
     finally:
         hook.remove()
-    assert calls == [6] and rows == [4, 4, 6, 6]
+    assert calls == [6] and rows == [4, 4, 4, 2, 6]
     assert model.model._omninft_share is None

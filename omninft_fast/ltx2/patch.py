@@ -221,6 +221,8 @@ class PatchHandle:
         self._alphas = alphas
         self._capture: RegionCapture | None = None
         self._expand: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._split: int | None = None
+        self._parts: dict[int, list[torch.Tensor]] = {}
         # One core (and one key-mass sink) per module for the handle's lifetime; ``_refresh`` only changes their
         # attributes, so a compiled model recompiles once per state (detach ratios, armed sinks), not per capture.
         self._a2v_cores = [CrossAttentionFunction(backend=backend, check_values=check_values) for _ in a2v]
@@ -284,6 +286,17 @@ class PatchHandle:
         finally:
             self._expand = previous
 
+    @contextmanager
+    def split_rows(self, rows: int) -> Iterator[None]:
+        """Inside, a block runs on the forward's ``rows`` samples in consecutive parts, one call each: a layer's
+        ``(b, Nv)`` key masses are joined in call order and reach the capture once they cover all ``rows``."""
+        previous, self._split = self._split, rows
+        try:
+            yield
+        finally:
+            self._split = previous
+            self._parts.clear()
+
     def unpatch(self) -> None:
         """Put the model's original attention back; the handle is unusable afterwards."""
         self._check_patched()
@@ -299,6 +312,12 @@ class PatchHandle:
 
     def _receive(self, layer: int, key_mass: torch.Tensor) -> None:
         """Key-mass sink of ``layer``'s V2A core: hand the mass to the capture, then stop computing it."""
+        if self._split is not None:
+            parts = self._parts.setdefault(layer, [])
+            parts.append(key_mass)
+            if sum(part.shape[0] for part in parts) < self._split:
+                return
+            key_mass = torch.cat(self._parts.pop(layer))
         if self._expand is not None:
             key_mass = self._expand(key_mass)
         if self._capture is not None and self._capture.receive(layer, key_mass):

@@ -9,6 +9,7 @@ the ``AVTask`` protocol, met by the synthetic task and by the released LTX-2's `
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
@@ -44,19 +45,48 @@ class Condition:
         return Condition(torch.cat([c.video for c in conditions]), torch.cat([c.audio for c in conditions]))
 
 
-def _first_rows(args: Any, rows: int) -> Any:
-    """ltx-core ``TransformerArgs`` of its first ``rows`` samples: every tensor (or tuple of tensors, such as
-    rotary embeddings) with the batch in dim 0 is cut; fields broadcast over the batch stay as they are."""
+def _rows(args: Any, rows: slice) -> Any:
+    """ltx-core ``TransformerArgs`` of the samples ``rows``: every tensor (or tuple of tensors, such as rotary
+    embeddings) with the batch in dim 0 is cut; fields broadcast over the batch stay as they are."""
     batch = args.x.shape[0]
 
     def cut(value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(cut(item) for item in value)
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value[:rows]
+            return value[rows]
         return value
 
     return replace(args, **{f.name: cut(getattr(args, f.name)) for f in fields(args)})
+
+
+def _self_attention_skips(perturbations: Any, block: int) -> list[tuple[bool, bool]]:
+    """Per sample: whether it skips its video and its audio self-attention in ``block``."""
+    from ltx_core.guidance.perturbations import PerturbationType
+
+    kinds = (PerturbationType.SKIP_VIDEO_SELF_ATTN, PerturbationType.SKIP_AUDIO_SELF_ATTN)
+    return [tuple(config.is_perturbed(kind, block) for kind in kinds) for config in perturbations.perturbations]
+
+
+def _block_by_skips(block: nn.Module, video: Any, audio: Any, perturbations: Any, handle: Any) -> tuple[Any, Any]:
+    """``block`` on every sample, once per run of consecutive samples with the same self-attention skips: ltx-core
+    computes a batch's self-attention for every sample when only some skip it (then blends), so the skipping
+    samples would pay for attention they throw away. The patch handle joins the runs' key masses
+    (``split_rows``)."""
+    from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+
+    skips = _self_attention_skips(perturbations, block.idx)
+    bounds = [0] + [i for i in range(1, len(skips)) if skips[i] != skips[i - 1]] + [len(skips)]
+    if len(bounds) == 2:
+        return block(video=video, audio=audio, perturbations=perturbations)
+    outputs = []
+    with contextlib.nullcontext() if handle is None else handle.split_rows(len(skips)):
+        for lo, hi in itertools.pairwise(bounds):
+            rows = slice(lo, hi)
+            part = BatchedPerturbationConfig(perturbations.perturbations[rows])
+            outputs.append(block(video=_rows(video, rows), audio=_rows(audio, rows), perturbations=part))
+    v, a = (torch.cat([out[i].x for out in outputs]) for i in (0, 1))
+    return replace(video, x=v), replace(audio, x=a)
 
 
 def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tuple[Any, Any]:
@@ -64,8 +94,9 @@ def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tup
     or, while ``LTXAVModel.forward`` shares a prefix (``model._omninft_share = (copied_rows, first, handle)``), blocks
     ``0 .. first - 1`` on all but the last ``copied_rows`` samples and the rest on all of them, the last samples
     joining at block ``first`` as copies of the first ``copied_rows`` samples' state. The patch handle's key masses
-    of the shared blocks get the same copies (``expanded_rows``). Guided rollouts run without gradients: the shared
-    blocks run without gradient checkpointing."""
+    of the shared blocks get the same copies (``expanded_rows``). From block ``first`` on, samples that skip a
+    block's self-attention run that block apart from those that do not (``_block_by_skips``). Guided rollouts run
+    without gradients: these blocks run without gradient checkpointing."""
     from ltx_core.guidance.perturbations import BatchedPerturbationConfig
 
     share = model._omninft_share
@@ -77,14 +108,14 @@ def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tup
     def expand(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows[:copied_rows]])
 
-    v, a = _first_rows(video, kept), _first_rows(audio, kept)
+    v, a = _rows(video, slice(kept)), _rows(audio, slice(kept))
     kept_perturbations = BatchedPerturbationConfig(perturbations.perturbations[:kept])
     with contextlib.nullcontext() if handle is None else handle.expanded_rows(expand):
         for block in model.transformer_blocks[:first]:
             v, a = block(video=v, audio=a, perturbations=kept_perturbations)
     v, a = replace(video, x=expand(v.x)), replace(audio, x=expand(a.x))
     for block in model.transformer_blocks[first:]:
-        v, a = block(video=v, audio=a, perturbations=perturbations)
+        v, a = _block_by_skips(block, v, a, perturbations, handle)
     return v, a
 
 
@@ -269,7 +300,8 @@ class LTXAVModel(AVVelocityModel):
         ``skip_blocks[b]``: blocks whose video and audio self-attention sample ``b`` skips (ltx-core's perturbation
         config), ``None``: none. ``copied_rows = k``: samples ``B - k + r`` repeat the inputs of samples ``r < k``
         (STG's pass of the conditional one), so the blocks before the first block where their skips differ run on
-        the first ``B - k`` samples only (``_blocks``).
+        the first ``B - k`` samples only, and later blocks once per run of samples with the same skips, the
+        skipping ones computing no self-attention (``_blocks``).
         """
         from ltx_core.model.transformer.modality import Modality
 
@@ -291,7 +323,8 @@ class LTXAVModel(AVVelocityModel):
         )
         perturbations = self._perturbations(batch, skip_blocks)
         fp8.prepare_compiled(self.model)
-        if copied_rows and (first := self._first_own_block(batch, skip_blocks, copied_rows)) > 0:
+        if copied_rows:
+            first = self._first_own_block(batch, skip_blocks, copied_rows)
             # Through ltx-core's own forward (its hooks, e.g. a sharded engine's gathers, run as always).
             self.model._omninft_share = (copied_rows, first, self._handle)
             try:
