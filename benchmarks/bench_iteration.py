@@ -28,9 +28,11 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 
 from omninft_fast.train import stages
 from omninft_fast.train.config import load_config, times_per_sample
@@ -66,6 +68,29 @@ ENGINE = {
     "cpu": ["sampling.batch_size=8", "nft.predict_batch=16"],
     "cuda": ["sampling.batch_size=32", "nft.predict_batch=64"],
 }
+
+
+# PyTorch's FLOP counter knows the CUDA attention kernels but not the CPU flash-attention pair (arguments as shapes).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: (
+        flop_counter.sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *_, out_shape=None, **__: (
+        flop_counter.sdpa_backward_flop_count(g, q, k, v)
+    ),
+}
+
+
+def count_flops(run: Callable[[], object]) -> dict[str, float]:
+    """FLOPs of one call of ``run`` (PyTorch's FLOP counter: matmuls and attention, forward and backward), split into
+    attention (every scaled-dot-product kernel) and the rest (the linear layers and the baseline's explicit maps)."""
+    mode = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    with mode:
+        run()
+    counts = mode.get_flop_counts()["Global"]
+    attention = sum(flops for op, flops in counts.items() if "attention" in str(op))
+    total = mode.get_total_flops()
+    return {"attention": attention, "other": total - attention, "total": total}
 
 
 class MapHook:
@@ -170,10 +195,11 @@ def _trainer(size: str, device: str, out: Path, engine: bool) -> Trainer:
         return Trainer(load_config(REPO / "configs" / "micro.yaml", overrides))
 
 
-def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool = False) -> dict:
+def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool = False, flops: bool = False) -> dict:
     """Both loops for ``warmup + iterations`` iterations each, alternating, from the same seeds and weights; times
     and peaks from the last ``iterations`` (the first pays Triton's compilation and the libraries' start-up on a GPU),
-    losses from all (``dry_run``: the micro config's sizes on the CPU)."""
+    losses from all (``dry_run``: the micro config's sizes on the CPU). ``flops``: one further, untimed iteration of
+    each loop under PyTorch's FLOP counter (``count_flops``), for the arithmetic each loop does."""
     size = "dry-run" if dry_run else device
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +221,15 @@ def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool 
                 rows[name].append(run())
                 if device == "cuda" and it >= warmup:
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - start_bytes)
+        counted = warmup + iterations
+        arithmetic = (
+            {
+                "engine": count_flops(lambda: engine.iteration(counted)),
+                "baseline": count_flops(lambda: baseline_iteration(baseline, counted, hooks)),
+            }
+            if flops
+            else None
+        )
         cfg = engine.config
     samples = cfg.prompts_per_iter * cfg.group_size
     spec = engine.task.spec
@@ -223,6 +258,9 @@ def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool 
             "rewards": {k: [r[k] for r in runs] for k in runs[0] if k.startswith("reward/") and k.endswith("/mean")},
             "peak_cuda_bytes": peaks[name] if device == "cuda" else None,
         }
+        if arithmetic is not None:
+            out[name]["flops"] = arithmetic[name]
+            out[name]["achieved_gflops_per_s"] = arithmetic[name]["total"] / seconds / 1e9
     out["engine"]["phases_s"] = {k[5:]: rows["engine"][-1][k] for k in rows["engine"][-1] if k.startswith("time/")}
     out["engine"]["capture_bytes"] = samples * spec.video_tokens * 4
     out["baseline"]["capture_bytes"] = hooks["bytes"]
@@ -232,6 +270,8 @@ def compare(device: str, iterations: int = 1, *, warmup: int = 0, dry_run: bool 
         for k in ("loss_video", "loss_audio")
     ]
     out["first_iteration_loss_rel_diff"] = max(first)
+    if arithmetic is not None:
+        out["flops_ratio"] = arithmetic["baseline"]["total"] / arithmetic["engine"]["total"]
     return out
 
 
@@ -263,6 +303,19 @@ def to_markdown(result: dict) -> str:
         f"{result['first_iteration_loss_rel_diff']:.1e} relative (batched vs batch-1 float rounding of the rollouts).",
         f"Engine phases (s, last iteration): {phases}.",
     ]
+    if "flops_ratio" in result:
+        counts = {name: row["flops"] for name, row in (("engine", e), ("straightforward", b))}
+        lines += [
+            "",
+            "Arithmetic of one iteration (PyTorch's FLOP counter, one further untimed iteration of each loop): "
+            + "; ".join(
+                f"{name} {c['total'] / 1e9:.1f} GFLOP ({c['attention'] / c['total']:.0%} in attention), "
+                f"{row['achieved_gflops_per_s']:.1f} GFLOP/s achieved"
+                for (name, c), row in zip(counts.items(), (e, b), strict=True)
+            )
+            + f". The straightforward loop does **{result['flops_ratio']:.2f}x** the engine's arithmetic: the "
+            "throughput ratio where both loops are bound by arithmetic rather than by launches, copies or syncs.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -271,9 +324,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--iterations", type=int, default=1, help="timed iterations of each loop")
     parser.add_argument("--warmup", type=int, default=0, help="untimed iterations of each loop first")
+    parser.add_argument(
+        "--no-flops", dest="flops", action="store_false", help="skip the counted iteration of each loop"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    result = compare(args.device, args.iterations, warmup=args.warmup)
+    result = compare(args.device, args.iterations, warmup=args.warmup, flops=args.flops)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"iteration_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"iteration_{args.device}.md").write_text(to_markdown(result))
