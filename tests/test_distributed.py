@@ -32,6 +32,7 @@ from omninft_fast.cli import main
 from omninft_fast.train import distributed
 from omninft_fast.train.config import ConfigError, load_config
 from omninft_fast.train.trainer import CHECKPOINT, Trainer
+from omninft_fast.train.validation import TrainingDiverged
 
 MICRO = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
 # One optimiser step per iteration over two micro-batches (the first backward without gradient sync) and
@@ -192,11 +193,8 @@ def test_fsdp2_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypat
     from omninft_fast.train import stages
 
     checked: list[str] = []
-    for module in (stages, distributed):
-        check = module.check_finite
-        monkeypatch.setattr(
-            module, "check_finite", lambda name, value, check=check: checked.append(name) or check(name, value)
-        )
+    check = stages.check_finite
+    monkeypatch.setattr(stages, "check_finite", lambda name, value: checked.append(name) or check(name, value))
     overrides = [f"output_dir={tmp_path}", "distributed.backend=fsdp2", "nft.mini_batch=2", "iterations=1"]
     trainer = Trainer(load_config(MICRO, overrides))
     try:
@@ -207,6 +205,36 @@ def test_fsdp2_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypat
     finally:
         trainer.dist.close()
     assert len(steps) == 4 and checked == [] and metrics["grad_norm/total"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's own calls of deprecated torch.distributed APIs
+def test_deepspeed_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's steps hand their gradient norm on unread; a non-finite one stops the run at the update's end."""
+    pytest.importorskip("deepspeed")
+    from omninft_fast.train import stages
+
+    checked: list[str] = []
+    check = stages.check_finite
+    monkeypatch.setattr(stages, "check_finite", lambda name, value: checked.append(name) or check(name, value))
+    overrides = [f"output_dir={tmp_path}", "distributed.backend=deepspeed", "nft.mini_batch=2", "iterations=1"]
+    trainer = Trainer(load_config(MICRO, overrides))
+    try:
+        norms = [torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(2.0), torch.tensor(3.0)]
+        returned = []
+
+        def step(step=trainer.engine.step) -> dict[str, torch.Tensor]:
+            monkeypatch.setattr(trainer.engine.engine, "get_global_grad_norm", lambda: norms[len(returned)])
+            returned.append(step())
+            return returned[-1]
+
+        monkeypatch.setattr(trainer.engine, "step", step)
+        with pytest.raises(TrainingDiverged, match=r"^iteration 0: gradient norm is not finite \(nan\)$"):
+            trainer.iteration(0)
+    finally:
+        trainer.dist.close()
+    got = torch.stack([r["grad_norm/total"] for r in returned])
+    torch.testing.assert_close(got, torch.stack(norms), equal_nan=True)
+    assert checked == []
 
 
 def test_bad_distributed_settings_are_one_line_errors(
