@@ -75,7 +75,7 @@ DEADLINE_ENV = "GPU_CHECK_SECTION_DEADLINE"
 INTERRUPT_MARGIN_S = 20.0
 # What a run without --sections measures: the sections no run has measured since their code changed, in order of
 # priority (a section without time left is reported as skipped); ``--sections all`` runs every section.
-DEFAULT_SECTIONS = ("environment", "distributed", "fp8_compiled", "tests")
+DEFAULT_SECTIONS = ("environment", "distributed", "iteration", "fp8_compiled", "tests")
 CUDA_TESTS = [
     "tests/test_cuda.py",
     "tests/test_fp8_quantize.py",
