@@ -187,14 +187,22 @@ def test_fsdp2_continues_a_one_process_checkpoint(runs: dict[str, Path], tmp_pat
     assert [m["iteration"] for m in metrics(out)] == [0, 1, 2]
 
 
-def test_fsdp2_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With fused AdamW the FSDP2 engine skips a non-finite step on the device, as one process does: four optimiser
-    steps per iteration here (8 samples, mini-batches of 2), no host check of the norm (the update checks it once)."""
+@pytest.fixture
+def host_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names the update's host checks of values (``stages.check_finite``) are called with."""
     from omninft_fast.train import stages
 
     checked: list[str] = []
     check = stages.check_finite
     monkeypatch.setattr(stages, "check_finite", lambda name, value: checked.append(name) or check(name, value))
+    return checked
+
+
+def test_fsdp2_steps_read_no_gradient_norm_on_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_checks: list[str]
+) -> None:
+    """With fused AdamW the FSDP2 engine skips a non-finite step on the device, as one process does: four optimiser
+    steps per iteration here (8 samples, mini-batches of 2), no host check of the norm (the update checks it once)."""
     overrides = [f"output_dir={tmp_path}", "distributed.backend=fsdp2", "nft.mini_batch=2", "iterations=1"]
     trainer = Trainer(load_config(MICRO, overrides))
     try:
@@ -204,18 +212,15 @@ def test_fsdp2_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypat
         metrics = trainer.iteration(0)
     finally:
         trainer.dist.close()
-    assert len(steps) == 4 and checked == [] and metrics["grad_norm/total"] > 0
+    assert len(steps) == 4 and host_checks == [] and metrics["grad_norm/total"] > 0
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's own calls of deprecated torch.distributed APIs
-def test_deepspeed_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_steps_read_no_gradient_norm_on_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_checks: list[str]
+) -> None:
     """DeepSpeed's steps hand their gradient norm on unread; a non-finite one stops the run at the update's end."""
     pytest.importorskip("deepspeed")
-    from omninft_fast.train import stages
-
-    checked: list[str] = []
-    check = stages.check_finite
-    monkeypatch.setattr(stages, "check_finite", lambda name, value: checked.append(name) or check(name, value))
     overrides = [f"output_dir={tmp_path}", "distributed.backend=deepspeed", "nft.mini_batch=2", "iterations=1"]
     trainer = Trainer(load_config(MICRO, overrides))
     try:
@@ -234,7 +239,7 @@ def test_deepspeed_steps_read_no_gradient_norm_on_the_host(tmp_path: Path, monke
         trainer.dist.close()
     got = torch.stack([r["grad_norm/total"] for r in returned])
     torch.testing.assert_close(got, torch.stack(norms), equal_nan=True)
-    assert checked == []
+    assert host_checks == []
 
 
 def test_bad_distributed_settings_are_one_line_errors(
