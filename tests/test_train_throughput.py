@@ -274,6 +274,10 @@ def test_flash_attn_backend_lays_out_heads_like_sdpa_and_leaves_the_cross_modal_
     function(q.float(), k.float(), v.float(), 3)
     function(q, k, v, 3, mask)
     assert len(calls) == 1
+    # One graph when compiled: the package is imported when the backend is chosen, not in each call.
+    torch._dynamo.reset()
+    compiled = torch.compile(function, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, 3), function(q, k, v, 3), rtol=0, atol=0)
     trainer = micro(tmp_path)
     model = trainer.policies.old.model
     cross = model.transformer_blocks[0].audio_to_video_attn.attention_function

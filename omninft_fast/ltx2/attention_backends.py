@@ -56,6 +56,9 @@ class _WithoutMask:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # The package itself, not ltx-core's FLASH_ATTENTION_3 (which ltx-core disables where xformers is installed);
+        # imported here, once: an import inside the call would break a compiled model's graph at every attention.
+        self.flash_attn_func = importlib.import_module(_MODULES[name]).flash_attn_func
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
@@ -64,11 +67,9 @@ class _WithoutMask:
 
         if mask is not None or v.dtype not in (torch.float16, torch.bfloat16):
             return AttentionFunction.PYTORCH(q, k, v, heads, mask)
-        # The package itself, not ltx-core's FLASH_ATTENTION_3 (which ltx-core disables where xformers is installed).
-        flash_attn_func = importlib.import_module(_MODULES[self.name]).flash_attn_func
         b, _, width = q.shape
         q, k, v = (x.to(v.dtype).view(b, -1, heads, width // heads) for x in (q, k, v))
-        out = flash_attn_func(q, k, v)
+        out = self.flash_attn_func(q, k, v)
         # Older FlashAttention-3 builds return (out, log-sum-exp).
         return (out[0] if isinstance(out, tuple) else out).reshape(b, -1, width)
 
