@@ -89,6 +89,28 @@ def _block_by_skips(block: nn.Module, video: Any, audio: Any, perturbations: Any
     return replace(video, x=v), replace(audio, x=a)
 
 
+def _rope(preprocessor: Any, positions: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ltx-core's ``TransformerArgsPreprocessor._prepare_positional_embeddings`` in place on an ``LTXAVModel``'s
+    model, computed once per position tensor, device and dtype. ltx-core recomputes every sample's rotary embeddings
+    in every forward after copying its host-cached frequency grid to the device (four copies a forward, each of which
+    waits for the GPU). The model's samples share one position tensor (``LTXAVModel`` expands its own), so a batch
+    gets the first sample's cosines and sines expanded, not a copy per sample. Other positions, and a compiled
+    model's trace, take ltx-core's path."""
+    prepare = type(preprocessor)._prepare_positional_embeddings
+    if torch.compiler.is_compiling() or (positions.shape[0] > 1 and positions.stride(0) != 0):
+        return prepare(preprocessor, positions=positions, **kwargs)
+    key = (positions.data_ptr(), positions.device, positions.shape[1:], positions.stride()[1:], repr(kwargs))
+    cache = preprocessor._omninft_rope
+    if key not in cache:
+        # One position tensor per preprocessor: entries of another (a moved or copied model's) are dropped. A new
+        # entry is a plain tensor whatever the mode.
+        for stale in [k for k in cache if k[:2] != key[:2]]:
+            del cache[stale]
+        with torch.inference_mode(False), torch.no_grad():
+            cache[key] = prepare(preprocessor, positions=positions[:1], **kwargs)
+    return tuple(pe.expand(positions.shape[0], *pe.shape[1:]) for pe in cache[key])
+
+
 def _blocks(model: nn.Module, video: Any, audio: Any, perturbations: Any) -> tuple[Any, Any]:
     """ltx-core's ``LTXModel._process_transformer_blocks`` in place on an ``LTXAVModel``'s model: the model's own loop,
     or, while ``LTXAVModel.forward`` shares a prefix (``model._omninft_share = (copied_rows, first, handle)``), blocks
@@ -213,6 +235,10 @@ class LTXAVModel(AVVelocityModel):
         # of the model, so deep copies rebind it; a compiled model guards on ``_omninft_share``).
         model._omninft_share = None
         model._process_transformer_blocks = types.MethodType(_blocks, model)
+        for stream in (model.video_args_preprocessor, model.audio_args_preprocessor):
+            preprocessor = getattr(stream, "simple_preprocessor", stream)
+            preprocessor._omninft_rope = {}
+            preprocessor._prepare_positional_embeddings = types.MethodType(_rope, preprocessor)
 
     @classmethod
     def build(
