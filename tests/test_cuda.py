@@ -189,3 +189,27 @@ def test_noise_on_cuda_is_drawn_there_from_one_cpu_draw() -> None:
     reference = torch.Generator().manual_seed(7)
     torch.randint(0, 2**62, (), generator=reference)
     assert torch.equal(first.get_state(), reference.get_state())
+
+
+def test_host_tensors_reach_the_gpu_without_a_synchronisation() -> None:
+    """``to_device`` and ``Condition.to`` copy host tensors through pinned memory without waiting for the GPU (CUDA's
+    sync debug mode raises on a synchronising copy), with the values and dtypes asked for."""
+    from omninft_fast.train.model import Condition, to_device
+
+    gen = torch.Generator().manual_seed(0)
+    video, audio = torch.randn((2, 5, 8), generator=gen), torch.randn((2, 3, 4), generator=gen)
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy = torch.randn((4096, 4096), device=device)
+        for _ in range(8):
+            busy = busy @ busy / 64
+        moved = to_device(video, device)
+        cond = Condition(video, audio).to(device, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), video)
+    assert cond.video.dtype == cond.audio.dtype == torch.bfloat16
+    assert torch.equal(cond.audio.cpu(), audio.bfloat16()) and torch.equal(cond.video.cpu(), video.bfloat16())

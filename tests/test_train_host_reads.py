@@ -136,3 +136,14 @@ def test_rotary_embeddings_are_ltx_cores_computed_once_for_the_batch() -> None:
     v_video, v_audio = model(x_video, x_audio, torch.full((2,), 0.5), cond)
     (v_video.sum() + v_audio.sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_host_tensors_keep_their_device_and_values_through_to_device() -> None:
+    """On the CPU ``to_device`` is a plain move (the pinned, non-waiting copy to a GPU is tested in ``test_cuda.py``);
+    ``Condition.to`` casts after the move."""
+    from omninft_fast.train.model import to_device
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    assert to_device(x, "cpu") is x and to_device(x, META).device == META
+    cond = Condition(x, x[:, :2]).to("cpu", torch.float64)
+    assert cond.video.dtype == cond.audio.dtype == torch.float64 and torch.equal(cond.audio, x[:, :2].double())

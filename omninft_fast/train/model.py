@@ -21,6 +21,15 @@ from torch import nn
 from omninft_fast import fp8
 
 
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``. From the host to a GPU the copy goes through pinned memory and does not wait: a copy from
+    pageable memory first waits for every kernel queued on the GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 @dataclass(frozen=True)
 class Condition:
     """Text condition of a batch: one context sequence per stream.
@@ -37,7 +46,8 @@ class Condition:
         return Condition(self.video[index], self.audio[index])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
-        return Condition(self.video.to(device, dtype), self.audio.to(device, dtype))
+        """Both contexts on ``device`` (``to_device``), then cast to ``dtype`` there."""
+        return Condition(*(to_device(x, device).to(dtype or x.dtype) for x in (self.video, self.audio)))
 
     @staticmethod
     def cat(conditions: list[Condition]) -> Condition:

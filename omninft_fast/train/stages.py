@@ -29,7 +29,7 @@ import omninft_fast
 from omninft_fast.rewards import RewardBatch, RewardModel
 from omninft_fast.train.builders import STREAMS, Policies
 from omninft_fast.train.config import AdvantageConfig, NFTConfig, ReweightConfig, SamplingConfig, times_per_sample
-from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec
+from omninft_fast.train.model import AVTask, AVVelocityModel, Condition, LatentSpec, to_device
 from omninft_fast.train.sampler import Guidance, euler_sample, time_grid
 from omninft_fast.train.validation import TrainingDiverged, check_finite
 
@@ -302,8 +302,8 @@ def advantages(scores: Scores, groups: int, config: AdvantageConfig, device: tor
     return Advantages(
         adv_v.flatten(),
         adv_a.flatten(),
-        omninft_fast.optimality_probability(routed_v, clip=config.clip).flatten().to(device),
-        omninft_fast.optimality_probability(routed_a, clip=config.clip).flatten().to(device),
+        to_device(omninft_fast.optimality_probability(routed_v, clip=config.clip).flatten(), device),
+        to_device(omninft_fast.optimality_probability(routed_a, clip=config.clip).flatten(), device),
     )
 
 
@@ -324,7 +324,7 @@ def token_weights(
     else:
         ramp = min(iteration / reweight.warmup, 1.0) if reweight.warmup > 0 else 1.0
         weights = omninft_fast.frame_region_weights(region_scores, frames=frames, w_max=reweight.w_max, ramp=ramp)
-    return weights.to(device)
+    return to_device(weights, device)
 
 
 def training_times(
@@ -594,7 +594,7 @@ def nft_update(
     index, times = training_times(len(batch.video), generator, nft, sampling)
     starts = range(0, len(index), nft.mini_batch)
     noises = [draw_noise(spec, len(index[lo : lo + nft.mini_batch]), generator, device) for lo in starts]
-    index, times = index.to(device), times.to(device)
+    index, times = to_device(index, device), to_device(times, device)
     parts = [
         (index[lo : lo + nft.mini_batch], times[lo : lo + nft.mini_batch], noises[i]) for i, lo in enumerate(starts)
     ]
