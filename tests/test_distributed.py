@@ -242,6 +242,19 @@ def test_deepspeed_steps_read_no_gradient_norm_on_the_host(
     assert host_checks == []
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's own calls of deprecated torch.distributed APIs
+def test_a_second_deepspeed_trainer_in_one_process_after_the_first_closed(tmp_path: Path) -> None:
+    """Closing leaves the process group through DeepSpeed, which then drops the groups it built on it: before, the
+    next DeepSpeed engine in the process failed on a group that no longer existed."""
+    pytest.importorskip("deepspeed")
+    for name in ("first", "second"):
+        trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path / name}", "distributed.backend=deepspeed"]))
+        try:
+            assert trainer.iteration(0)["grad_norm/total"] > 0
+        finally:
+            trainer.dist.close()
+
+
 def test_bad_distributed_settings_are_one_line_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

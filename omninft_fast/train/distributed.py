@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -47,6 +48,16 @@ EXPORT = "export.safetensors"
 META = "meta.json"
 
 T = TypeVar("T")
+
+
+def _destroy_process_group() -> None:
+    """Leave torch.distributed's default group, through DeepSpeed where it wraps the group: DeepSpeed then drops the
+    groups it built on it, so a later DeepSpeed engine in this process builds its own instead of failing on them."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +89,7 @@ class Dist:
         if self.sharded and dist.is_initialized():
             if wait:
                 dist.barrier()
-            dist.destroy_process_group()
+            _destroy_process_group()
 
     def local(self, batch: Sequence[T] | torch.Tensor) -> Any:
         """This rank's contiguous ``len / world`` rows of ``batch`` (a list or a tensor's first dim)."""
