@@ -339,13 +339,32 @@ def test_weights_of_another_model_size_name_the_key_and_both_shapes(
     assert "scale_shift_table is (2, 8) there, (2, 16) in this model" in err and err.count("\n") == 1
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero_beside_its_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    Trainer(load_config(MICRO, [f"output_dir={tmp_path}"]))
-    assert train(tmp_path, "--resume", "iterations=1") == 0
-    assert "holds no checkpoint yet; the run starts again from iteration 0" in capsys.readouterr().out
-    assert iterations(tmp_path) == [0]
+    out = tmp_path / "run"
+    Trainer(load_config(MICRO, [f"output_dir={out}"]))
+    assert train(out, "--resume", "iterations=1") == 0
+    moved = tmp_path / "run.replaced-1"
+    assert (
+        f"note: {str(out)!r} holds no checkpoint to resume; its files were moved to {str(moved)!r} and the run "
+        "starts from iteration 0"
+    ) in capsys.readouterr().out
+    assert iterations(out) == [0] and (moved / "config.yaml").exists()
+
+
+def test_resume_of_a_run_whose_checkpoint_is_gone_keeps_its_results(tmp_path: Path) -> None:
+    """A finished run without its checkpoint (removed, or a folder in its place) is not trained over: its metrics and
+    evaluation move aside untouched."""
+    out = tmp_path / "run"
+    assert train(out, "iterations=2") == 0
+    kept = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "eval_table.md", "config.yaml")}
+    (out / "checkpoint.safetensors").unlink()
+    (out / "checkpoint.safetensors").mkdir()
+    assert train(out, "--resume", "iterations=1") == 0
+    moved = tmp_path / "run.replaced-1"
+    assert {name: (moved / name).read_bytes() for name in kept} == kept
+    assert iterations(moved) == [0, 1] and iterations(out) == [0]
 
 
 def _progress(out: Path) -> int:

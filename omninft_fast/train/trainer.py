@@ -195,14 +195,26 @@ class Trainer:
         self.out = Path(config.output_dir)
         run_files = (*RUN_FILES, distributed.DCP_CHECKPOINT, distributed.DEEPSPEED_CHECKPOINT)
         held = [name for name in run_files if (self.out / name).exists()]
-        if held and not resume:
-            if not overwrite:
-                raise FileExistsError(
-                    f"output_dir {str(self.out)!r} already holds a run ({', '.join(held)}); continue it with "
-                    "--resume, or start afresh with --overwrite (moves the old run aside, deletes nothing)"
+        if resume and not held:
+            raise FileNotFoundError(f"output_dir {str(self.out)!r} holds no run to resume")
+        if held and not resume and not overwrite:
+            raise FileExistsError(
+                f"output_dir {str(self.out)!r} already holds a run ({', '.join(held)}); continue it with "
+                "--resume, or start afresh with --overwrite (moves the old run aside, deletes nothing)"
+            )
+        found = distributed.latest_checkpoint(self.out, CHECKPOINT) if resume else None
+        # Every rank has looked before the main one moves anything. A run without a checkpoint to resume (killed
+        # before its first, or its checkpoint removed) starts afresh beside its old files, never over them.
+        self.dist.barrier()
+        if self.dist.main and held and (overwrite or found is None):
+            moved = str(move_aside(self.out))
+            if overwrite:
+                print(f"moved the run in {str(self.out)!r} to {moved!r}")
+            else:
+                print(
+                    f"note: {str(self.out)!r} holds no checkpoint to resume; its files were moved to {moved!r} and "
+                    "the run starts from iteration 0"
                 )
-            if self.dist.main:
-                print(f"moved the run in {str(self.out)!r} to {str(move_aside(self.out))!r}")
         self.dist.barrier()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -210,11 +222,6 @@ class Trainer:
             (self.out / f".write-test-{self.dist.rank}").unlink()
         except OSError as error:
             raise PermissionError(f"output_dir {str(self.out)!r} is not writable ({error.strerror})") from None
-        found = distributed.latest_checkpoint(self.out, CHECKPOINT) if resume else None
-        if resume and found is None:
-            if not held:
-                raise FileNotFoundError(f"output_dir {str(self.out)!r} holds no run to resume")
-            print(f"note: {str(self.out)!r} holds no checkpoint yet; the run starts again from iteration 0")
         if found is not None:
             distributed.readable(found[0], config.distributed.backend, found[1])
             saved = (
@@ -298,7 +305,7 @@ class Trainer:
                 tensorboard=config.tensorboard,
                 wandb=config.wandb,
                 config=config.to_dict(),
-                resume_iteration=self.start_iteration - 1 if resume else None,
+                resume_iteration=self.start_iteration - 1 if found is not None else None,
             )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
