@@ -450,7 +450,10 @@ def _te_linear(te: types.ModuleType, layer: nn.Linear) -> nn.Module:
 
 
 def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]:
-    regex = re.compile(pattern)
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"modules {pattern!r} is not a regular expression ({error})") from None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and regex.search(name) and "lora_" not in name:
             yield name, module

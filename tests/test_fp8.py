@@ -375,6 +375,8 @@ def test_errors(tiny) -> None:
         fp8.patch(tiny.model, recipe="blockwise")
     with pytest.raises(ValueError, match="modules: no nn.Linear"):
         fp8.patch(tiny.model, modules=r"nothing_matches")
+    with pytest.raises(ValueError, match=r"^modules '\(' is not a regular expression \(missing \)"):
+        fp8.patch(tiny.model, modules="(")
     with pytest.raises(ValueError, match=r"recipe must be one of \('delayed', 'current', 'block'\) with backend 'te'"):
         fp8.patch(tiny.model, backend="te")
     if importlib.util.find_spec("transformer_engine") is None:

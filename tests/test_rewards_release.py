@@ -19,7 +19,7 @@ from fixtures import tiny
 
 from omninft_fast.cli import main
 from omninft_fast.rewards import RewardBatch, build_reward, hpsv3, videoalign
-from omninft_fast.rewards._loading import CheckpointError
+from omninft_fast.rewards._loading import CheckpointError, read_state_dict
 from omninft_fast.rewards.preprocess import resample
 
 
@@ -211,6 +211,15 @@ def test_audiobox_checkpoint_errors(audiobox_meta: Path, tmp_path: Path) -> None
     torch.save(ckpt, broken / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"unexpected keys \[stray\]"):
         build_reward("audiobox", checkpoint_dir=str(broken))
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "weights.pth"])
+def test_torn_reward_weights_are_one_line_naming_the_reward_and_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04not a checkpoint" * 3)
+    with pytest.raises(CheckpointError, match=rf"^reward 'imagebind': cannot read {path}: ") as info:
+        read_state_dict(path, "imagebind")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("orig", "new"), [(24000, 16000), (44100, 16000), (16000, 48000), (8000, 16000)])

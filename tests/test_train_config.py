@@ -113,6 +113,9 @@ def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path
         (["ltx.decoder_device=gpu"], r"^ltx.decoder_device must name a torch device"),
         (["optim.beta1=1.5"], r"^optim.beta1 must be in \[0, 1\), got 1.5$"),
         (["optim.eps=-1"], r"^optim.eps must be >= 0, got -1.0$"),
+        (["fp8.modules=("], r"^fp8.modules '\(' is not a regular expression \(missing \), unterminated subpattern"),
+        (["model.num_layers=-2"], r"^model.num_layers must be > 0, got -2$"),
+        (["model.video_head_dim=0"], r"^model.video_head_dim must be > 0, got 0$"),
         (
             ["model.kind=ltx", "model.checkpoint=m.safetensors", "ltx.text_cache=t.safetensors", "autocast=off"],
             r"^ltx.dtype=bfloat16 needs autocast=bf16 \(or auto on a CUDA device\)",

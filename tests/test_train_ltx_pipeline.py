@@ -23,6 +23,7 @@ from omninft_fast.train.ltx_pipeline import (
     _audio_vae,
     precompute_text_cache,
     read_text_cache,
+    text_cache_prompts,
     write_text_cache,
 )
 from omninft_fast.train.model import Condition
@@ -294,6 +295,15 @@ def test_missing_weights_and_files_are_named(files: dict[str, Path], tmp_path: P
         LTX2Pipeline(tmp_path / "absent.safetensors", text_cache=files["cache"], **CLIP)
     with pytest.raises(FileNotFoundError, match="ltx.text_cache"):
         LTX2Pipeline(files["checkpoint"], text_cache=tmp_path / "absent.safetensors", **CLIP)
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(files["checkpoint"].read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"^LTX-2 checkpoint '{torn}' is not a readable safetensors file \("):
+        LTX2Pipeline(torn, text_cache=files["cache"], **CLIP)
+    torn.write_bytes(files["cache"].read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"^ltx.text_cache '{torn}' is not a readable safetensors file \("):
+        LTX2Pipeline(files["checkpoint"], text_cache=torn, **CLIP)
+    with pytest.raises(ValueError, match=rf"^ltx.text_cache '{torn}' is not a readable safetensors file \("):
+        text_cache_prompts(torn)
 
 
 class _FakeGemma:

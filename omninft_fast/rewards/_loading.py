@@ -19,6 +19,12 @@ class CheckpointError(ValueError):
     """A reward checkpoint is missing or does not match the model it should load into."""
 
 
+def first_line(error: Exception) -> str:
+    """An error's message up to its first line break (unpickling errors add pages of advice)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _listing(keys: Iterable[str], limit: int = 12) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -57,15 +63,18 @@ def read_state_dict(path: Path, reward: str) -> dict[str, torch.Tensor]:
 
     if not path.exists():
         raise CheckpointError(f"reward {reward!r}: checkpoint file {path} does not exist")
-    if path.name.endswith(".safetensors"):
-        return load_file(str(path))
     if path.name.endswith(".index.json"):
         shards = sorted(set(read_json(path)["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(read_state_dict(path.parent / shard, reward))
         return state
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.name.endswith(".safetensors"):
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # each reader has its own errors for a torn or foreign file
+        raise CheckpointError(f"reward {reward!r}: cannot read {path}: {first_line(error)}") from error
     for key in ("state_dict", "model", "module"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -112,8 +121,8 @@ def hf_from_pretrained(model_class: Any, path: Path, reward: str, dtype: torch.d
         model, info = model_class.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, dtype=dtype, **kwargs
         )
-    except (RuntimeError, ValueError) as error:
-        raise CheckpointError(f"reward {reward!r}: cannot load checkpoint {path}: {error}") from error
+    except Exception as error:  # transformers' and safetensors' errors for torn or foreign files
+        raise CheckpointError(f"reward {reward!r}: cannot load checkpoint {path}: {first_line(error)}") from error
     check_keys(
         path,
         reward,

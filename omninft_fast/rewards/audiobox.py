@@ -30,6 +30,7 @@ import torch
 from omninft_fast.rewards._loading import (
     CheckpointError,
     checkpoint_path,
+    first_line,
     load_strict,
     read_json,
     read_state_dict,
@@ -79,7 +80,7 @@ def read_release(path: Path, reward: str) -> tuple[dict[str, Any], dict[str, tor
         try:
             ckpt = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise CheckpointError(f"reward {reward!r}: cannot read {file}: {error}") from error
+            raise CheckpointError(f"reward {reward!r}: cannot read {file}: {first_line(error)}") from error
         missing = [key for key in ("state_dict", "model_cfg", "target_transform") if key not in ckpt]
         if missing:
             raise CheckpointError(f"reward {reward!r}: {file} lacks the entries {missing}")

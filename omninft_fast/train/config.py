@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from omninft_fast.task.synthetic import TaskSpec
 
 TIMESTEP_MODES = ("grid_shuffled", "uniform", "grid_first")
 LADDER = ("vanilla", "routing", "surgery", "full")
+MODEL_SIZES = ("num_layers", "video_heads", "video_head_dim", "audio_heads", "audio_head_dim")
 TASK_SIZES = ("frames", "height", "width", "patch", "video_channels", "audio_channels", "fps", "sample_rate")
 
 
@@ -449,10 +451,15 @@ class TrainConfig:
             "ltx.decode_batch": self.ltx.decode_batch,
             "distributed.timeout_s": self.distributed.timeout_s,
             **{f"task.{name}": getattr(self.task, name) for name in TASK_SIZES},
+            **{f"model.{name}": getattr(self.model, name) for name in MODEL_SIZES},
         }
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
+        try:
+            re.compile(self.fp8.modules)
+        except re.error as error:
+            raise ConfigError(f"fp8.modules {self.fp8.modules!r} is not a regular expression ({error})") from None
         if self.fp8.backend == "te" and not self.fp8.cache_weights:
             raise ConfigError(
                 "fp8.cache_weights=false applies to fp8.backend=torch (Transformer Engine keeps its own FP8 weights)"

@@ -137,7 +137,10 @@ def checkpoint_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LTX-2 checkpoint {str(path)!r} does not exist")
-    config = SafetensorsModelStateDictLoader().metadata(str(path))
+    try:
+        config = SafetensorsModelStateDictLoader().metadata(str(path))
+    except Exception as error:  # safetensors' own error type for a torn or foreign file
+        raise ValueError(f"LTX-2 checkpoint {str(path)!r} is not a readable safetensors file ({error})") from None
     if not config:
         raise ValueError(f"LTX-2 checkpoint {str(path)!r} has no 'config' metadata (not a released single-file model)")
     return config
@@ -218,14 +221,23 @@ def write_text_cache(path: str | Path, prompts: list[str], video: torch.Tensor, 
     return write_new(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_text_cache(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``write_text_cache``'s prompts and ``(N, L, D)`` video/audio contexts."""
+def _open_text_cache(path: str | Path) -> Any:
+    """``safe_open`` of the text cache ``path``; a missing or unreadable file is one ``OSError`` / ``ValueError``
+    naming ``ltx.text_cache``."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ltx.text_cache {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors' own error type for a torn or foreign file
+        raise ValueError(f"ltx.text_cache {str(path)!r} is not a readable safetensors file ({error})") from None
+
+
+def read_text_cache(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``write_text_cache``'s prompts and ``(N, L, D)`` video/audio contexts."""
+    with _open_text_cache(path) as handle:
         meta = handle.metadata() or {}
         if meta.get("format") != TEXT_CACHE_FORMAT or set(handle.keys()) != {"video", "audio"}:
             raise ValueError(f"ltx.text_cache {str(path)!r} is not a text cache written by write_text_cache")
@@ -234,12 +246,7 @@ def read_text_cache(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Te
 
 def text_cache_prompts(path: str | Path) -> list[str]:
     """The prompts a text cache holds (reads the header only)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ltx.text_cache {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
+    with _open_text_cache(path) as handle:
         meta = handle.metadata() or {}
     if meta.get("format") != TEXT_CACHE_FORMAT:
         raise ValueError(f"ltx.text_cache {str(path)!r} is not a text cache written by write_text_cache")
