@@ -51,7 +51,7 @@ def resolve_config(config: str | None, run: str | None, overrides: list[str]) ->
             raise FileNotFoundError(f"{run} holds no config.yaml; pass --config")
     loaded = load_config(config, overrides)
     if run is not None:
-        resume_changes(_run_weights(run)[2], loaded)
+        resume_changes(_run_weights(run)[2], loaded, reading=f"--run {run}")
     return loaded
 
 

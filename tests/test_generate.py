@@ -96,7 +96,11 @@ def test_run_with_another_model_size_is_one_line(tmp_path: Path, capsys: pytest.
         "model.num_layers=3",
     ]
     assert main(args) == 2
-    assert "model.num_layers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == (
+        f"generate: the weights of --run {run} fix model.num_layers (2 in the checkpoint, 3 now); leave them as the "
+        "run has them\n"
+    )
 
 
 def test_trainer_moves_earlier_samples_aside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -353,6 +353,19 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero_beside_its_f
     assert iterations(out) == [0] and (moved / "config.yaml").exists()
 
 
+def test_overwrite_refuses_to_move_the_current_folder_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run would follow the folder it runs in; one line says so and nothing moves."""
+    Trainer(load_config(MICRO, [f"output_dir={tmp_path}"]))
+    monkeypatch.chdir(tmp_path)
+    assert train(Path("."), "--overwrite", "iterations=1") == 2
+    assert capsys.readouterr().err == (
+        f"train: cannot move {str(tmp_path)!r} aside while it holds the current folder; run from outside it\n"
+    )
+    assert (tmp_path / "config.yaml").exists() and not list(tmp_path.parent.glob(f"{tmp_path.name}.replaced-*"))
+
+
 def test_resume_of_a_run_whose_checkpoint_is_gone_keeps_its_results(tmp_path: Path) -> None:
     """A finished run without its checkpoint (removed, or a folder in its place) is not trained over: its metrics and
     evaluation move aside untouched."""

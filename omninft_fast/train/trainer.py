@@ -80,7 +80,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def move_aside(folder: Path) -> Path:
-    """Rename ``folder`` to the first free ``<name>.replaced-<n>`` beside it (nothing is deleted); returns it."""
+    """Rename ``folder`` to the first free ``<name>.replaced-<n>`` beside it (nothing is deleted); returns it.
+    ``ValueError`` when it holds the current folder (the run would follow it)."""
+    folder = folder.absolute()
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"cannot move {str(folder)!r} aside while it holds the current folder; run from outside it")
     n = 1
     while (target := folder.with_name(f"{folder.name}.replaced-{n}")).exists():
         n += 1
@@ -88,9 +92,12 @@ def move_aside(folder: Path) -> Path:
     return target
 
 
-def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+def resume_changes(
+    saved: dict[str, Any], config: TrainConfig, *, reading: str | None = None
+) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (checkpoint's value, new value)}`` for every setting ``config`` changes against the
-    checkpoint's ``saved`` config.
+    checkpoint's ``saved`` config (``reading``: the run a command other than ``train --resume`` reads, for the
+    message).
 
     Raises:
         ValueError: a changed key fixes the checkpoint's weights (model size, LoRA vs full, rank); names them all.
@@ -106,6 +113,8 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
         for key, (a, b) in changes.items()
         if key.startswith(FIXED_ON_RESUME) and key not in FREE_ON_RESUME
     ]
+    if fixed and reading is not None:
+        raise ValueError(f"the weights of {reading} fix {', '.join(fixed)}; leave them as the run has them")
     if fixed:
         raise ValueError(f"--resume cannot change {', '.join(fixed)}; start a new run for that")
     return changes
