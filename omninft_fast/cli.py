@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(commands, common)
     analysis.add_parser(commands, common)
     merge.add_parser(commands, common)
-    reward_check.add_commands(commands.add_parser("rewards", help="reward checkpoints: rewards check <dir|config>"))
+    reward_check.add_commands(
+        commands.add_parser("rewards", help="reward checkpoints: rewards check <dir|config>"), common
+    )
     return parser
 
 

@@ -145,7 +145,9 @@ def sample_files(ids: Sequence[str]) -> list[str]:
 
 def refuse_existing(folder: str | Path, names: Sequence[str]) -> None:
     """``FileExistsError`` naming the first few of ``names`` that already exist in ``folder`` (nothing is
-    overwritten)."""
+    overwritten); ``NotADirectoryError`` when ``folder`` is a file."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder; choose another folder")
     held = [name for name in names if (Path(folder) / name).exists()]
     if held:
         more = " ..." if len(held) > 3 else ""

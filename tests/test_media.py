@@ -53,6 +53,11 @@ def test_sample_folder_is_what_eval_reads_and_is_never_overwritten(tmp_path: Pat
     with pytest.raises(FileExistsError, match="already holds 0000.mp4"):
         media.write_sample_folder(tmp_path, ["0000"], ["c"], frames[:1], audio[:1], fps=8.0, sample_rate=8000)
     assert (tmp_path / "0000.mp4").read_bytes() == before
+    with pytest.raises(NotADirectoryError, match=r"^\S+/0000.mp4 is a file, not a folder; choose another folder$"):
+        media.write_sample_folder(
+            tmp_path / "0000.mp4", ["0002"], ["c"], frames[:1], audio[:1], fps=8.0, sample_rate=8000
+        )
+    assert (tmp_path / "0000.mp4").read_bytes() == before
 
 
 def test_missing_pyav_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

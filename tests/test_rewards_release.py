@@ -292,6 +292,8 @@ def test_rewards_check_command(
     absent = tmp_path / "absent"
     assert main(["rewards", "check", str(absent)]) == 2
     assert capsys.readouterr().err == f"rewards check: {absent} is neither a directory nor a config file\n"
+    with pytest.raises(FileNotFoundError, match="is neither a directory nor a config file"):
+        main(["rewards", "check", str(absent), "--debug"])
     config = tmp_path / "run.yaml"
     config.write_text(
         f"rewards:\n  - {{name: audiobox, checkpoint_dir: {audiobox_meta}, options: {{window_s: 0.25}}}}\n"

@@ -115,6 +115,8 @@ def test_ladder_preset_is_applied_recorded_and_validate_does_not_mutate(tmp_path
         (["optim.eps=-1"], r"^optim.eps must be >= 0, got -1.0$"),
         (["fp8.modules=("], r"^fp8.modules '\(' is not a regular expression \(missing \), unterminated subpattern"),
         (["model.num_layers=-2"], r"^model.num_layers must be > 0, got -2$"),
+        (["eval.write_samples=-1"], r"^eval.write_samples must be >= 0, got -1$"),
+        (["output_dir=''"], r"^output_dir must name a folder, got ''$"),
         (["model.video_head_dim=0"], r"^model.video_head_dim must be > 0, got 0$"),
         (
             ["model.kind=ltx", "model.checkpoint=m.safetensors", "ltx.text_cache=t.safetensors", "autocast=off"],

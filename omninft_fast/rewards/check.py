@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         entries = entries_from(Path(args.target).expanduser())
     except (ConfigError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
         print(f"rewards check: {error}", file=sys.stderr)
         return 2
     clip = synthetic_clip(seconds=args.seconds)
@@ -155,10 +157,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if unusable else 0
 
 
-def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Add the ``check`` sub-command to the ``rewards`` command's parser."""
+def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """Add the ``check`` sub-command (with the options of ``common``, such as ``--debug``) to the ``rewards``
+    command's parser."""
     commands = parser.add_subparsers(dest="rewards_command", required=True)
-    check = commands.add_parser("check", help="load every configured reward and score a synthetic clip")
+    check = commands.add_parser(
+        "check", parents=[common], help="load every configured reward and score a synthetic clip"
+    )
     check.add_argument("target", help="trainer config (YAML) or a folder with one sub-folder per reward")
     check.add_argument("--device", default=None, help="run every reward here (default: each entry's device)")
     check.add_argument(

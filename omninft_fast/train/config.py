@@ -541,9 +541,12 @@ class TrainConfig:
             ("reweight.boundary", self.reweight.boundary),
             ("sampling.batch_size", self.sampling.batch_size),
             ("nft.predict_batch", self.nft.predict_batch),
+            ("eval.write_samples", self.eval.write_samples),
         ):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir must name a folder, got ''")
         if not self.nft.video_weight + self.nft.audio_weight > 0:
             raise ConfigError("nft.video_weight + nft.audio_weight must be > 0")
         if self.nft.x0_norm and self.nft.adaptive_weight:
