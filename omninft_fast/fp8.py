@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from omninft_fast._checks import check_same_device, check_shape, check_tensor
 from omninft_fast.dispatch import BackendError, select
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ BACKENDS = ("torch", "te")
 # Linear layers of a transformer block that run in FP8 (ltx-core and diffusers name them alike).
 DEFAULT_MODULES = r"transformer_blocks\.\d+\..*\.(to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)(\.base_layer)?$"
 _MARK = "_omninft_fp8_handle"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def quantize_reference(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +94,13 @@ def quantize(
     ``()``, chosen so the largest magnitude maps to the format's largest value. ``backend`` as in
     ``omninft_fast.dispatch`` (``auto``: the Triton kernel for CUDA tensors, PyTorch elsewhere). Inside
     ``torch.compile`` always PyTorch's ops, which the compiler fuses into the kernel producing ``x``."""
+    check_tensor("x", x, ndim=2)
+    if x.numel() == 0:
+        raise ValueError(f"x must hold at least one element to take a scale from, got shape {tuple(x.shape)}")
+    if dtype not in FP8_DTYPES:
+        raise ValueError(f"dtype must be one of {FP8_DTYPES}, got {dtype!r}")
+    if not isinstance(rowwise, bool):
+        raise TypeError(f"rowwise must be a bool, got {type(rowwise).__name__}")
     if torch.compiler.is_compiling():
         return quantize_reference(x, dtype, rowwise)
     _, implementation = select("fp8_quantize", x.device, backend)
@@ -288,6 +297,16 @@ def fp8_linear(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dimension must be weight's in_features {weight.shape[1]}, got x of shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_shape("bias", bias, (weight.shape[0],), "weight's out_features")
+    check_same_device("x", x, weight=weight, bias=bias)
     return _apply(x, weight, bias, recipe == "rowwise", _WeightCache())
 
 
@@ -359,6 +378,7 @@ def _apply(
 
 
 def _fp8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    check_tensor("input", x)
     return _apply(
         x, self.weight, self.bias, self._omninft_fp8_rowwise, self._omninft_fp8_cache, self._omninft_fp8_inputs
     )
@@ -398,6 +418,8 @@ class FP8Handle:
 
     def unpatch(self) -> None:
         """Give every patched layer its own forward back (weights were never touched)."""
+        if getattr(self.model, _MARK, None) is not self:
+            raise RuntimeError("this handle was unpatched; call omninft_fast.fp8.patch(model) again")
         for layer in self.layers.values():
             del layer.forward
             for name in ("_omninft_fp8_rowwise", "_omninft_fp8_cache", "_omninft_fp8_inputs", "_omninft_te"):
@@ -484,6 +506,12 @@ def patch(
     Returns:
         ``FP8Handle`` listing the patched and the skipped layers; ``handle.unpatch()`` restores the model.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(modules, str):
+        raise TypeError(f"modules must be a regular expression string, got {type(modules).__name__}")
+    if not isinstance(cache_weights, bool):
+        raise TypeError(f"cache_weights must be a bool, got {type(cache_weights).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     allowed = TE_RECIPES if backend == "te" else RECIPES

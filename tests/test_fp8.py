@@ -377,6 +377,13 @@ def test_errors(tiny) -> None:
         fp8.patch(tiny.model, modules=r"nothing_matches")
     with pytest.raises(ValueError, match=r"^modules '\(' is not a regular expression \(missing \)"):
         fp8.patch(tiny.model, modules="(")
+    for bad, message in (
+        ({"model": None}, "^model must be a torch.nn.Module, got NoneType$"),
+        ({"modules": 3}, "^modules must be a regular expression string, got int$"),
+        ({"cache_weights": "no"}, "^cache_weights must be a bool, got str$"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            fp8.patch(**({"model": tiny.model} | bad))
     with pytest.raises(ValueError, match=r"recipe must be one of \('delayed', 'current', 'block'\) with backend 'te'"):
         fp8.patch(tiny.model, backend="te")
     if importlib.util.find_spec("transformer_engine") is None:
@@ -389,6 +396,32 @@ def test_errors(tiny) -> None:
     odd = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 32))
     handle = fp8.patch(odd, modules=r"^\d$")
     assert list(handle.layers) == ["1"] and "not multiples of 16" in handle.skipped["0"]
+    with pytest.raises(TypeError, match="^input must have a floating dtype"):
+        odd[1](torch.arange(64).reshape(2, 32))
+    handle.unpatch()
+    with pytest.raises(RuntimeError, match="^this handle was unpatched"):
+        handle.unpatch()
+
+
+def test_bad_inputs_of_fp8_linear_and_quantize_name_the_argument() -> None:
+    """Each mistake is one line naming the argument, not a wrong result or an error from inside a GEMM."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 16, generator=gen), torch.randn(32, 16, generator=gen)
+    cases = [
+        (lambda: fp8.fp8_linear(torch.arange(64).reshape(4, 16), w), TypeError, "^x must have a floating dtype"),
+        (lambda: fp8.fp8_linear(x, torch.randn(32, 8)), ValueError, "^x's last dimension must be weight's in_feat"),
+        (lambda: fp8.fp8_linear(x, w[0]), ValueError, "^weight must have 2 dimensions"),
+        (lambda: fp8.fp8_linear(None, w), TypeError, "^x must be a torch.Tensor, got NoneType$"),
+        (lambda: fp8.fp8_linear(x, w, torch.zeros(16)), ValueError, r"^bias must have shape \(32,\) \(weight's out_"),
+        (lambda: fp8.fp8_linear(x, w.to("meta")), ValueError, "^weight is on meta but x is on cpu$"),
+        (lambda: fp8.quantize(x, torch.float32, True), ValueError, "^dtype must be one of"),
+        (lambda: fp8.quantize(x[0], fp8.E4M3, True), ValueError, "^x must have 2 dimensions"),
+        (lambda: fp8.quantize(x[:0], fp8.E4M3, False), ValueError, "^x must hold at least one element"),
+        (lambda: fp8.quantize(x, fp8.E4M3, "no"), TypeError, "^rowwise must be a bool, got str$"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
 
 
 @pytest.mark.parametrize("watched", [True, False])
