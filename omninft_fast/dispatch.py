@@ -153,6 +153,14 @@ def _auto(op: str, device: torch.device) -> str:
     return "reference"
 
 
+def check_op_backend(op: str, backend: str | None) -> None:
+    """``BackendError`` naming ``backend`` unless it is ``None`` (read per call from ``$OMNINFT_BACKEND``),
+    ``auto`` or one of ``op``'s backends."""
+    if backend is not None and requested_backend(backend) != "auto" and backend not in IMPLEMENTATIONS[op]:
+        have = ", ".join(["auto", *IMPLEMENTATIONS[op]])
+        raise BackendError(f"backend={backend!r}: op {op!r} has no such backend (it has: {have})")
+
+
 def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
     """Resolve ``op`` for tensors on ``device``: returns ``(backend name, implementation)``."""
     if op not in IMPLEMENTATIONS:
@@ -160,9 +168,10 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     name = requested_backend(backend)
     if name == "auto":
         name = _auto(op, device)
+    check_op_backend(op, backend)
     if name not in IMPLEMENTATIONS[op]:
         have = ", ".join(IMPLEMENTATIONS[op])
-        raise BackendError(f"op {op!r} has no {name!r} backend (it has: {have})")
+        raise BackendError(f"op {op!r} has no {name!r} backend ({ENV_VAR}={name!r}; it has: {have})")
     reason = _why_not(name, device)
     if reason is not None:
         raise BackendError(f"op {op!r} cannot use the {name!r} backend here: {reason}")

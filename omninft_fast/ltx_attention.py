@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from omninft_fast import dispatch
 from omninft_fast._checks import check_scalar, check_tensor
 from omninft_fast.ops.attention import cross_attention
 
@@ -30,7 +31,7 @@ class CrossAttentionFunction:
     Args:
         kv_grad_scale: gradient scale for ``k`` and ``v`` in ``[0, 1]`` (``1 - alpha`` of Eq 8); the forward is
             unchanged.
-        backend: ``auto`` | ``triton`` | ``cpp`` | ``reference``; default (None) from ``$OMNINFT_BACKEND`` on
+        backend: ``auto`` | ``triton`` | ``reference``; default (None) from ``$OMNINFT_BACKEND`` on
             every call.
         key_mass_sink: called with the ``(B, Nk)`` float32 key mass (no gradient) after every call; ``None``
             (the default) skips the key-mass pass entirely.
@@ -50,6 +51,7 @@ class CrossAttentionFunction:
         check_values: bool | None = None,
     ) -> None:
         self.kv_grad_scale = check_scalar("kv_grad_scale", kv_grad_scale, low=0.0, high=1.0)
+        dispatch.check_op_backend("cross_attention", backend)
         if key_mass_sink is not None and not callable(key_mass_sink):
             raise TypeError(f"key_mass_sink must be callable or None, got {type(key_mass_sink).__name__}")
         self.backend = backend
@@ -79,6 +81,13 @@ class CrossAttentionFunction:
         if q.shape[-1] % heads:
             raise ValueError(f"q's last dimension {q.shape[-1]} is not divisible by heads={heads}")
         batch, n_q, width = q.shape
+        for name, x in (("k", k), ("v", v)):
+            if x.shape[0] != batch or x.shape[2] != width:
+                raise ValueError(
+                    f"{name} must have shape ({batch}, Tk, {width}) (q's batch and width), got {tuple(x.shape)}"
+                )
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"k and v must have as many tokens, got {k.shape[1]} and {v.shape[1]}")
         head_dim = width // heads
         q4, k4, v4 = (x.to(v.dtype).reshape(batch, x.shape[1], heads, head_dim) for x in (q, k, v))
         sink = self.key_mass_sink

@@ -47,9 +47,12 @@ def test_unknown_op() -> None:
         dispatch.select("softmax", CPU)
 
 
-def test_missing_backend_says_which_exist() -> None:
-    with pytest.raises(BackendError, match="op 'cross_attention' has no 'cpp' backend"):
+def test_missing_backend_says_which_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendError, match=r"^backend='cpp': op 'cross_attention' has no such backend \(it has: auto,"):
         dispatch.select("cross_attention", CPU, "cpp")
+    monkeypatch.setenv("OMNINFT_BACKEND", "cpp")
+    with pytest.raises(BackendError, match=r"^op 'cross_attention' has no 'cpp' backend \(OMNINFT_BACKEND='cpp'; it"):
+        dispatch.select("cross_attention", CPU)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from omninft_fast.dispatch import BackendError
 from omninft_fast.ltx_attention import CrossAttentionFunction
 from omninft_fast.testing import explicit_cross_attention
 
@@ -79,6 +80,24 @@ def test_errors():
         CrossAttentionFunction(kv_grad_scale=1.5)
     with pytest.raises(TypeError, match="key_mass_sink"):
         CrossAttentionFunction(key_mass_sink=3)
+    other = _flat(2, 4, 2, 8, 1)
+    with pytest.raises(
+        ValueError, match=r"^k must have shape \(1, Tk, 16\) \(q's batch and width\), got \(2, 4, 16\)$"
+    ):
+        fn(q, other, q, 2)
+    with pytest.raises(ValueError, match=r"^v must have shape \(1, Tk, 16\) \(q's batch and width\), got \(1, 4, 8\)$"):
+        fn(q, q, q[..., :8], 2)
+    with pytest.raises(ValueError, match="^k and v must have as many tokens, got 4 and 3$"):
+        fn(q, q, q[:, :3], 2)
+    with pytest.raises(BackendError, match=r"^backend='cpp': op 'cross_attention' has no such backend"):
+        CrossAttentionFunction(backend="cpp")
+
+
+def test_the_backend_variable_names_itself_for_an_op_without_that_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = _flat(1, 4, 2, 8, 0)
+    monkeypatch.setenv("OMNINFT_BACKEND", "cpp")
+    with pytest.raises(BackendError, match=r"^op 'cross_attention' has no 'cpp' backend \(OMNINFT_BACKEND='cpp';"):
+        CrossAttentionFunction()(q, q, q, 2)
 
 
 def test_drop_in_for_an_ltx_core_attention_module():

@@ -347,7 +347,7 @@ def patch(
         detach: A2V detach ratios per block (Eq 8-9): ``"eq9"`` (alpha 0.1 below block 10), a spec string such as
             ``"0-9:0.1"``, one float per block, or None for no surgery.
         region_layers: blocks whose V2A key mass enters Eq 10; default blocks ``>= 10``.
-        backend: ``cross_attention`` backend (``auto`` | ``triton`` | ``cpp`` | ``reference``); None (the default)
+        backend: ``cross_attention`` backend (``auto`` | ``triton`` | ``reference``); None (the default)
             reads ``$OMNINFT_BACKEND`` on every call, as every other op does.
         check_values: the attention's per-call value checks (None: ``cross_attention``'s default, on for CPU
             tensors; False for a caller that validates its results once per iteration, as the trainer does).
@@ -365,8 +365,7 @@ def patch(
     refusal = library.refusal(model)
     if refusal is not None:
         raise ValueError(refusal)
-    if backend is not None:
-        dispatch.requested_backend(backend)
+    dispatch.check_op_backend("cross_attention", backend)
     num_layers = len(a2v)
     return PatchHandle(
         model,
