@@ -133,6 +133,12 @@ def test_routing_bad_input() -> None:
     for mode in ("modality", "shared", "gdpo"):  # eps is checked whichever mode reads it
         with pytest.raises(ValueError, match="eps must be >= 0.0, got -1.0"):
             route_advantages(torch.zeros(2), torch.zeros(2), torch.zeros(2), mode=mode, eps=-1)
+    with pytest.raises(ValueError, match="^adv_av is on meta but adv_video is on cpu$"):
+        route_advantages(torch.zeros(2), torch.zeros(2), torch.zeros(2, device="meta"))
+    with pytest.raises(
+        ValueError, match=r"^mode 'gdpo' whitens over the samples and needs at least one, got shape \(0, 3\)$"
+    ):
+        route_advantages(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3), mode="gdpo")
 
 
 def test_numpy_scalars_are_real_numbers() -> None:

@@ -59,6 +59,12 @@ def test_accumulator_keeps_deep_layers_and_last_steps(gen: torch.Generator) -> N
         acc.scores()
 
 
+def test_frame_region_weights_refuse_samples_without_tokens_and_take_batches_without_samples() -> None:
+    with pytest.raises(ValueError, match=r"^scores must have at least one token per sample, got shape \(2, 0\)$"):
+        frame_region_weights(torch.zeros(2, 0), frames=1)
+    assert frame_region_weights(torch.zeros(0, 6), frames=2).shape == (0, 6)
+
+
 def test_accumulator_wants_and_errors() -> None:
     acc = RegionScoreAccumulator(num_steps=10, last_steps=3)
     assert acc.wants(10, 7) and not acc.wants(9, 9) and not acc.wants(47, 6)

@@ -6,6 +6,7 @@ import torch
 
 from omninft_fast._checks import (
     check_finite_tensor,
+    check_same_device,
     check_scalar,
     check_shape,
     check_tensor,
@@ -124,8 +125,13 @@ def route_advantages(
     check_tensor("adv_av", adv_av)
     check_shape("adv_audio", adv_audio, adv_video.shape, "the shape of adv_video")
     check_shape("adv_av", adv_av, adv_video.shape, "the shape of adv_video")
+    check_same_device("adv_video", adv_video, adv_audio=adv_audio, adv_av=adv_av)
     if mode not in ROUTING_MODES:
         raise ValueError(f"mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if mode == "gdpo" and adv_video.numel() == 0:
+        raise ValueError(
+            f"mode 'gdpo' whitens over the samples and needs at least one, got shape {tuple(adv_video.shape)}"
+        )
     eps = check_scalar("eps", eps, low=0.0)
     if value_checks_on(check_values, adv_video.device):
         check_route_advantages_values(adv_video, adv_audio, adv_av)

@@ -130,6 +130,8 @@ def frame_region_weights(
         ``(B, N)`` weights in ``[1, m)``, float32 (float64 for float64 scores).
     """
     check_tensor("scores", scores, ndim=2)
+    if scores.shape[1] == 0:
+        raise ValueError(f"scores must have at least one token per sample, got shape {tuple(scores.shape)}")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or scores.shape[1] % frames:
         raise ValueError(f"frames must be a positive int dividing {scores.shape[1]} tokens, got {frames!r}")
     w_max = check_scalar("w_max", w_max, low=1.0)
@@ -137,7 +139,9 @@ def frame_region_weights(
     if value_checks_on(check_values, scores.device):
         check_region_weights_values(scores)
     s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    per_frame = s.view(s.shape[0], frames, -1)
+    if s.shape[0] == 0:
+        return s.clone()
+    per_frame = s.view(s.shape[0], frames, scores.shape[1] // frames)
     std = per_frame.std(dim=2, keepdim=True, correction=1)  # NaN for a one-token frame, which is flat
     # Flat exactly where min == max (a rounded std of equal values need not be 0).
     spread = (per_frame.amax(dim=2, keepdim=True) > per_frame.amin(dim=2, keepdim=True)) & (std > 0)
