@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from omninft_fast import partial_detach
+from omninft_fast import detach_schedule, partial_detach
 from omninft_fast.ops import attention as attention_module
 from omninft_fast.testing import explicit_cross_attention
 
@@ -529,11 +529,18 @@ def test_bad_arguments_rejected(model):
         ltx2.patch(model, region_layers=[3])
     with pytest.raises(ValueError, match="one alpha per block"):
         ltx2.patch(model, detach=[0.1, 0.1])
-    with pytest.raises(ValueError, match="spec entry"):
+    with pytest.raises(ValueError, match="^detach '0-9' is neither 'eq9' nor a valid spec: spec entry"):
         ltx2.patch(model, detach="0-9")
+    with pytest.raises(TypeError, match="^region_layers must be a sequence of block indices or None, got int$"):
+        ltx2.patch(model, region_layers=2)
     with pytest.raises(Exception, match="backend='fast'"):
         ltx2.patch(model, backend="fast")
-    assert ltx2.patch(model, backend=BACKEND).num_layers == LAYERS
+    with pytest.raises(Exception, match="^backend='cpp': op 'cross_attention' has no such backend"):
+        ltx2.patch(model, backend="cpp")
+    handle = ltx2.patch(model, detach="EQ9", backend=BACKEND)
+    assert handle.num_layers == LAYERS and handle.detach_alphas == detach_schedule(LAYERS, boundary=10)
+    with pytest.raises(ValueError, match="^rows must be a positive int, got 0$"), handle.split_rows(0):
+        pass
 
 
 def _compiled(fn: Callable) -> Callable:

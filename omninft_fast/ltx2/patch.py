@@ -108,9 +108,12 @@ def _resolve_detach(detach: DetachSpec, num_layers: int) -> list[float]:
     if detach is None:
         return [0.0] * num_layers
     if isinstance(detach, str):
-        if detach == EQ9:
+        if detach.strip().lower() == EQ9:
             return detach_schedule(num_layers, boundary=DEEP_LAYER_BOUNDARY)
-        return detach_schedule(num_layers, spec=detach)
+        try:
+            return detach_schedule(num_layers, spec=detach)
+        except ValueError as error:
+            raise ValueError(f"detach {detach!r} is neither {EQ9!r} nor a valid spec: {error}") from None
     if not isinstance(detach, Sequence):
         raise TypeError(
             f"detach must be {EQ9!r}, a spec string like '0-9:0.1', a sequence of {num_layers} floats or None, "
@@ -124,6 +127,10 @@ def _resolve_detach(detach: DetachSpec, num_layers: int) -> list[float]:
 def _resolve_region_layers(region_layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
     if region_layers is None:
         return tuple(range(DEEP_LAYER_BOUNDARY, num_layers))
+    if isinstance(region_layers, (str, bytes)) or not isinstance(region_layers, Iterable):
+        raise TypeError(
+            f"region_layers must be a sequence of block indices or None, got {type(region_layers).__name__}"
+        )
     layers = tuple(region_layers)
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
@@ -290,6 +297,8 @@ class PatchHandle:
     def split_rows(self, rows: int) -> Iterator[None]:
         """Inside, a block runs on the forward's ``rows`` samples in consecutive parts, one call each: a layer's
         ``(b, Nv)`` key masses are joined in call order and reach the capture once they cover all ``rows``."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
         previous, self._split = self._split, rows
         try:
             yield
