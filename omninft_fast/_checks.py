@@ -100,9 +100,17 @@ def value_checks_on(check_values: object, device: torch.device) -> bool:
     return setting == "1" if setting else device.type == "cpu"
 
 
+def _readable(name: str, x: object) -> torch.Tensor:
+    """``x`` as a tensor whose values can be read (``TypeError`` / ``ValueError`` naming ``name``)."""
+    check_tensor(name, x, floating=False)
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values to check")
+    return x
+
+
 def check_finite_tensor(name: str, x: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the first non-finite element of ``x``."""
-    bad = ~torch.isfinite(x)
+    bad = ~torch.isfinite(_readable(name, x))
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         position = ", ".join(str(i) for i in index)
@@ -111,6 +119,7 @@ def check_finite_tensor(name: str, x: torch.Tensor) -> None:
 
 def check_range(name: str, x: torch.Tensor, low: float, high: float) -> None:
     """Raise ``ValueError`` naming the first element of ``x`` outside ``[low, high]``."""
+    x = _readable(name, x)
     bad = ~((x >= low) & (x <= high))
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])

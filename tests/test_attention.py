@@ -124,7 +124,7 @@ def test_ragged_shapes_and_dtypes(b: int, nq: int, nk: int, h: int, d: int, dtyp
         ({"kv_grad_scale": 1.1}, ValueError, "kv_grad_scale must be <= 1.0"),
         ({"kv_grad_scale": -0.1}, ValueError, "kv_grad_scale must be >= 0.0"),
         ({"return_key_mass": 1}, TypeError, "return_key_mass must be a bool"),
-        ({"backend": "cpp"}, RuntimeError, "op 'cross_attention' has no 'cpp' backend"),
+        ({"backend": "cpp"}, RuntimeError, "backend='cpp': op 'cross_attention' has no such backend"),
     ],
 )
 def test_bad_input(change: dict, error: type, match: str) -> None:

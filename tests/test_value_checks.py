@@ -128,6 +128,18 @@ def test_check_values_must_be_a_bool() -> None:
         of.region_weights(torch.zeros(1, 2), check_values=1)
 
 
+def test_the_public_value_checks_name_a_bad_argument() -> None:
+    with pytest.raises(TypeError, match="^r must be a torch.Tensor, got list$"):
+        of.check_nft_loss_values([0.5])
+    with pytest.raises(
+        ValueError, match=r"^token_weight must have r's 2 samples in its first dimension, got shape \(3, 4\)$"
+    ):
+        of.check_nft_loss_values(torch.rand(2), token_weight=torch.rand(3, 4))
+    with pytest.raises(TypeError, match="^rewards must be a torch.Tensor, got NoneType$"):
+        of.check_group_advantages_values(None)
+    of.check_group_advantages_values(torch.arange(4))  # integer rewards are finite
+
+
 def test_default_never_reads_values_off_the_cpu() -> None:
     """Meta tensors carry no data, so any value check (a GPU sync on CUDA) would raise; the ops run through."""
     v_theta = torch.empty(2, 3, 4, device=META)
@@ -139,5 +151,5 @@ def test_default_never_reads_values_off_the_cpu() -> None:
     assert of.region_weights(weights).device == META
     assert of.group_advantages(weights).device == META
     assert of.route_advantages(weights, weights, weights, mode="gdpo")[0].device == META
-    with pytest.raises(RuntimeError):  # a value check cannot run on meta tensors
+    with pytest.raises(ValueError, match="^scores is on the meta device, which holds no values to check$"):
         of.region_weights(weights, check_values=True)

@@ -164,6 +164,19 @@ def check_nft_loss_values(
         sample_weight: ``(B,)`` per-sample weights or None.
         x0_norm_t: ``(B,)`` flow times or None.
     """
+    check_tensor("r", r, ndim=1)
+    batch = r.shape[0]
+    for name, x, ndim in (
+        ("token_weight", token_weight, 2),
+        ("sample_weight", sample_weight, 1),
+        ("x0_norm_t", x0_norm_t, 1),
+    ):
+        if x is not None:
+            check_tensor(name, x, ndim=ndim)
+            if x.shape[0] != batch:
+                raise ValueError(
+                    f"{name} must have r's {batch} samples in its first dimension, got shape {tuple(x.shape)}"
+                )
     check_range("r", r, 0.0, 1.0)
     if token_weight is not None:
         check_finite_tensor("token_weight", token_weight)
