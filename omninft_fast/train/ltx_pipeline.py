@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from omninft_fast.media import write_new
+from omninft_fast.train.checkpoint import header_metadata
 from omninft_fast.train.model import LTXAVModel
 
 TEXT_CACHE_FORMAT = "omninft-ltx2-text-cache-1"
@@ -132,15 +133,11 @@ def _audio_vae() -> types.ModuleType:
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The ``config`` metadata of a released checkpoint (sections ``transformer``, ``vae``, ``audio_vae``, ...)."""
-    from ltx_core.loader import SafetensorsModelStateDictLoader
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LTX-2 checkpoint {str(path)!r} does not exist")
+    meta = header_metadata(Path(path), "LTX-2 checkpoint")
     try:
-        config = SafetensorsModelStateDictLoader().metadata(str(path))
-    except Exception as error:  # safetensors' own error type for a torn or foreign file
-        raise ValueError(f"LTX-2 checkpoint {str(path)!r} is not a readable safetensors file ({error})") from None
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"LTX-2 checkpoint {str(path)!r} has 'config' metadata that is not JSON ({error})") from None
     if not config:
         raise ValueError(f"LTX-2 checkpoint {str(path)!r} has no 'config' metadata (not a released single-file model)")
     return config
@@ -221,33 +218,21 @@ def write_text_cache(path: str | Path, prompts: list[str], video: torch.Tensor, 
     return write_new(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _open_text_cache(path: str | Path) -> Any:
-    """``safe_open`` of the text cache ``path``; a missing or unreadable file is one ``OSError`` / ``ValueError``
-    naming ``ltx.text_cache``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ltx.text_cache {str(path)!r} does not exist")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as error:  # safetensors' own error type for a torn or foreign file
-        raise ValueError(f"ltx.text_cache {str(path)!r} is not a readable safetensors file ({error})") from None
-
-
 def read_text_cache(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``write_text_cache``'s prompts and ``(N, L, D)`` video/audio contexts."""
-    with _open_text_cache(path) as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != TEXT_CACHE_FORMAT or set(handle.keys()) != {"video", "audio"}:
+    from safetensors import safe_open
+
+    prompts = text_cache_prompts(path)
+    with safe_open(str(path), framework="pt") as handle:
+        if set(handle.keys()) != {"video", "audio"}:
             raise ValueError(f"ltx.text_cache {str(path)!r} is not a text cache written by write_text_cache")
-        return json.loads(meta["prompts"]), handle.get_tensor("video"), handle.get_tensor("audio")
+        return prompts, handle.get_tensor("video"), handle.get_tensor("audio")
 
 
 def text_cache_prompts(path: str | Path) -> list[str]:
-    """The prompts a text cache holds (reads the header only)."""
-    with _open_text_cache(path) as handle:
-        meta = handle.metadata() or {}
+    """The prompts a text cache holds (reads the header only; a missing or unreadable file is one error naming
+    ``ltx.text_cache``)."""
+    meta = header_metadata(Path(path), "ltx.text_cache")
     if meta.get("format") != TEXT_CACHE_FORMAT:
         raise ValueError(f"ltx.text_cache {str(path)!r} is not a text cache written by write_text_cache")
     return json.loads(meta["prompts"])
