@@ -165,11 +165,11 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     """Resolve ``op`` for tensors on ``device``: returns ``(backend name, implementation)``."""
     if op not in IMPLEMENTATIONS:
         raise BackendError(f"unknown op {op!r}; kernel-backed ops are {', '.join(IMPLEMENTATIONS)}")
+    check_op_backend(op, backend)
     name = requested_backend(backend)
     if name == "auto":
         name = _auto(op, device)
-    check_op_backend(op, backend)
-    if name not in IMPLEMENTATIONS[op]:
+    if name not in IMPLEMENTATIONS[op]:  # only a backend named by $OMNINFT_BACKEND gets here
         have = ", ".join(IMPLEMENTATIONS[op])
         raise BackendError(f"op {op!r} has no {name!r} backend ({ENV_VAR}={name!r}; it has: {have})")
     reason = _why_not(name, device)

@@ -471,11 +471,16 @@ def _te_linear(te: types.ModuleType, layer: nn.Linear) -> nn.Module:
     return linear
 
 
-def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]:
+def modules_pattern(pattern: str) -> re.Pattern:
+    """``patch``'s ``modules`` compiled; ``ValueError`` naming ``modules`` if it is not a regular expression."""
     try:
-        regex = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as error:
         raise ValueError(f"modules {pattern!r} is not a regular expression ({error})") from None
+
+
+def _selected(model: nn.Module, pattern: str) -> Iterator[tuple[str, nn.Linear]]:
+    regex = modules_pattern(pattern)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and regex.search(name) and "lora_" not in name:
             yield name, module

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from omninft_fast._checks import parse_device
-from omninft_fast.fp8 import DEFAULT_MODULES, RECIPES, TE_RECIPES
+from omninft_fast.fp8 import DEFAULT_MODULES, RECIPES, TE_RECIPES, modules_pattern
 from omninft_fast.ltx2.attention_backends import ATTENTION_BACKENDS
 from omninft_fast.ops.advantages import ROUTING_MODES, STD_MODES
 from omninft_fast.task.synthetic import TaskSpec
@@ -457,9 +456,9 @@ class TrainConfig:
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
         try:
-            re.compile(self.fp8.modules)
-        except re.error as error:
-            raise ConfigError(f"fp8.modules {self.fp8.modules!r} is not a regular expression ({error})") from None
+            modules_pattern(self.fp8.modules)
+        except ValueError as error:
+            raise ConfigError(f"fp8.{error}") from None
         if self.fp8.backend == "te" and not self.fp8.cache_weights:
             raise ConfigError(
                 "fp8.cache_weights=false applies to fp8.backend=torch (Transformer Engine keeps its own FP8 weights)"
